@@ -1,0 +1,63 @@
+"""Learning curves per response type: EMA smoothing as in the paper, and a PNG plot."""
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import polars as pl
+
+# Colour families of the paper's figures: chosen* blue, rejected* orange, irr* red, random* cyan.
+_FAMILY_COLOURS = {"chosen": "tab:blue", "reject": "tab:orange", "irr": "tab:red", "random": "tab:cyan"}
+
+
+def ema(values: list[float], alpha: float = 0.9) -> list[float]:
+    """s_t = alpha * s_{t-1} + (1 - alpha) * x_t, started at x_0 (the paper's smoothing, alpha 0.9)."""
+    out: list[float] = []
+    for v in values:
+        out.append(v if not out else alpha * out[-1] + (1 - alpha) * v)
+    return out
+
+
+def _colour(response_type: str) -> str:
+    for prefix, colour in _FAMILY_COLOURS.items():
+        if response_type.startswith(prefix):
+            return colour
+    return "tab:gray"
+
+
+def plot_learning_curves(curves: pl.DataFrame, *, title: str, value: str = "mean_delta",
+                         smooth: float | None = None) -> bytes:
+    """PNG bytes: one line per response type of `value` against step (curves from sql/learning_curves.sql)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.8), dpi=100)
+    styles = ["-", "--", ":", "-."]
+    seen: dict[str, int] = {}
+    for (rtype,), part in curves.sort("step").group_by(["response_type"], maintain_order=True):
+        part = part.sort("step")
+        ys = part[value].to_list()
+        if smooth:
+            ys = ema(ys, smooth)
+        colour = _colour(rtype)
+        k = seen.get(colour, 0)
+        seen[colour] = k + 1
+        ax.plot(part["step"].to_list(), ys, styles[k % len(styles)], color=colour, label=rtype, linewidth=1.6)
+    ax.axhline(0.0, color="black", linewidth=0.5)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("change of log π(y|x) since step 0 (nats)" if value == "mean_delta" else value)
+    ax.set_title(title)
+    ax.legend(fontsize=7, ncol=2, loc="best")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def save_plot(png: bytes, path: Path) -> Path:
+    from ldpipe.atomic import write_bytes
+
+    return write_bytes(png, path)

@@ -1,0 +1,9 @@
+"""Dagster code location entry point (used by `dg dev`, `dg launch`, `dagster dev -m ldpipe.definitions`)."""
+from pathlib import Path
+
+import dagster as dg
+
+
+@dg.definitions
+def defs() -> dg.Definitions:
+    return dg.load_from_defs_folder(path_within_project=Path(__file__).parent)

@@ -1,0 +1,1 @@
+"""Dagster wiring only: assets, checks, resources, jobs. The work lives in the library modules."""

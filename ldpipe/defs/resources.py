@@ -1,0 +1,31 @@
+"""Resources: where ldpipe keeps its files, and which device long work runs on."""
+
+from pathlib import Path
+
+import dagster as dg
+
+from ldpipe.paths import Paths, project_dir
+
+
+class LdpipeHome(dg.ConfigurableResource):
+    """The ldpipe home (Parquet store, DuckDB catalog, checkpoints). Empty: LDPIPE_HOME or <project>/.ldpipe."""
+
+    home: str = ""
+    sql_dir: str = ""
+
+    def paths(self) -> Paths:
+        return (Paths(Path(self.home).resolve()) if self.home else Paths.default()).ensure()
+
+    def sql_path(self) -> Path:
+        return Path(self.sql_dir).resolve() if self.sql_dir else project_dir() / "sql"
+
+
+class Compute(dg.ConfigurableResource):
+    """Device for training and scoring: "auto" picks CUDA when present, else CPU."""
+
+    device: str = "auto"
+
+
+@dg.definitions
+def resources() -> dg.Definitions:
+    return dg.Definitions(resources={"ldpipe_home": LdpipeHome(), "compute": Compute()})

@@ -1,0 +1,213 @@
+"""Experiment declarations: the YAML files in assets/ parsed into typed, validated specs.
+
+Every model forbids unknown keys, so a typo ("learning_rate" for "lr") is an error
+naming the file and the key path instead of a silently ignored setting.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from ldpipe.errors import SpecError
+
+_NAME = re.compile(r"^[a-z][a-z0-9_]{0,40}$")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SyntheticSpec(_Strict):
+    seed: int = 0
+    n_entities: int = Field(60, gt=0)
+    n_train: int = Field(200, gt=0)
+    n_test: int = Field(50, gt=0)
+    corpus_docs: int = Field(3000, gt=0)
+
+
+class DatasetSpec(_Strict):
+    kind: Literal["synthetic", "hh", "ultrafeedback", "local", "reference_probes"] = "synthetic"
+    path: str | None = None
+    columns: dict[str, str] = Field(default_factory=dict)
+    limit: int | None = Field(None, gt=0)
+    synthetic: SyntheticSpec = SyntheticSpec()
+
+    @model_validator(mode="after")
+    def _path_needed(self) -> "DatasetSpec":
+        if self.kind in ("local", "reference_probes") and not self.path:
+            raise ValueError(f"dataset.kind '{self.kind}' needs dataset.path")
+        return self
+
+
+class ProbeSpec(_Strict):
+    n_examples: int = Field(40, gt=0)
+    selection: Literal["first", "random"] = "random"
+    seed: int = 0
+    types: tuple[str, ...] | None = None  # None: every type the data source and backends can make
+    max_prompt_tokens: int = Field(96, gt=0)
+    max_response_tokens: int = Field(64, gt=1)
+
+
+class ArchitectureSpec(_Strict):
+    hidden_size: int = Field(128, gt=0)
+    num_layers: int = Field(4, gt=0)
+    num_heads: int = Field(4, gt=0)
+    intermediate_size: int = Field(512, gt=0)
+    max_position_embeddings: int = Field(512, gt=0)
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> "ArchitectureSpec":
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+        return self
+
+
+class PretrainSpec(_Strict):
+    steps: int = Field(300, gt=0)
+    batch_size: int = Field(16, gt=0)
+    seq_len: int = Field(128, gt=1)
+    lr: float = Field(2e-3, gt=0)
+    warmup: int = Field(30, ge=0)
+    seed: int = 0
+
+
+class ModelSpec(_Strict):
+    # builtin: a BPE tokenizer + small GPT-NeoX trained offline on the built-in corpus.
+    # pretrained: any HF model id or local path (Pythia, Qwen); loaded with local_files_only unless allow_download.
+    kind: Literal["builtin", "pretrained"] = "builtin"
+    name_or_path: str | None = None
+    allow_download: bool = False
+    vocab_size: int = Field(2048, ge=300)
+    architecture: ArchitectureSpec = ArchitectureSpec()
+    pretrain: PretrainSpec = PretrainSpec()
+
+    @model_validator(mode="after")
+    def _path_needed(self) -> "ModelSpec":
+        if self.kind == "pretrained" and not self.name_or_path:
+            raise ValueError("model.kind 'pretrained' needs model.name_or_path")
+        return self
+
+
+class RunSpec(_Strict):
+    name: str
+    algo: Literal["sft"] = "sft"
+    supervise: str = "chosen"          # any probe/response type can be the SFT target
+    epochs: float = Field(3, gt=0)
+    batch_size: int = Field(8, gt=0)
+    lr: float = Field(5e-4, gt=0)
+    optimizer: Literal["adamw", "rmsprop"] = "adamw"
+    warmup_steps: int = Field(5, ge=0)
+    max_grad_norm: float | None = Field(10.0, gt=0)
+    eval_every: int = Field(10, gt=0)   # optimizer steps between probe evaluations (plus step 0 and the last)
+    seed: int = 0
+    n_train: int | None = Field(None, gt=0)   # cap on training pairs (None: the whole train split)
+
+    @field_validator("name")
+    @classmethod
+    def _name_ok(cls, v: str) -> str:
+        if not _NAME.match(v):
+            raise ValueError(f"run name {v!r} must match {_NAME.pattern}")
+        return v
+
+
+class ExperimentSpec(_Strict):
+    name: str
+    description: str = ""
+    dataset: DatasetSpec = DatasetSpec()
+    probes: ProbeSpec = ProbeSpec()
+    model: ModelSpec = ModelSpec()
+    runs: tuple[RunSpec, ...] = ()
+
+    @field_validator("name")
+    @classmethod
+    def _name_ok(cls, v: str) -> str:
+        if not _NAME.match(v):
+            raise ValueError(f"experiment name {v!r} must match {_NAME.pattern}")
+        return v
+
+    @model_validator(mode="after")
+    def _unique_runs(self) -> "ExperimentSpec":
+        names = [r.name for r in self.runs]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"duplicate run name(s) {dup}")
+        return self
+
+    def run(self, name: str) -> RunSpec:
+        for r in self.runs:
+            if r.name == name:
+                return r
+        raise SpecError(f"experiment {self.name!r} has no run {name!r}; runs: {[r.name for r in self.runs]}")
+
+    def run_id(self, run: RunSpec) -> str:
+        return f"{self.name}.{run.name}"
+
+    def run_config_hash(self, run: RunSpec) -> str:
+        """Hash of everything that determines a run's trajectories."""
+        return config_hash({"dataset": self.dataset, "probes": self.probes, "model": self.model, "run": run})
+
+    def model_config_hash(self) -> str:
+        return config_hash({"dataset": self.dataset, "model": self.model})
+
+
+def config_hash(obj: Any) -> str:
+    def default(o: Any) -> Any:
+        if isinstance(o, BaseModel):
+            return o.model_dump(mode="json")
+        raise TypeError(type(o))
+
+    blob = json.dumps(obj, default=default, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def _format_errors(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "<top level>"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key (typo?)"
+        lines.append(f"  {loc}: {msg}")
+    return "\n".join(lines)
+
+
+def parse_experiment(data: Any, *, source: str) -> ExperimentSpec:
+    if not isinstance(data, dict):
+        raise SpecError(f"{source}: expected a mapping at the top level, got {type(data).__name__}")
+    try:
+        return ExperimentSpec.model_validate(data)
+    except ValidationError as e:
+        raise SpecError(f"{source}: invalid experiment declaration:\n{_format_errors(e)}") from None
+
+
+def load_experiment(path: Path) -> ExperimentSpec:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise SpecError(f"{path}: not valid UTF-8 at byte {e.start}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise SpecError(f"{path}: YAML syntax error: {e}") from None
+    return parse_experiment(data, source=str(path))
+
+
+def load_experiments(directory: Path) -> list[ExperimentSpec]:
+    """All declarations in `directory` (*.yaml, *.yml), sorted by file name; names must be unique."""
+    if not directory.is_dir():
+        raise SpecError(f"declarations directory {directory} does not exist")
+    specs: list[ExperimentSpec] = []
+    seen: dict[str, Path] = {}
+    for path in sorted([*directory.glob("*.yaml"), *directory.glob("*.yml")]):
+        spec = load_experiment(path)
+        if spec.name in seen:
+            raise SpecError(f"{path}: experiment name {spec.name!r} is already declared in {seen[spec.name]}")
+        seen[spec.name] = path
+        specs.append(spec)
+    return specs
