@@ -1,0 +1,334 @@
+"""Offline probe-set builder: one row per (probe prompt, response type), PROBE_SCHEMA.
+
+Probe prompts are TRAIN-split examples (the paper probes training prompts). Each response type has its own
+seeded generator (`random.Random(f"{seed}:{type}")`), so adding or dropping a type never changes the draws of
+the others. Types that need something not given (rephrases, a tokenizer, a model, a test split) are skipped and
+reported in `ProbeBuild.skipped` rather than silently missing.
+
+Differences from the reference implementation (learning-dynamics.md §3), on purpose:
+- irr_test comes from the held-out "test" split (the reference drew it from the probe's own split);
+- generated texts (irr_hum, random_permute, random_nonhum) keep y+'s leading whitespace, so the first token is
+  tokenized as in y+ (the reference's missing space biased the first token, tiny-model-notes §5.4);
+- every draw is seeded (the reference never seeded `random`).
+"""
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import polars as pl
+
+from ldpipe.errors import DataValidationError, SpecError
+from ldpipe.schema import CORE_RESPONSE_TYPES, PREFERENCE_SCHEMA, PROBE_SCHEMA
+
+REPHRASE_TYPES = ("chosen_gptsemantic", "chosen_gptformat", "reject_gptsemantic", "reject_gptformat")
+MODEL_TYPES = ("chosen_initial", "chosen_selfr")
+OFFLINE_TYPES = ("chosen", "rejected", *REPHRASE_TYPES, "irr_train", "irr_test", "irr_hum", "random_permute",
+                 "random_nonhum", "random_tokens")
+_REPHRASE_COLUMNS = ("example_id", "response_type", "response", "provenance")
+_MAX_REDRAWS = 100
+
+
+@dataclass(frozen=True)
+class ProbeRecipe:
+    n_examples: int = 50
+    selection: Literal["first", "random"] = "random"   # the reference takes the first N
+    seed: int = 0
+    types: tuple[str, ...] = OFFLINE_TYPES
+
+    def validate(self) -> None:
+        if self.n_examples < 1:
+            raise SpecError(f"probe recipe: n_examples must be >= 1, got {self.n_examples}")
+        if self.selection not in ("first", "random"):
+            raise SpecError(f"probe recipe: selection must be 'first' or 'random', got {self.selection!r}")
+        unknown = [t for t in self.types if t not in CORE_RESPONSE_TYPES]
+        if unknown:
+            raise SpecError(f"probe recipe: unknown response type(s) {unknown}; known: {list(CORE_RESPONSE_TYPES)}")
+        if len(set(self.types)) != len(self.types):
+            raise SpecError(f"probe recipe: duplicate response types in {list(self.types)}")
+
+
+@dataclass
+class ProbeBuild:
+    probes: pl.DataFrame        # PROBE_SCHEMA, sorted by (example_id, response_type)
+    skipped: dict[str, str] = field(default_factory=dict)  # response_type -> why it was not built
+
+
+# ----------------------------------------------------------------------------- text helpers
+
+def _lead(text: str) -> str:
+    return text[: len(text) - len(text.lstrip())]
+
+
+def _words(text: str) -> list[str]:
+    """The reference's word split: strip, then split on single spaces."""
+    return text.strip().split(" ")
+
+
+def shuffle_words(text: str, rng: random.Random) -> str:
+    """A word-level permutation of `text` that differs from it whenever it has two distinct words."""
+    words = _words(text)
+    out = list(words)
+    if len(set(words)) > 1:
+        for _ in range(_MAX_REDRAWS):
+            rng.shuffle(out)
+            if out != words:
+                break
+        else:  # astronomically unlikely; swap two distinct words so the result still differs
+            i = next(k for k in range(1, len(words)) if words[k] != words[0])
+            out = list(words)
+            out[0], out[i] = out[i], out[0]
+    return _lead(text) + " ".join(out)
+
+
+def _is_permutation(a: str, b: str) -> bool:
+    return sorted(_words(a)) == sorted(_words(b))
+
+
+# ----------------------------------------------------------------------------- validation
+
+def _validate_preferences(prefs: Any) -> pl.DataFrame:
+    src = "preferences"
+    if not isinstance(prefs, pl.DataFrame):
+        raise DataValidationError(src, f"expected a polars DataFrame, got {type(prefs).__name__}")
+    missing = [c for c in PREFERENCE_SCHEMA if c not in prefs.columns]
+    if missing:
+        raise DataValidationError(src, f"missing column(s) {missing}; have {prefs.columns}", field=missing[0])
+    for col in ("example_id", "split", "prompt", "chosen", "rejected"):
+        if prefs[col].dtype != pl.String:
+            raise DataValidationError(src, f"expected strings, got {prefs[col].dtype}", field=col)
+        nulls = prefs[col].is_null().arg_true()
+        if len(nulls):
+            raise DataValidationError(src, "null value", row=int(nulls[0]), field=col)
+    dup = prefs["example_id"].is_duplicated().arg_true()
+    if len(dup):
+        raise DataValidationError(src, f"duplicate example_id {prefs['example_id'][int(dup[0])]!r}",
+                                  row=int(dup[0]), field="example_id")
+    bad = (~prefs["split"].is_in(["train", "test"])).arg_true()
+    if len(bad):
+        raise DataValidationError(src, f"split must be 'train' or 'test', got {prefs['split'][int(bad[0])]!r}",
+                                  row=int(bad[0]), field="split")
+    return prefs
+
+
+def _rephrase_lookup(rephrases: Any, wanted: list[str], ids: list[str]) -> tuple[dict, dict[str, str]]:
+    """{(example_id, type): (response, provenance)} for the wanted types, and the types it cannot supply."""
+    src = "rephrases"
+    if not isinstance(rephrases, pl.DataFrame):
+        raise DataValidationError(src, f"expected a polars DataFrame, got {type(rephrases).__name__}")
+    missing = [c for c in _REPHRASE_COLUMNS if c not in rephrases.columns]
+    if missing:
+        raise DataValidationError(src, f"missing column(s) {missing}; have {rephrases.columns}", field=missing[0])
+    df = rephrases.with_row_index("_row").filter(pl.col("response_type").is_in(wanted)
+                                                  & pl.col("example_id").is_in(ids))
+    lookup: dict[tuple[str, str], tuple[str, str]] = {}
+    for row in df.iter_rows(named=True):
+        key = (row["example_id"], row["response_type"])
+        if row["response"] is None:
+            raise DataValidationError(src, "null response", row=row["_row"], field="response")
+        if key in lookup:
+            raise DataValidationError(src, f"duplicate rephrase for {key}", row=row["_row"], field="response_type")
+        lookup[key] = (row["response"], row["provenance"] or "rephrases")
+    skipped: dict[str, str] = {}
+    for t in wanted:
+        have = {i for (i, tt) in lookup if tt == t}
+        if not have:
+            skipped[t] = "the rephrases table has no rows of this type for the probe examples"
+        elif len(have) < len(ids):
+            gap = next(i for i in ids if i not in have)
+            raise DataValidationError(src, f"no {t!r} rephrase for probe example {gap!r} "
+                                      f"({len(ids) - len(have)} of {len(ids)} missing)", field="example_id")
+    return lookup, skipped
+
+
+# ----------------------------------------------------------------------------- token sampler
+
+class _TokenSampler:
+    """Uniform random token ids (special tokens excluded) for a HF tokenizer or a raw `tokenizers.Tokenizer`."""
+
+    def __init__(self, tokenizer: Any):
+        if hasattr(tokenizer, "all_special_ids"):  # transformers tokenizer
+            self._encode = lambda s: tokenizer.encode(s, add_special_tokens=False)
+            self._decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=False,
+                                                        clean_up_tokenization_spaces=False)
+            size, special = len(tokenizer), set(tokenizer.all_special_ids)
+        elif hasattr(tokenizer, "get_vocab_size"):  # tokenizers.Tokenizer
+            self._encode = lambda s: tokenizer.encode(s, add_special_tokens=False).ids
+            self._decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=False)
+            size = tokenizer.get_vocab_size(with_added_tokens=True)
+            special = {t.content for t in tokenizer.get_added_tokens_decoder().values() if t.special}
+            special = {tokenizer.token_to_id(s) for s in special}
+        else:
+            raise TypeError(f"random_tokens: unsupported tokenizer type {type(tokenizer).__name__}")
+        # Byte-level vocabularies hold lone UTF-8 fragments that decode to U+FFFD; drawing them would make
+        # text that re-tokenizes into many more tokens than were drawn, so only tokens that are text count.
+        self.ids = [i for i in range(size) if i not in special and "\ufffd" not in self._decode([i])]
+        if not self.ids:
+            raise DataValidationError("tokenizer", "has no non-special tokens to draw from")
+
+    def sample_like(self, text: str, rng: random.Random) -> str:
+        n = len(self._encode(text))
+        return self._decode([rng.choice(self.ids) for _ in range(n)])
+
+
+# ----------------------------------------------------------------------------- builder
+
+def build_probe_set(preferences: pl.DataFrame, recipe: ProbeRecipe, *, rephrases: pl.DataFrame | None = None,
+                    tokenizer: Any = None,
+                    human_sentence: Callable[[random.Random, int], str] | None = None) -> ProbeBuild:
+    """Build the probe set for `recipe` from a preference table (PREFERENCE_SCHEMA), fully offline."""
+    recipe.validate()
+    prefs = _validate_preferences(preferences)
+    if human_sentence is None:
+        from ldpipe.synthetic import human_sentence
+    train = prefs.filter(pl.col("split") == "train")
+    test = prefs.filter(pl.col("split") == "test")
+    if train.height < recipe.n_examples:
+        raise DataValidationError("preferences", f"the train split has {train.height} example(s) but the recipe "
+                                  f"asks for n_examples={recipe.n_examples}", field="split")
+    if recipe.selection == "first":
+        picked = list(range(recipe.n_examples))
+    else:  # sample, then keep table order so "first" and "random" differ only in which rows are taken
+        picked = sorted(random.Random(f"{recipe.seed}:selection").sample(range(train.height), recipe.n_examples))
+    probe = train.select(pl.all().gather(picked))
+    ids: list[str] = probe["example_id"].to_list()
+    prompts: list[str] = probe["prompt"].to_list()
+    chosen: list[str] = probe["chosen"].to_list()
+    rejected: list[str] = probe["rejected"].to_list()
+    n = len(ids)
+    types = list(recipe.types)
+
+    def rng(t: str) -> random.Random:
+        return random.Random(f"{recipe.seed}:{t}")
+
+    built: dict[str, list[tuple[str, str]]] = {}   # type -> [(response, provenance)] aligned with ids
+    skipped: dict[str, str] = {}
+    for t in types:
+        if t in MODEL_TYPES:
+            skipped[t] = "needs a model to generate (built by the model-based probe step)"
+
+    if "chosen" in types:
+        built["chosen"] = [(y, "dataset") for y in chosen]
+    if "rejected" in types:
+        built["rejected"] = [(y, "dataset") for y in rejected]
+
+    wanted = [t for t in REPHRASE_TYPES if t in types]
+    if wanted:
+        if rephrases is None:
+            skipped |= {t: "no rephrases table given (LLM-made rephrases come from an API step)" for t in wanted}
+        else:
+            lookup, not_there = _rephrase_lookup(rephrases, wanted, ids)
+            skipped |= not_there
+            for t in wanted:
+                if t not in not_there:
+                    built[t] = [lookup[(i, t)] for i in ids]
+
+    if "irr_train" in types:
+        r = rng("irr_train")
+        rows: list[tuple[str, str]] = []
+        for u in range(n):
+            others = [j for j in range(n) if j != u and chosen[j] != chosen[u]]
+            if not others:
+                skipped["irr_train"] = (f"probe example {ids[u]!r} has no other probe example with a different "
+                                        "chosen response")
+                break
+            j = r.choice(others)
+            rows.append((chosen[j], f"irr_train:{ids[j]}"))
+        else:
+            built["irr_train"] = rows
+
+    irr_test: list[tuple[str, str]] | None = None
+    if "irr_test" in types or "random_nonhum" in types:
+        if test.height == 0:
+            why = "the preference table has no 'test' split to draw unrelated answers from"
+            skipped |= {t: why for t in ("irr_test", "random_nonhum") if t in types}
+        else:
+            r = rng("irr_test")  # drawn even when only random_nonhum is asked, so both stay consistent
+            t_ids, t_chosen = test["example_id"].to_list(), test["chosen"].to_list()
+            irr_test = []
+            for u in range(n):
+                others = [j for j in range(test.height) if t_chosen[j] != chosen[u]] or list(range(test.height))
+                j = r.choice(others)
+                irr_test.append((t_chosen[j], f"irr_test:{t_ids[j]}"))
+            if "irr_test" in types:
+                built["irr_test"] = irr_test
+
+    if "irr_hum" in types:
+        r = rng("irr_hum")
+        built["irr_hum"] = [(_lead(y) + human_sentence(r, len(_words(y))), f"human_sentence:seed={recipe.seed}")
+                            for y in chosen]
+    if "random_permute" in types:
+        r = rng("random_permute")
+        built["random_permute"] = [(shuffle_words(y, r), f"shuffle:chosen:seed={recipe.seed}") for y in chosen]
+    if "random_nonhum" in types and irr_test is not None:
+        r = rng("random_nonhum")
+        built["random_nonhum"] = [(shuffle_words(y, r), f"shuffle:{prov}:seed={recipe.seed}")
+                                  for y, prov in irr_test]
+    if "random_tokens" in types:
+        if tokenizer is None:
+            skipped["random_tokens"] = "no tokenizer given (needs the model's vocabulary)"
+        else:
+            sampler, r = _TokenSampler(tokenizer), rng("random_tokens")
+            built["random_tokens"] = [(sampler.sample_like(y, r), f"uniform_tokens:seed={recipe.seed}")
+                                      for y in chosen]
+
+    records = [(ids[u], t, prompts[u], resp, prov)
+               for t, rows in built.items() for u, (resp, prov) in enumerate(rows)]
+    probes = pl.DataFrame(records, schema=PROBE_SCHEMA, orient="row").sort("example_id", "response_type")
+    return ProbeBuild(probes=probes, skipped={t: skipped[t] for t in types if t in skipped})
+
+
+# ----------------------------------------------------------------------------- checks
+
+def check_probe_set(probes: pl.DataFrame, types: Sequence[str]) -> dict:
+    """Measured facts about a probe set, for asset checks: gaps, shuffle validity, leaks, lengths."""
+    src = "probes"
+    missing_cols = [c for c in PROBE_SCHEMA if c not in probes.columns]
+    if missing_cols:
+        raise DataValidationError(src, f"missing column(s) {missing_cols}; have {probes.columns}",
+                                  field=missing_cols[0])
+    ids = probes["example_id"].unique().sort().to_list()
+    by_key: dict[tuple[str, str], str] = {}
+    duplicates = 0
+    for i, t, resp in probes.select("example_id", "response_type", "response").iter_rows():
+        if (i, t) in by_key:
+            duplicates += 1
+        by_key[(i, t)] = resp
+    gaps = [{"example_id": i, "response_type": t} for i in ids for t in types if (i, t) not in by_key]
+    prompt_mismatch = probes.group_by("example_id").agg(pl.col("prompt").n_unique().alias("k")) \
+        .filter(pl.col("k") > 1).height
+
+    def pairs(a: str, b: str) -> list[tuple[str, str]]:
+        return [(by_key[(i, a)], by_key[(i, b)]) for i in ids if (i, a) in by_key and (i, b) in by_key]
+
+    shuffle_pairs = pairs("random_permute", "chosen") + pairs("random_nonhum", "irr_test")
+    shuffle_failures = sum(not _is_permutation(x, y) for x, y in shuffle_pairs)
+    rephrase_pairs = [p for t in REPHRASE_TYPES for p in pairs(t, "chosen" if t.startswith("chosen") else "rejected")]
+    lengths = (probes.with_columns(pl.col("response").str.strip_chars().str.split(" ").list.len().alias("w"))
+               .group_by("response_type")
+               .agg(pl.col("w").mean().alias("mean"), pl.col("w").min().alias("min"), pl.col("w").max().alias("max"),
+                    pl.len().alias("rows"))
+               .sort("response_type"))
+    return {
+        "n_examples": len(ids),
+        "n_rows": probes.height,
+        "types": list(types),
+        "missing": gaps,
+        "n_missing": len(gaps),
+        "duplicates": duplicates,
+        "prompt_mismatch": prompt_mismatch,
+        "shuffles_are_permutations": shuffle_failures == 0,
+        "shuffle_checked": len(shuffle_pairs),
+        "shuffle_failures": shuffle_failures,
+        "irr_train_equals_chosen": sum(x == y for x, y in pairs("irr_train", "chosen")),
+        "rephrases_identical_to_source": sum(x == y for x, y in rephrase_pairs),
+        "empty_responses": int(probes["response"].str.strip_chars().eq("").fill_null(True).sum()),
+        "length_words": {r["response_type"]: {"mean": round(r["mean"], 2), "min": r["min"], "max": r["max"],
+                                              "rows": r["rows"]} for r in lengths.iter_rows(named=True)},
+    }
+
+
+__all__ = ["ProbeRecipe", "ProbeBuild", "build_probe_set", "check_probe_set", "shuffle_words", "OFFLINE_TYPES",
+           "REPHRASE_TYPES", "MODEL_TYPES"]
