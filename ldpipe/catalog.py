@@ -1,0 +1,181 @@
+"""The DuckDB catalog: views over the Parquet store and one view per sql/*.sql file.
+
+DuckDB lets one read-write process OR many read-only processes open a file, never both
+(dagster-notes.md §5.1). So the refresh, the only writer, never opens the live catalog:
+it builds a new file at a temp path and `os.replace`s it over the old one. Readers that
+hold the old file keep their (old) views; the next connection sees the new ones. Caveat:
+within ONE process DuckDB reuses an open database instance for the same path, so a
+process that keeps an old connection open also gets the old views on reconnect.
+"""
+from __future__ import annotations
+
+import os
+import re
+import uuid
+from pathlib import Path
+
+import duckdb
+import polars as pl
+
+from ldpipe.errors import DataValidationError, LdpipeError
+from ldpipe.schema import TRAIN_METRICS_SCHEMA, TRAJECTORY_SCHEMA
+from ldpipe.store import Store
+
+KNOWN_TABLES: dict[str, dict[str, pl.DataType]] = {
+    "trajectories": TRAJECTORY_SCHEMA,
+    "train_metrics": TRAIN_METRICS_SCHEMA,
+}
+
+# Statement types that cannot change the database, files, settings or extensions.
+# DESCRIBE/SHOW/SUMMARIZE/VALUES/TABLE/FROM all parse as SELECT.
+_READ_TYPES = {duckdb.StatementType.SELECT}
+# PRAGMAs that only report; others set options or, like IMPORT DATABASE, write.
+_READ_PRAGMAS = {"version", "platform", "show_tables", "show_tables_expanded", "table_info", "show",
+                 "database_list", "database_size", "storage_info", "functions", "collations", "metadata_info",
+                 "user_agent"}
+_EXPLAIN_PREFIX = re.compile(r"^\s*explain\s+(?:analy[sz]e\s+)?(?:\([^)]*\)\s*)?", re.IGNORECASE)
+_PRAGMA_NAME = re.compile(r"^\s*pragma\s+([A-Za-z_][A-Za-z0-9_]*)", re.IGNORECASE)
+_READER_CONFIG = {
+    "autoinstall_known_extensions": False,  # no network downloads from a query
+    "lock_configuration": True,             # belt and braces behind the statement check
+}
+
+
+def _q(ident: str) -> str:
+    return '"' + ident.replace('"', '""') + '"'
+
+
+def _lit(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
+
+
+def _parse(sql: str, source: str) -> list[duckdb.Statement]:
+    try:
+        return duckdb.extract_statements(sql)
+    except duckdb.Error as e:
+        raise LdpipeError(f"{source}: {e}") from None
+
+
+# -- refresh (the only writer) ------------------------------------------------------------------
+def refresh_catalog(catalog_path: Path, store_root: Path, sql_dir: Path | None) -> dict:
+    """Rebuild the catalog in a temp file, then atomically swap it in. On any error the old one stays."""
+    catalog_path = Path(catalog_path).resolve()
+    store = Store(store_root)
+    catalog_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = catalog_path.with_name(f"{catalog_path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex}")
+    try:
+        con = duckdb.connect(str(tmp))
+        try:
+            views, counts = _build(con, store, Path(sql_dir) if sql_dir is not None else None)
+        finally:
+            con.close()             # closing checkpoints: the file is complete, no .wal left
+        os.replace(tmp, catalog_path)
+    finally:
+        tmp.unlink(missing_ok=True)
+        Path(f"{tmp}.wal").unlink(missing_ok=True)
+    return {"views": views, "tables": counts, "path": str(catalog_path)}
+
+
+def _build(con: duckdb.DuckDBPyConnection, store: Store, sql_dir: Path | None) -> tuple[list[str], dict[str, int]]:
+    views: list[str] = []
+    counts: dict[str, int] = {}
+    for table in sorted(set(store.tables()) | set(KNOWN_TABLES)):
+        n = len(store.shards(table))
+        counts[table] = n
+        schema = KNOWN_TABLES.get(table)
+        if n == 0 and schema is None:
+            continue                # an unknown, empty table has no columns to show
+        con.execute(f"create view {_q(table)} as {_table_select(con, store, table, schema, n)}")
+        views.append(table)
+    for path in sorted(sql_dir.glob("*.sql")) if sql_dir is not None and sql_dir.is_dir() else []:
+        name = path.stem
+        if not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", name):
+            raise DataValidationError(str(path), f"file name must be a valid view name (letters, digits, '_'), got {name!r}")
+        if name in views:
+            raise DataValidationError(str(path), f"view {name!r} is already defined (a store table or another file)")
+        select = _single_select(path)
+        try:
+            con.execute(f"create view {_q(name)} as\n{select}\n")
+        except duckdb.Error as e:
+            raise DataValidationError(
+                str(path), f"view {name!r} failed to bind (views are created in file-name order, so a view may "
+                           f"only use tables and views from files sorted before it): {e}") from None
+        views.append(name)
+    return views, counts
+
+
+def _table_select(con: duckdb.DuckDBPyConnection, store: Store, table: str,
+                  schema: dict[str, pl.DataType] | None, n_shards: int) -> str:
+    src = f"read_parquet({_lit(store.glob(table))}, union_by_name = true, hive_partitioning = false)"
+    if schema is None:
+        return f"select * from {src}"
+    # Known tables get fixed column types, so sql/*.sql binds the same way before and after the first shard.
+    rel = con.from_arrow(pl.DataFrame(schema=schema).to_arrow())   # DuckDB's own mapping of the polars types
+    cols = [(c, str(t)) for c, t in zip(rel.columns, rel.types)]
+    if n_shards == 0:
+        return "select " + ", ".join(f"cast(null as {t}) as {_q(c)}" for c, t in cols) + " where false"
+    return "select " + ", ".join(f"cast({_q(c)} as {t}) as {_q(c)}" for c, t in cols) + f" from {src}"
+
+
+def _single_select(path: Path) -> str:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataValidationError(str(path), f"cannot read: {e}") from None
+    stmts = _parse(text, str(path))
+    if len(stmts) != 1:
+        raise DataValidationError(str(path), f"must hold exactly one SELECT statement, found {len(stmts)}")
+    if stmts[0].type not in _READ_TYPES:
+        raise DataValidationError(str(path), f"must hold a SELECT statement, found {stmts[0].type.name}")
+    return stmts[0].query.strip().rstrip(";")
+
+
+# -- readers ------------------------------------------------------------------------------------
+def connect_readonly(catalog_path: Path) -> duckdb.DuckDBPyConnection:
+    catalog_path = Path(catalog_path)
+    if not catalog_path.is_file():
+        raise LdpipeError(f"no catalog at {catalog_path}: refresh the catalog first (ldpipe.catalog.refresh_catalog)")
+    try:
+        return duckdb.connect(str(catalog_path), read_only=True, config=dict(_READER_CONFIG))
+    except duckdb.Error as e:
+        raise LdpipeError(f"cannot open catalog {catalog_path} read-only: {e}") from None
+
+
+def check_readonly_statement(sql: str) -> None:
+    """Refuse anything but one statement that only reads (DuckDB's parser decides the type)."""
+    stmts = _parse(sql, "query")
+    if not stmts:
+        raise LdpipeError("empty query: give one SELECT statement")
+    if len(stmts) > 1:
+        raise LdpipeError(f"refusing to run {len(stmts)} statements: give exactly one")
+    _check_one(stmts[0])
+
+
+def _check_one(stmt: duckdb.Statement) -> None:
+    text = stmt.query.strip()
+    if stmt.type in _READ_TYPES:
+        return
+    if stmt.type == duckdb.StatementType.EXPLAIN:
+        # EXPLAIN ANALYZE executes its statement, so the inner statement must be read-only too.
+        m = _EXPLAIN_PREFIX.match(text)
+        inner = _parse(text[m.end():], "query") if m else []
+        if len(inner) == 1:
+            return _check_one(inner[0])
+    if stmt.type == duckdb.StatementType.PRAGMA:
+        m = _PRAGMA_NAME.match(text)
+        if m and m.group(1).lower() in _READ_PRAGMAS:
+            return
+    short = " ".join(text.split())[:80]
+    raise LdpipeError(f"refusing to run a statement that writes: {stmt.type.name} ({short}); "
+                      "`ldpipe sql` only runs SELECT/WITH/FROM/DESCRIBE/SHOW/SUMMARIZE/EXPLAIN/VALUES/TABLE")
+
+
+def query(catalog_path: Path, sql: str) -> pl.DataFrame:
+    check_readonly_statement(sql)
+    con = connect_readonly(catalog_path)
+    try:
+        return con.sql(sql).pl()
+    except duckdb.Error as e:
+        raise LdpipeError(f"query failed: {e}") from None
+    finally:
+        con.close()

@@ -1,0 +1,205 @@
+"""Append-only Parquet shards: the system of record for trajectories and metrics.
+
+Every writer puts whole files under `root/<table>/<k>=<v>/.../<name>.parquet` and never
+edits one in place, so any number of processes may write at once (DuckDB would allow
+only one writer per database file, dagster-notes.md §5.1). A shard is written to a
+temp name in the same directory and `os.replace`d into place, so a reader (or a crash)
+never sees half a file, and rewriting the same name replaces it: a resumed run that
+redoes step N leaves exactly one copy of that step's rows.
+"""
+from __future__ import annotations
+
+import os
+import re
+import time
+import uuid
+from pathlib import Path
+from urllib.parse import quote
+
+import polars as pl
+
+from ldpipe.errors import DataValidationError, LdpipeError
+from ldpipe.schema import conform
+
+SHARD_SUFFIX = ".parquet"
+_TMP_MARK = ".tmp-"                        # "<name>.parquet.tmp-<pid>-<uuid>": never matches *.parquet
+_IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")   # table names become SQL view names
+
+
+def _check_ident(value: str, what: str) -> str:
+    if not isinstance(value, str) or not _IDENT.match(value):
+        raise LdpipeError(f"invalid {what} {value!r}: use letters, digits and '_' (not starting with a digit)")
+    return value
+
+
+def _encode(value: object, what: str) -> str:
+    """Percent-encode a partition value or shard name so it is one safe path segment.
+
+    Encoding (rather than replacing odd characters) keeps distinct values distinct:
+    "a/b" and "a_b" must not land in the same directory.
+    """
+    text = str(value)
+    if text == "":
+        raise LdpipeError(f"empty {what}")
+    enc = quote(text, safe="-_.+,@")
+    if enc in (".", ".."):
+        enc = enc.replace(".", "%2E")
+    return enc
+
+
+class Store:
+    """Hive-style Parquet shards under one root directory, one sub-directory per table."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root).resolve()    # absolute: catalog views must work from any cwd
+
+    # -- layout ---------------------------------------------------------------------------
+    def table_dir(self, table: str) -> Path:
+        return self.root / _check_ident(table, "table name")
+
+    def shard_path(self, table: str, partition: dict[str, str], name: str) -> Path:
+        d = self.table_dir(table)
+        for k, v in partition.items():
+            d = d / f"{_check_ident(k, 'partition key')}={_encode(v, f'value for partition key {k!r}')}"
+        return d / (_encode(name, "shard name") + SHARD_SUFFIX)
+
+    def glob(self, table: str) -> str:
+        """The pattern readers (DuckDB views) use; temp files have another suffix so never match."""
+        return str(self.table_dir(table) / "**" / f"*{SHARD_SUFFIX}")
+
+    # -- writing ----------------------------------------------------------------------------
+    def write_shard(self, table: str, df: pl.DataFrame, *, partition: dict[str, str], name: str,
+                    schema: dict[str, pl.DataType] | None = None) -> Path:
+        """Atomically write (or replace) one shard and return its path."""
+        path = self.shard_path(table, partition, name)
+        if schema is not None:
+            df = self._conform(table, path, df, schema)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}{_TMP_MARK}{os.getpid()}-{uuid.uuid4().hex}")
+        try:
+            df.write_parquet(tmp)
+            with open(tmp, "rb") as f:          # data on disk before the rename makes it visible
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        _fsync_dir(path.parent)                 # the rename itself survives a power loss
+        return path
+
+    def _conform(self, table: str, path: Path, df: pl.DataFrame, schema: dict[str, pl.DataType]) -> pl.DataFrame:
+        source = f"store table '{table}', shard {path.relative_to(self.root)}"
+        missing = [c for c in schema if c not in df.columns]
+        if missing:
+            raise DataValidationError(source, f"missing column(s) {missing}; have {df.columns}", field=missing[0])
+        try:
+            return conform(df, schema, what=source)
+        except pl.exceptions.PolarsError:
+            pass
+        for col, dtype in schema.items():     # find the column that fails to cast, to name it
+            try:
+                df.select(pl.col(col).cast(dtype))
+            except pl.exceptions.PolarsError as e:
+                first_line = str(e).splitlines()[0]
+                raise DataValidationError(source, f"cannot cast to {dtype}: {first_line}", field=col) from None
+        raise AssertionError("unreachable: conform failed but every column casts")
+
+    # -- reading ----------------------------------------------------------------------------
+    def tables(self) -> list[str]:
+        if not self.root.is_dir():
+            return []
+        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and _IDENT.match(p.name))
+
+    def shards(self, table: str) -> list[Path]:
+        d = self.table_dir(table)
+        if not d.is_dir():
+            return []
+        return sorted(p for p in d.rglob(f"*{SHARD_SUFFIX}") if p.is_file())
+
+    def read(self, table: str, **filters: object) -> pl.DataFrame:
+        """All rows of `table`; keyword filters are column equalities (a list/tuple/set means "is in")."""
+        frames: list[pl.DataFrame] = []
+        seen: set[str] = set()
+        for path in self.shards(table):
+            try:
+                f = open(path, "rb")
+            except FileNotFoundError:       # deleted since listing: it is no longer part of the table
+                continue
+            # Read through one open handle: a lazy scan of the *path* opens it twice (footer, then data),
+            # and a concurrent os.replace in between would pair one file's footer with another's bytes.
+            with f:
+                lf = pl.scan_parquet(f, hive_partitioning=False)
+                cols = lf.collect_schema().names()
+                seen.update(cols)
+                if any(c not in cols for c in filters):   # null never equals a value: no rows from here
+                    lf = lf.head(0)
+                for col, value in filters.items():
+                    if col in cols:
+                        lf = lf.filter(_match(col, value))
+                frames.append(lf.collect())
+        unknown = [c for c in filters if c not in seen]
+        if frames and unknown:
+            raise LdpipeError(f"store table '{table}': no column {unknown[0]!r} to filter on; have {sorted(seen)}")
+        # diagonal_relaxed: shards written before a column was added still concatenate (missing -> null).
+        return pl.concat(frames, how="diagonal_relaxed") if frames else pl.DataFrame()
+
+    # -- maintenance ------------------------------------------------------------------------
+    def delete_partition(self, table: str, partition: dict[str, str]) -> int:
+        """Remove every shard whose path has all the given key=value segments; returns how many."""
+        if not partition:
+            raise LdpipeError("delete_partition needs at least one key=value (refusing to delete a whole table)")
+        wanted = {f"{_check_ident(k, 'partition key')}={_encode(v, f'value for partition key {k!r}')}"
+                  for k, v in partition.items()}
+        d = self.table_dir(table)
+        removed = 0
+        for p in self.shards(table):
+            if wanted <= set(p.relative_to(d).parts[:-1]):
+                p.unlink(missing_ok=True)
+                removed += 1
+        self._prune_empty_dirs(d)
+        return removed
+
+    def clean_temp(self, older_than_s: float = 3600) -> int:
+        """Delete temp files left by crashed writers. The age guard spares files being written right now."""
+        if not self.root.is_dir():
+            return 0
+        cutoff = time.time() - older_than_s
+        removed = 0
+        for p in self.root.rglob(f"*{SHARD_SUFFIX}{_TMP_MARK}*"):
+            try:
+                if p.is_file() and p.stat().st_mtime <= cutoff:
+                    p.unlink()
+                    removed += 1
+            except FileNotFoundError:   # its writer finished (renamed it) meanwhile
+                pass
+        return removed
+
+    def _prune_empty_dirs(self, top: Path) -> None:
+        if not top.is_dir():
+            return
+        # deepest first; rmdir refuses non-empty dirs, so a concurrent writer's new file is never lost
+        for dirpath, _dirs, _files in sorted(os.walk(top), key=lambda t: -len(t[0])):
+            if Path(dirpath) != top:
+                try:
+                    os.rmdir(dirpath)
+                except OSError:
+                    pass
+
+
+def _match(col: str, value: object) -> pl.Expr:
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return pl.col(col).is_in(list(value))
+    return pl.col(col) == value
+
+
+def _fsync_dir(d: Path) -> None:
+    try:
+        fd = os.open(d, os.O_RDONLY)
+    except OSError:          # e.g. platforms that cannot open directories
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

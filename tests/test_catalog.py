@@ -1,0 +1,294 @@
+"""Catalog: views over real Parquet shards and sql/*.sql, swapped in atomically; read-only `ldpipe sql`."""
+from __future__ import annotations
+
+import argparse
+import io
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+from ldpipe.catalog import check_readonly_statement, connect_readonly, query, refresh_catalog
+from ldpipe.errors import DataValidationError, LdpipeError
+from ldpipe.schema import TRAJECTORY_SCHEMA
+from ldpipe.sqlcli import add_sql_arguments, run_sql
+from ldpipe.store import Store
+
+LEARNING_CURVE = """\
+-- mean log-probability per run, step and response type (the paper's learning curves)
+select run_id, step, response_type, avg(logp_mean) as mean_logp, count(*) as n_examples
+from trajectories
+group by run_id, step, response_type
+order by run_id, step, response_type;
+"""
+
+
+def traj(run: str, step: int) -> pl.DataFrame:
+    rows = [
+        {"run_id": run, "config_hash": "h", "phase": "sft", "step": step, "epoch": step / 4,
+         "example_id": ex, "response_type": rt, "logp_sum": lp * 3, "n_tokens": 3, "logp_mean": lp,
+         "argmax_logp_sum": -1.0}
+        for ex, base in (("e1", -2.0), ("e2", -4.0))
+        for rt, lp in (("chosen", base + 0.1 * step), ("rejected", base - 0.2 * step))
+    ]
+    return pl.DataFrame(rows)
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> dict[str, Path]:
+    store = Store(tmp_path / "store")
+    for run in ("r1", "r2"):
+        for step in (0, 2, 4):
+            store.write_shard("trajectories", traj(run, step), partition={"run_id": run, "step": str(step)},
+                              name="probes", schema=TRAJECTORY_SCHEMA)
+    sql = tmp_path / "sql"
+    sql.mkdir()
+    (sql / "learning_curve.sql").write_text(LEARNING_CURVE)
+    (sql / "loss_curve.sql").write_text("select run_id, step, avg(loss) as loss from train_metrics group by all\n")
+    return {"store": tmp_path / "store", "sql": sql, "catalog": tmp_path / "home" / "catalog.duckdb"}
+
+
+def refresh(p: dict[str, Path]) -> dict:
+    return refresh_catalog(p["catalog"], p["store"], p["sql"])
+
+
+def test_refresh_creates_views_over_shards_and_sql_files(project: dict[str, Path], tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    info = refresh(project)
+    assert info["path"] == str(project["catalog"].resolve())
+    assert info["tables"] == {"trajectories": 6, "train_metrics": 0}
+    assert set(info["views"]) == {"trajectories", "train_metrics", "learning_curve", "loss_curve"}
+    assert sorted(project["catalog"].parent.iterdir()) == [project["catalog"]]    # no temp or .wal left
+
+    curve = query(project["catalog"], "select * from learning_curve")
+    # Independent computation of the same curve with polars straight from the shards.
+    expected = (Store(project["store"]).read("trajectories")
+                .group_by("run_id", "step", "response_type")
+                .agg(pl.col("logp_mean").mean().alias("mean_logp"), pl.len().alias("n_examples"))
+                .sort("run_id", "step", "response_type"))
+    assert curve.height == 2 * 3 * 2
+    assert curve["n_examples"].to_list() == [2] * curve.height
+    assert curve["mean_logp"].to_list() == pytest.approx(expected["mean_logp"].to_list())
+
+    # Views use absolute paths: the catalog works from any working directory.
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert query(project["catalog"], "select count(*) as n from trajectories")["n"][0] == 24
+
+    # The view is a glob, so a new shard shows up without a refresh.
+    Store(project["store"]).write_shard("trajectories", traj("r3", 0), partition={"run_id": "r3", "step": "0"},
+                                        name="probes", schema=TRAJECTORY_SCHEMA)
+    runs = query(project["catalog"], "select distinct run_id from trajectories order by 1")["run_id"].to_list()
+    assert runs == ["r1", "r2", "r3"]
+
+
+def test_empty_known_table_gives_an_empty_typed_view(project: dict[str, Path]) -> None:
+    refresh(project)
+    desc = query(project["catalog"], "describe train_metrics")
+    types = dict(zip(desc["column_name"], desc["column_type"]))
+    assert types == {"run_id": "VARCHAR", "config_hash": "VARCHAR", "phase": "VARCHAR", "step": "BIGINT",
+                     "epoch": "DOUBLE", "loss": "DOUBLE", "grad_norm": "DOUBLE", "clip_factor": "DOUBLE",
+                     "lr": "DOUBLE"}
+    assert query(project["catalog"], "select * from loss_curve").height == 0      # the sql view bound
+    # Known tables keep their declared types once shards exist, too.
+    traj_types = dict(query(project["catalog"], "describe trajectories").select("column_name", "column_type").rows())
+    assert traj_types["step"] == "BIGINT" and traj_types["logp_mean"] == "DOUBLE"
+
+
+def test_unknown_store_table_gets_a_plain_view(project: dict[str, Path]) -> None:
+    Store(project["store"]).write_shard("extra_notes", pl.DataFrame({"k": ["a", "b"], "v": [1, 2]}),
+                                        partition={"run_id": "r1"}, name="x")
+    info = refresh(project)
+    assert info["tables"]["extra_notes"] == 1
+    assert query(project["catalog"], "select sum(v) as s from extra_notes")["s"][0] == 3
+
+
+def test_bad_sql_file_names_the_file_and_keeps_the_old_catalog(project: dict[str, Path]) -> None:
+    refresh(project)
+    before = project["catalog"].read_bytes()
+    bad = project["sql"] / "broken_view.sql"
+    bad.write_text("select run_id, no_such_column from trajectories\n")
+    with pytest.raises(DataValidationError) as e:
+        refresh(project)
+    msg = str(e.value)
+    assert "broken_view.sql" in msg and "no_such_column" in msg and "Binder Error" in msg
+    assert project["catalog"].read_bytes() == before
+    assert sorted(project["catalog"].parent.iterdir()) == [project["catalog"]]    # temp file removed
+    assert query(project["catalog"], "select count(*) as n from learning_curve")["n"][0] == 12
+
+    bad.write_text("select 1 as a; select 2 as b\n")
+    with pytest.raises(DataValidationError, match=r"broken_view\.sql.*exactly one SELECT.*found 2"):
+        refresh(project)
+    bad.write_text("create table t as select 1\n")
+    with pytest.raises(DataValidationError, match=r"broken_view\.sql.*must hold a SELECT statement, found CREATE"):
+        refresh(project)
+    bad.write_text("selct oops\n")
+    with pytest.raises(LdpipeError, match=r"broken_view\.sql.*Parser Error"):
+        refresh(project)
+    assert project["catalog"].read_bytes() == before
+
+
+READER = textwrap.dedent("""
+    import duckdb, sys
+    con = duckdb.connect(sys.argv[1], read_only=True)
+    print("ready", con.execute("select count(*) from trajectories").fetchone()[0], flush=True)
+    for line in sys.stdin:                      # one query per line until stdin closes
+        print("result", con.execute(line).fetchone()[0], flush=True)
+""")
+
+
+def start_reader(catalog: Path) -> subprocess.Popen:
+    proc = subprocess.Popen([sys.executable, "-c", READER, str(catalog)], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().split() == ["ready", "24"]
+    return proc
+
+
+def ask(proc: subprocess.Popen, sql: str) -> str:
+    proc.stdin.write(sql + "\n")
+    proc.stdin.flush()
+    line = proc.stdout.readline()
+    assert line.startswith("result"), proc.stderr.read() if not line else line
+    return line.split(maxsplit=1)[1].strip()
+
+
+def test_readers_in_two_processes_and_refresh_under_an_open_reader(project: dict[str, Path]) -> None:
+    refresh(project)
+    reader = start_reader(project["catalog"])
+    try:
+        # Another read-only connection (this process) works while the subprocess holds one.
+        assert query(project["catalog"], "select count(*) as n from trajectories")["n"][0] == 24
+        # The refresh is not blocked by the reader and adds a view...
+        (project["sql"] / "zz_final.sql").write_text("select max(step) as last_step from trajectories")
+        info = refresh(project)
+        assert "zz_final" in info["views"]
+        assert query(project["catalog"], "select last_step from zz_final")["last_step"][0] == 4
+        # ...while the old reader keeps querying its (old) catalog.
+        assert ask(reader, "select count(*) from learning_curve") == "12"
+        assert ask(reader, "select count(*) from duckdb_views() where view_name = 'zz_final'") == "0"
+    finally:
+        reader.stdin.close()
+        assert reader.wait(timeout=30) == 0, reader.stderr.read()
+
+
+@pytest.mark.parametrize("sql", [
+    "insert into trajectories values (1)",
+    "update trajectories set step = 0",
+    "delete from trajectories",
+    "create table t as select 1",
+    "create or replace view v as select 1",
+    "drop view trajectories",
+    "attach 'other.duckdb' as o",
+    "copy (select 1) to 'out.csv'",
+    "copy trajectories from 'in.csv'",
+    "install httpfs",
+    "load httpfs",
+    "export database 'dump'",
+    "import database 'dump'",
+    "set threads = 1",
+    "pragma threads = 1",
+    "checkpoint",
+    "explain analyze create table t as select 1",
+    "select 1; select 2",
+    "select 1; drop view trajectories",
+])
+def test_check_readonly_statement_refuses(sql: str) -> None:
+    with pytest.raises(LdpipeError, match="refusing"):
+        check_readonly_statement(sql)
+
+
+@pytest.mark.parametrize("sql", [
+    "select 1", "with a as (select 1 as x) select x from a", "from trajectories", "describe trajectories",
+    "show tables", "summarize trajectories", "explain select 1", "explain analyze select 1", "values (1), (2)",
+    "table trajectories", "pragma table_info('trajectories')", "-- comment\nselect 1;",
+])
+def test_check_readonly_statement_allows_reads(sql: str) -> None:
+    check_readonly_statement(sql)
+
+
+def test_query_refuses_copy_to_and_writes_no_file(project: dict[str, Path], tmp_path: Path) -> None:
+    refresh(project)
+    out = tmp_path / "leak.csv"
+    with pytest.raises(LdpipeError, match="refusing to run a statement that writes: COPY"):
+        query(project["catalog"], f"copy (select * from trajectories) to '{out}'")
+    assert not out.exists()
+
+
+def test_connect_readonly_missing_catalog(tmp_path: Path) -> None:
+    with pytest.raises(LdpipeError, match="no catalog at .*missing.duckdb"):
+        connect_readonly(tmp_path / "missing.duckdb")
+
+
+# -- run_sql (the `ldpipe sql` body) ------------------------------------------------------------
+def sql_args(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="ldpipe sql")
+    add_sql_arguments(parser)
+    return parser.parse_args(list(argv))
+
+
+def test_run_sql_table_csv_json(project: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    refresh(project)
+    cat = str(project["catalog"])
+    assert run_sql(sql_args("select * from learning_curve", "--catalog", cat, "--limit", "5")) == 0
+    out = capsys.readouterr().out
+    assert "12 row(s)" in out and "showing the first 5" in out and "mean_logp" in out
+    assert out.count("chosen") + out.count("rejected") == 5
+
+    assert run_sql(sql_args("select run_id, step, mean_logp from learning_curve", "--catalog", cat,
+                            "--format", "csv")) == 0
+    printed = pl.read_csv(io.StringIO(capsys.readouterr().out))
+    assert printed.height == 12 and printed.columns == ["run_id", "step", "mean_logp"]   # csv: all rows
+
+    assert run_sql(sql_args("select distinct run_id from trajectories order by 1", "--catalog", cat,
+                            "--format", "json")) == 0
+    assert pl.read_json(io.StringIO(capsys.readouterr().out))["run_id"].to_list() == ["r1", "r2"]
+
+
+def test_run_sql_reads_stdin(project: dict[str, Path], capsys: pytest.CaptureFixture[str],
+                             monkeypatch: pytest.MonkeyPatch) -> None:
+    refresh(project)
+    monkeypatch.setattr(sys, "stdin", io.StringIO("select count(*) as n from trajectories\n"))
+    assert run_sql(sql_args("-", "--catalog", str(project["catalog"]), "--format", "csv")) == 0
+    assert capsys.readouterr().out.splitlines() == ["n", "24"]
+
+
+@pytest.mark.parametrize("ext", ["csv", "parquet"])
+def test_run_sql_exports_all_rows(project: dict[str, Path], tmp_path: Path, ext: str,
+                                  capsys: pytest.CaptureFixture[str]) -> None:
+    refresh(project)
+    out = tmp_path / "exports" / f"traj.{ext}"
+    rc = run_sql(sql_args("select * from trajectories order by run_id, step, example_id, response_type",
+                          "--catalog", str(project["catalog"]), "--output", str(out), "--limit", "3"))
+    assert rc == 0 and f"wrote 24 row(s) to {out}" in capsys.readouterr().out
+    got = pl.read_csv(out) if ext == "csv" else pl.read_parquet(out)
+    want = Store(project["store"]).read("trajectories").sort("run_id", "step", "example_id", "response_type")
+    assert got.height == 24                                         # --limit only affects the table view
+    assert got["logp_mean"].to_list() == pytest.approx(want["logp_mean"].to_list())
+    assert got["run_id"].to_list() == want["run_id"].to_list()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["insert into trajectories values (1)"], "refusing to run a statement that writes: INSERT"),
+    (["select * from no_such_view"], "no_such_view"),
+    (["select 1", "--output", "x.xlsx"], "unknown extension"),
+])
+def test_run_sql_errors_exit_2_without_traceback(project: dict[str, Path], argv: list[str], message: str,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    refresh(project)
+    assert run_sql(sql_args(*argv, "--catalog", str(project["catalog"]))) == 2
+    captured = capsys.readouterr()
+    assert message in captured.err and "Traceback" not in captured.err and captured.out == ""
+
+
+def test_run_sql_default_catalog_from_ldpipe_home(project: dict[str, Path], capsys: pytest.CaptureFixture[str],
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LDPIPE_HOME", str(project["catalog"].parent))
+    assert run_sql(sql_args("select 1")) == 2                        # not refreshed yet
+    assert "no catalog at" in capsys.readouterr().err
+    refresh(project)
+    assert run_sql(sql_args("select count(*) as n from trajectories", "--format", "csv")) == 0
+    assert capsys.readouterr().out.splitlines() == ["n", "24"]

@@ -1,0 +1,186 @@
+"""Store: atomic, idempotent, hive-partitioned Parquet shards (real files in tmp_path)."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+from ldpipe.errors import DataValidationError, LdpipeError
+from ldpipe.schema import TRAJECTORY_SCHEMA
+from ldpipe.store import Store
+
+
+def traj(run: str, step: int, examples: list[str], *, logp: float = -2.0) -> pl.DataFrame:
+    n = len(examples)
+    return pl.DataFrame({
+        "run_id": [run] * n, "config_hash": ["h0"] * n, "phase": ["sft"] * n, "step": [step] * n,
+        "epoch": [step / 10] * n, "example_id": examples, "response_type": ["chosen"] * n,
+        "logp_sum": [logp * 4] * n, "n_tokens": [4] * n, "logp_mean": [logp] * n, "argmax_logp_sum": [-1.0] * n,
+    })
+
+
+def files_under(root: Path) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
+
+
+def test_partition_layout_and_no_temp_files(tmp_path: Path) -> None:
+    store = Store(tmp_path)
+    path = store.write_shard("trajectories", traj("r1", 3, ["a", "b"]), partition={"run_id": "r1", "step": "3"},
+                             name="part-0", schema=TRAJECTORY_SCHEMA)
+    assert path == tmp_path / "trajectories" / "run_id=r1" / "step=3" / "part-0.parquet"
+    assert files_under(tmp_path) == ["trajectories/run_id=r1/step=3/part-0.parquet"]
+    assert store.tables() == ["trajectories"]
+    assert store.shards("trajectories") == [path]
+    back = pl.read_parquet(path)
+    assert back.schema == pl.Schema(TRAJECTORY_SCHEMA)
+    assert back["example_id"].to_list() == ["a", "b"]
+
+
+def test_partition_values_are_encoded_not_merged(tmp_path: Path) -> None:
+    store = Store(tmp_path)
+    p1 = store.write_shard("t", pl.DataFrame({"v": [1]}), partition={"run": "a/b"}, name="x")
+    p2 = store.write_shard("t", pl.DataFrame({"v": [2]}), partition={"run": "a_b"}, name="x")
+    p3 = store.write_shard("t", pl.DataFrame({"v": [3]}), partition={"run": ".."}, name="x")
+    assert len({p1, p2, p3}) == 3
+    for p in (p1, p2, p3):                      # nothing escapes the table directory
+        assert p.resolve().is_relative_to(tmp_path / "t")
+        assert len(p.relative_to(tmp_path / "t").parts) == 2
+    assert sorted(store.read("t")["v"].to_list()) == [1, 2, 3]
+    with pytest.raises(LdpipeError, match="table name"):
+        store.write_shard("../evil", pl.DataFrame({"v": [1]}), partition={}, name="x")
+    with pytest.raises(LdpipeError, match="partition key"):
+        store.write_shard("t", pl.DataFrame({"v": [1]}), partition={"a b": "1"}, name="x")
+
+
+def test_rewriting_a_shard_replaces_its_rows(tmp_path: Path) -> None:
+    store = Store(tmp_path)
+    part = {"run_id": "r1", "step": "5"}
+    store.write_shard("trajectories", traj("r1", 5, ["a", "b"], logp=-2.0), partition=part, name="s5")
+    store.write_shard("trajectories", traj("r1", 5, ["a", "b"], logp=-1.5), partition=part, name="s5")
+    df = store.read("trajectories")
+    assert df.height == 2                                   # a resumed run's rewrite: no duplicates
+    assert df["logp_mean"].to_list() == [-1.5, -1.5]
+    assert len(store.shards("trajectories")) == 1
+
+
+def test_failed_write_leaves_old_shard_and_no_temp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    store = Store(tmp_path)
+    part = {"run_id": "r1"}
+    store.write_shard("trajectories", traj("r1", 0, ["a"], logp=-3.0), partition=part, name="s")
+    real_write = pl.DataFrame.write_parquet
+
+    def write_then_crash(self: pl.DataFrame, file: Path, *a: object, **k: object) -> None:
+        real_write(self, file, *a, **k)
+        Path(file).write_bytes(Path(file).read_bytes()[:20])   # a half-written file, then the "disk fills up"
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(pl.DataFrame, "write_parquet", write_then_crash)
+    with pytest.raises(OSError, match="No space"):
+        store.write_shard("trajectories", traj("r1", 0, ["a"], logp=-9.0), partition=part, name="s")
+    monkeypatch.undo()
+    assert files_under(tmp_path) == ["trajectories/run_id=r1/s.parquet"]
+    assert store.read("trajectories")["logp_mean"].to_list() == [-3.0]
+
+
+def test_leftover_temp_file_is_never_read_and_clean_temp_removes_it(tmp_path: Path) -> None:
+    store = Store(tmp_path)
+    good = store.write_shard("trajectories", traj("r1", 0, ["a"]), partition={"run_id": "r1"}, name="s0")
+    # What a writer killed between write and rename leaves: a complete-looking Parquet file under a temp name.
+    tmp = good.with_name("s1.parquet.tmp-12345-deadbeef")
+    traj("r1", 1, ["zzz"]).write_parquet(tmp)
+    assert store.shards("trajectories") == [good]
+    assert store.read("trajectories")["example_id"].to_list() == ["a"]
+    assert store.clean_temp(older_than_s=3600) == 0          # might still be a live writer's file
+    assert tmp.exists()
+    old = time.time() - 7200
+    os.utime(tmp, (old, old))
+    assert store.clean_temp(older_than_s=3600) == 1
+    assert not tmp.exists() and good.exists()
+
+
+def test_read_with_filters(tmp_path: Path) -> None:
+    store = Store(tmp_path)
+    for run in ("r1", "r2"):
+        for step in (0, 10):
+            store.write_shard("trajectories", traj(run, step, ["a", "b", "c"]),
+                              partition={"run_id": run, "step": str(step)}, name="p")
+    assert store.read("trajectories").height == 12
+    one = store.read("trajectories", run_id="r2", step=10)
+    assert one.height == 3 and set(one["run_id"]) == {"r2"} and set(one["step"]) == {10}
+    some = store.read("trajectories", example_id=["a", "c"], run_id="r1")
+    assert sorted(some["example_id"].to_list()) == ["a", "a", "c", "c"]
+    assert store.read("trajectories", run_id="nope").height == 0
+    with pytest.raises(LdpipeError, match="no column 'bogus'"):
+        store.read("trajectories", bogus=1)
+    assert store.read("absent").is_empty()
+
+
+def test_read_concatenates_shards_with_added_columns(tmp_path: Path) -> None:
+    store = Store(tmp_path)
+    store.write_shard("t", pl.DataFrame({"a": [1]}), partition={"p": "1"}, name="x")
+    store.write_shard("t", pl.DataFrame({"a": [2], "b": ["new"]}), partition={"p": "2"}, name="x")
+    df = store.read("t").sort("a")
+    assert df.to_dicts() == [{"a": 1, "b": None}, {"a": 2, "b": "new"}]
+
+
+def test_schema_conform_errors_name_the_field(tmp_path: Path) -> None:
+    store = Store(tmp_path)
+    with pytest.raises(DataValidationError) as e:
+        store.write_shard("trajectories", traj("r1", 0, ["a"]).drop("n_tokens"), partition={"run_id": "r1"},
+                          name="s", schema=TRAJECTORY_SCHEMA)
+    assert e.value.field == "n_tokens" and "trajectories" in str(e.value) and "missing column" in str(e.value)
+    bad = traj("r1", 0, ["a"]).with_columns(pl.lit("three").alias("step"))
+    with pytest.raises(DataValidationError) as e:
+        store.write_shard("trajectories", bad, partition={"run_id": "r1"}, name="s", schema=TRAJECTORY_SCHEMA)
+    assert e.value.field == "step"
+    assert store.shards("trajectories") == []               # nothing half-written
+    # Conforming casts and drops extra columns.
+    extra = traj("r1", 0, ["a"]).with_columns(pl.col("step").cast(pl.Int32), pl.lit(1).alias("junk"))
+    p = store.write_shard("trajectories", extra, partition={"run_id": "r1"}, name="s", schema=TRAJECTORY_SCHEMA)
+    assert pl.read_parquet(p).schema == pl.Schema(TRAJECTORY_SCHEMA)
+
+
+def test_delete_partition(tmp_path: Path) -> None:
+    store = Store(tmp_path)
+    for run in ("r1", "r2"):
+        for step in (0, 10):
+            store.write_shard("trajectories", traj(run, step, ["a"]),
+                              partition={"run_id": run, "step": str(step)}, name="p")
+    assert store.delete_partition("trajectories", {"run_id": "r1"}) == 2
+    assert set(store.read("trajectories")["run_id"]) == {"r2"}
+    assert not (tmp_path / "trajectories" / "run_id=r1").exists()       # empty directories pruned
+    # A key that is not the first level matches too.
+    assert store.delete_partition("trajectories", {"step": "10"}) == 1
+    assert store.read("trajectories")["step"].to_list() == [0]
+    assert store.delete_partition("trajectories", {"run_id": "r9"}) == 0
+    with pytest.raises(LdpipeError, match="whole table"):
+        store.delete_partition("trajectories", {})
+
+
+WRITER = """
+import sys, polars as pl
+from pathlib import Path
+from ldpipe.store import Store
+s = Store(Path(sys.argv[1])); wid = sys.argv[2]
+for i in range(15):
+    s.write_shard("t", pl.DataFrame({"writer": [wid] * 500, "i": [i] * 500}), partition={"run": "r"}, name="same")
+"""
+
+
+def test_concurrent_writers_of_one_shard_never_expose_a_partial_file(tmp_path: Path) -> None:
+    store = Store(tmp_path)
+    store.write_shard("t", pl.DataFrame({"writer": ["init"] * 500, "i": [0] * 500}), partition={"run": "r"}, name="same")
+    procs = [subprocess.Popen([sys.executable, "-c", WRITER, str(tmp_path), w]) for w in ("w1", "w2")]
+    reads = 0
+    while any(p.poll() is None for p in procs) or reads < 3:
+        df = store.read("t")
+        assert df.height == 500 and df["writer"].n_unique() == 1 and df["i"].n_unique() == 1
+        reads += 1
+    assert [p.wait() for p in procs] == [0, 0]
+    assert files_under(tmp_path) == ["t/run=r/same.parquet"]
+    assert store.read("t")["writer"][0] in {"w1", "w2"}
