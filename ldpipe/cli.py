@@ -1,0 +1,131 @@
+"""`ldpipe` command line: run the pipeline, open the UI, query results, validate declarations."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+from ldpipe.errors import LdpipeError
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    import dagster as dg
+
+    from ldpipe.defs.experiments import build_defs, declarations_dir
+    from ldpipe.defs.resources import Compute, LdpipeHome
+    from ldpipe.instance import ensure_dagster_home
+    from ldpipe.paths import Paths, project_dir
+    from ldpipe.spec import load_experiments
+
+    home = ensure_dagster_home()
+    specs = load_experiments(declarations_dir())
+    if args.experiment:
+        wanted = set(args.experiment)
+        unknown = wanted - {s.name for s in specs}
+        if unknown:
+            raise LdpipeError(f"unknown experiment(s) {sorted(unknown)}; declared: {[s.name for s in specs]}")
+        specs = [s for s in specs if s.name in wanted]
+    if not specs:
+        raise LdpipeError(f"no experiments declared in {declarations_dir()}")
+    defs = build_defs(specs)
+    assets = list(defs.assets or [])
+    t0 = time.perf_counter()
+    with dg.DagsterInstance.get() as instance:
+        result = dg.materialize(assets, instance=instance, resources={"ldpipe_home": LdpipeHome(),
+                                                                      "compute": Compute(device=args.device)},
+                                tags={"ldpipe/launched_by": "ldpipe run"}, raise_on_error=False)
+    wall = time.perf_counter() - t0
+    paths = Paths.default()
+    print()
+    if not result.success:
+        print(f"ldpipe run FAILED after {wall:.0f}s (run {result.run_id}); see the logs above "
+              f"or the run in the UI (`ldpipe ui`).", file=sys.stderr)
+        return 1
+    checks = result.get_asset_check_evaluations()
+    print(f"ldpipe run finished in {wall:.0f}s (Dagster run {result.run_id}, history in {home})")
+    for c in checks:
+        print(f"  check {c.asset_key.to_user_string()}:{c.check_name}: {'PASS' if c.passed else 'FAIL'}")
+    print(f"Results:\n  Parquet store   {paths.store}\n  DuckDB catalog  {paths.catalog}\n  plots           "
+          f"{paths.plots}\n  checkpoints     {paths.models}")
+    print("Next:\n  ldpipe ui                        # Dagster UI on http://127.0.0.1:3000 (asset graph, plots, history)"
+          "\n  ldpipe sql \"select run_id, response_type, step, mean_delta from learning_curves"
+          " where step = (select max(step) from learning_curves)\""
+          f"\n  duckdb -readonly {paths.catalog}   # or from Python: duckdb.connect(path, read_only=True)")
+    if project_dir() != Path.cwd():
+        print(f"(project directory: {project_dir()})")
+    return 0
+
+
+def _cmd_ui(args: argparse.Namespace) -> int:
+    from ldpipe.instance import ensure_dagster_home
+    from ldpipe.paths import project_dir
+
+    home = ensure_dagster_home()
+    print(f"DAGSTER_HOME={home}; UI on http://{args.host}:{args.port}", flush=True)
+    os.chdir(project_dir())
+    cmd = ["dg", "dev", "-h", args.host, "-p", str(args.port)]
+    os.execvp(cmd[0], cmd)
+    return 0  # not reached
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    from ldpipe.defs.experiments import declarations_dir
+    from ldpipe.spec import load_experiments
+
+    specs = load_experiments(Path(args.dir) if args.dir else declarations_dir())
+    for s in specs:
+        runs = ", ".join(f"{r.name} ({r.algo}, {spec_hash})" for r, spec_hash in
+                         ((r, s.run_config_hash(r)) for r in s.runs))
+        print(f"{s.name}: dataset={s.dataset.kind} model={s.model.kind} runs=[{runs}]")
+    print(f"{len(specs)} experiment(s) OK")
+    return 0
+
+
+def _cmd_sql(args: argparse.Namespace) -> int:
+    from ldpipe.sqlcli import run_sql
+
+    return run_sql(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ldpipe", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    r = sub.add_parser("run", help="materialize the declared experiments (default: all) end to end")
+    r.add_argument("--experiment", "-e", action="append", help="experiment name (repeatable)")
+    r.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    r.set_defaults(func=_cmd_run)
+
+    u = sub.add_parser("ui", help="start the Dagster UI (dg dev) bound to 127.0.0.1")
+    u.add_argument("--host", default="127.0.0.1")
+    u.add_argument("--port", type=int, default=3000)
+    u.set_defaults(func=_cmd_ui)
+
+    c = sub.add_parser("check", help="validate the experiment declarations in assets/")
+    c.add_argument("--dir", help="declarations directory (default: <project>/assets)")
+    c.set_defaults(func=_cmd_check)
+
+    from ldpipe.sqlcli import add_sql_arguments
+
+    s = sub.add_parser("sql", help="run a read-only SQL query against the DuckDB catalog")
+    add_sql_arguments(s)
+    s.set_defaults(func=_cmd_sql)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except LdpipeError as e:
+        print(f"ldpipe: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("ldpipe: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

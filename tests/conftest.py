@@ -1,0 +1,40 @@
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Nothing in the test suite may reach a model or dataset hub.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+# A tiny experiment: same code paths as the default, sized to run in seconds on 2 CPU cores.
+TINY_YAML = """
+name: tiny
+dataset:
+  kind: synthetic
+  synthetic: {seed: 1, n_entities: 16, n_train: 32, n_test: 8, corpus_docs: 200}
+probes: {n_examples: 6, selection: random, seed: 0, max_prompt_tokens: 48, max_response_tokens: 40}
+model:
+  kind: builtin
+  vocab_size: 400
+  architecture: {hidden_size: 32, num_layers: 2, num_heads: 2, intermediate_size: 64}
+  pretrain: {steps: 15, batch_size: 8, seq_len: 64, lr: 3.0e-3, warmup: 3}
+runs:
+  - {name: sft, algo: sft, epochs: 1, batch_size: 8, lr: 2.0e-3, eval_every: 2}
+"""
+
+
+@pytest.fixture
+def tiny_project(tmp_path, monkeypatch):
+    """A project dir with one tiny declaration, the repo's sql/, and its own ldpipe home."""
+    proj = tmp_path / "proj"
+    (proj / "assets").mkdir(parents=True)
+    (proj / "assets" / "tiny.yaml").write_text(TINY_YAML)
+    (proj / "sql").symlink_to(REPO / "sql")
+    monkeypatch.setenv("LDPIPE_PROJECT_DIR", str(proj))
+    monkeypatch.setenv("LDPIPE_HOME", str(proj / ".ldpipe"))
+    monkeypatch.delenv("LDPIPE_ASSETS_DIR", raising=False)
+    return proj

@@ -1,0 +1,121 @@
+"""The Dagster UI is ldpipe's web page: start `dg dev` on 127.0.0.1, read the asset graph over GraphQL,
+launch a materialization through it, and stop it by PID."""
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _gql(port: int, query: str, variables: dict | None = None, timeout: float = 10) -> dict:
+    body = json.dumps({"query": query, "variables": variables or {}}).encode()
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/graphql", data=body,
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=timeout) as r:
+        out = json.loads(r.read())
+    assert "errors" not in out, out
+    return out["data"]
+
+
+def _port_open(port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.5)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+ASSET_NODES = "{ assetNodes { assetKey { path } groupName pools dependencyKeys { path } } }"
+LAUNCH = """
+mutation($params: ExecutionParams!) {
+  launchPipelineExecution(executionParams: $params) {
+    __typename
+    ... on LaunchRunSuccess { run { runId } }
+    ... on PythonError { message }
+    ... on RunConfigValidationInvalid { errors { message } }
+  }
+}"""
+RUN = "query($id: ID!) { runOrError(runId: $id) { ... on Run { status } } }"
+
+
+@pytest.mark.ui
+@pytest.mark.slow
+def test_dg_dev_graph_and_launch(tiny_project, tmp_path):
+    port = _free_port()
+    dagster_home = tmp_path / "dagster_home"
+    dagster_home.mkdir()
+    shutil.copy(REPO / "dagster.yaml", dagster_home / "dagster.yaml")
+    env = {**os.environ, "DAGSTER_HOME": str(dagster_home), "PATH": f"{BIN}:{os.environ['PATH']}",
+           "LDPIPE_ASSETS_DIR": str(tiny_project / "assets")}
+    log = tmp_path / "dg.log"
+    pidfile = tmp_path / "dg.pid"
+    # `set -m` gives the background job its own process group with default signal handling;
+    # without it dagster ignores SIGTERM and its children outlive it (dagster-notes §8).
+    script = (f"set -m; dg dev -h 127.0.0.1 -p {port} > '{log}' 2>&1 & echo $! > '{pidfile}'; wait")
+    wrapper = subprocess.Popen(["bash", "-c", script], cwd=REPO, env=env)
+    pid = None
+    try:
+        deadline = time.time() + 180
+        nodes = None
+        while time.time() < deadline:
+            if pid is None and pidfile.exists() and pidfile.read_text().strip():
+                pid = int(pidfile.read_text())
+            try:
+                nodes = _gql(port, ASSET_NODES)["assetNodes"]
+                if nodes:
+                    break
+            except (OSError, AssertionError):
+                pass
+            assert wrapper.poll() is None, f"dg dev exited early:\n{log.read_text()[-3000:]}"
+            time.sleep(1)
+        assert nodes, f"UI did not come up:\n{log.read_text()[-3000:]}"
+        by_key = {"/".join(n["assetKey"]["path"]): n for n in nodes}
+        assert {"tiny/dataset", "tiny/probe_set", "tiny/base_model", "tiny/run_sft", "catalog",
+                "tiny/learning_curves"} <= set(by_key)
+        assert by_key["tiny/run_sft"]["pools"] == ["gpu"]
+        assert ["tiny", "probe_set"] in [d["path"] for d in by_key["tiny/run_sft"]["dependencyKeys"]]
+
+        params = {"selector": {"repositoryLocationName": "ldpipe", "repositoryName": "__repository__",
+                               "pipelineName": "__ASSET_JOB",
+                               "assetSelection": [{"path": ["tiny", "dataset"]}]},
+                  "mode": "default", "runConfigData": {}}
+        launched = _gql(port, LAUNCH, {"params": params})["launchPipelineExecution"]
+        assert launched["__typename"] == "LaunchRunSuccess", launched
+        run_id = launched["run"]["runId"]
+        status = None
+        while time.time() < deadline:
+            status = _gql(port, RUN, {"id": run_id})["runOrError"]["status"]
+            if status in ("SUCCESS", "FAILURE", "CANCELED"):
+                break
+            time.sleep(1)
+        assert status == "SUCCESS", f"run {run_id} ended {status}:\n{log.read_text()[-3000:]}"
+        assert (tiny_project / ".ldpipe" / "datasets" / "tiny" / "preferences.parquet").exists()
+        # run history is in DAGSTER_HOME, so it survives a restart of the UI
+        assert any((dagster_home / "storage").iterdir())
+    finally:
+        if pid is not None:
+            os.kill(pid, signal.SIGTERM)
+        try:
+            wrapper.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(pid, signal.SIGKILL) if pid else wrapper.kill()
+            raise
+    for _ in range(30):
+        if not _port_open(port):
+            break
+        time.sleep(0.5)
+    assert not _port_open(port), "the webserver outlived dg dev"
