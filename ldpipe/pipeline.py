@@ -51,7 +51,8 @@ class ExperimentFiles:
         return self.data_dir / "probe_report.json"
 
     def base_model(self, spec: ExperimentSpec) -> Path:
-        return self.paths.models / self.name / f"base-{spec.model_config_hash()}"
+        # keyed by hash only, so experiments declaring the same data and model share one checkpoint
+        return self.paths.models / f"base-{spec.model_config_hash()}"
 
     def run_dir(self, run: RunSpec) -> Path:
         return self.paths.models / self.name / "runs" / run.name
