@@ -1,0 +1,96 @@
+"""The `ldpipe` command line, run as a user would (subprocess), and a bad-input step failing cleanly in Dagster."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import dagster as dg
+import polars as pl
+
+from ldpipe.defs.experiments import build_defs
+from ldpipe.defs.resources import Compute, LdpipeHome
+from ldpipe.spec import load_experiments
+
+LDPIPE = [str(Path(sys.executable).parent / "ldpipe")]
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _run(args, **env):
+    return subprocess.run(LDPIPE + args, capture_output=True, text=True, env={**os.environ, **env}, timeout=120)
+
+
+def test_check_lists_repo_experiments():
+    r = _run(["check", "--dir", str(REPO / "assets")])
+    assert r.returncode == 0, r.stderr
+    assert "default: dataset=synthetic model=builtin" in r.stdout
+
+
+def test_bad_declaration_exits_2_naming_file_and_key(tmp_path):
+    (tmp_path / "x.yaml").write_text("name: x\nprobes: {n_exampels: 3}\n")
+    r = _run(["check", "--dir", str(tmp_path)])
+    assert r.returncode == 2
+    assert "x.yaml" in r.stderr and "probes.n_exampels" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_sql_reads_and_refuses_writes(tmp_path):
+    import duckdb
+
+    cat = tmp_path / "c.duckdb"
+    con = duckdb.connect(str(cat))
+    con.execute("create table t as select range as i from range(5)")
+    con.close()
+    r = _run(["sql", "--catalog", str(cat), "--format", "csv", "select sum(i) as s from t"])
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip().splitlines() == ["s", "10"]
+    for stmt in ("insert into t values (9)", "copy t to 'x.csv'", f"attach '{tmp_path}/y.duckdb' as y",
+                 "install httpfs"):
+        r = _run(["sql", "--catalog", str(cat), stmt])
+        assert r.returncode == 2, stmt
+        assert "Traceback" not in r.stderr
+    con = duckdb.connect(str(cat), read_only=True)
+    assert con.execute("select count(*) from t").fetchone()[0] == 5
+    con.close()
+    assert not (tmp_path / "x.csv").exists()
+
+
+def test_bad_local_dataset_fails_the_step_and_writes_nothing(tmp_path, monkeypatch):
+    proj = tmp_path / "proj"
+    (proj / "assets").mkdir(parents=True)
+    (proj / "sql").symlink_to(REPO / "sql")
+    data = proj / "pairs.jsonl"
+    data.write_text('{"prompt": "Q1", "chosen": "a", "rejected": "b"}\n'
+                    '{"prompt": "Q2", "chosen": "a"}\n')
+    (proj / "assets" / "local.yaml").write_text(
+        "name: local\ndataset: {kind: local, path: pairs.jsonl}\nmodel: {kind: pretrained, name_or_path: nowhere}\n")
+    monkeypatch.setenv("LDPIPE_PROJECT_DIR", str(proj))
+    monkeypatch.setenv("LDPIPE_HOME", str(proj / ".ldpipe"))
+    defs = build_defs(load_experiments(proj / "assets"))
+    ds = [a for a in defs.assets if dg.AssetKey(["local", "dataset"]) in a.keys]
+    result = dg.materialize(ds, resources={"ldpipe_home": LdpipeHome(), "compute": Compute(device="cpu")},
+                            instance=dg.DagsterInstance.ephemeral(), raise_on_error=False)
+    assert not result.success
+    failures = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"]
+    assert len(failures) == 1
+    msg = str(failures[0].step_failure_data.error.message) + str(failures[0].step_failure_data.error.cause)
+    assert "pairs.jsonl" in msg and "rejected" in msg
+    assert not (proj / ".ldpipe" / "datasets" / "local" / "preferences.parquet").exists()
+    assert not list((proj / ".ldpipe").rglob("*.tmp-*"))
+
+
+def test_good_local_dataset_materializes(tmp_path, monkeypatch):
+    proj = tmp_path / "proj"
+    (proj / "assets").mkdir(parents=True)
+    rows = [{"q": f"\n\nHuman: question {i}?\n\nAssistant:", "good": f" answer {i}", "bad": " no"} for i in range(6)]
+    pl.DataFrame(rows).write_parquet(proj / "pairs.parquet")
+    (proj / "assets" / "local.yaml").write_text(
+        "name: local\ndataset: {kind: local, path: pairs.parquet, "
+        "columns: {prompt: q, chosen: good, rejected: bad}}\n")
+    monkeypatch.setenv("LDPIPE_PROJECT_DIR", str(proj))
+    monkeypatch.setenv("LDPIPE_HOME", str(proj / ".ldpipe"))
+    defs = build_defs(load_experiments(proj / "assets"))
+    ds = [a for a in defs.assets if dg.AssetKey(["local", "dataset"]) in a.keys]
+    result = dg.materialize(ds, resources={"ldpipe_home": LdpipeHome(), "compute": Compute(device="cpu")},
+                            instance=dg.DagsterInstance.ephemeral())
+    assert result.success
+    prefs = pl.read_parquet(proj / ".ldpipe" / "datasets" / "local" / "preferences.parquet")
+    assert prefs.height == 6 and prefs["chosen"][0] == " answer 0"
