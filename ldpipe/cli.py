@@ -89,6 +89,14 @@ def _cmd_sql(args: argparse.Namespace) -> int:
     return run_sql(args)
 
 
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from ldpipe.bench import run_bench
+
+    run_bench(args.name, quick=args.quick, probes_path=args.probes, n_prompts=args.prompts, threads=args.threads,
+              json_out=Path(args.json) if args.json else None)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ldpipe", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -106,6 +114,15 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("check", help="validate the experiment declarations in assets/")
     c.add_argument("--dir", help="declarations directory (default: <project>/assets)")
     c.set_defaults(func=_cmd_check)
+
+    b = sub.add_parser("bench", help="speed benchmarks, measured side by side in one run (ratios)")
+    b.add_argument("name", choices=["scoring"])
+    b.add_argument("--quick", action="store_true", help="small size for a CPU")
+    b.add_argument("--probes", help="a reference-format probe file to score instead of the built-in default")
+    b.add_argument("--prompts", type=int, help="number of probe prompts")
+    b.add_argument("--threads", type=int, help="torch threads (default min(2, cores))")
+    b.add_argument("--json", help="also write the report to this JSON file")
+    b.set_defaults(func=_cmd_bench)
 
     from ldpipe.sqlcli import add_sql_arguments
 
