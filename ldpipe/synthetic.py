@@ -5,12 +5,24 @@ real HH-style dataset is too broad for such a model to condition on the prompt. 
 attribute of one FICTIONAL entity, so the right answer depends on the prompt, and answering entity A with entity
 B's value ("hallucination borrowing") can be counted against the `facts` table.
 
-Four template families keep the texts apart on purpose:
+Four template families keep the SFT texts apart:
 - SFT answers (chosen, and the wrong-value / off-topic rejected answers),
 - meaning-keeping rephrases (`*_gptsemantic`: other words, same facts),
 - format-keeping rephrases (`*_gptformat`: the same template with other values),
-- pretraining statements and dialogues (other words again, so SFT answers are not memorised verbatim).
+- corpus statements (a third wording, the only one used for facts that SFT texts state).
 Filler text comes from a small grammar (`human_sentence`) that avoids the world's names and values.
+
+The pretraining corpus must teach the LANGUAGE of every response type (a real base model knows how answers are
+worded; it has just not seen these question/answer pairs), without teaching the answers themselves. So every
+template family above, refusals included, and the filler grammar occur in the corpus, but only instantiated on
+(entity, attribute, value) combinations that no preference example states:
+- "free" facts of world entities: true facts that no example's prompt, chosen, rejected or rephrase states,
+- "outsiders": made-up people who are not in the world (so not in `facts`); each has one fixed fact row, so the
+  corpus never contradicts itself, and they supply the "same template, other value" sentences,
+- "strangers": made-up names that only ever get refusals, so refusals never deny knowing a world entity.
+Facts that examples state appear only as corpus statements, which is why no chosen answer (nor its first
+sentence) occurs verbatim. The corpus never says anything false about a world entity. Dialogues use exactly
+the prompts' "\n\nHuman: ...\n\nAssistant: ..." format, so an answer follows "Assistant:" as it does in SFT.
 """
 from __future__ import annotations
 
@@ -37,6 +49,8 @@ FACTS_SCHEMA: dict[str, pl.DataType] = {
     "example_id": pl.String,     # the example asking this fact (one row per asking example), else null
 }
 REJECTED_KINDS = ("refusal", "wrong_value", "off_topic")
+# Bumped whenever the same config yields a different corpus, so cached base models can be told apart.
+CORPUS_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -45,11 +59,13 @@ class SyntheticConfig:
     n_entities: int = 60
     n_train: int = 200          # preference pairs in the train split
     n_test: int = 50
-    corpus_docs: int = 3000     # pretraining documents; the default gives roughly 0.6M characters
+    corpus_docs: int = 3000     # pretraining documents; the default gives roughly 0.8M characters
     multi_turn_fraction: float = 0.2
     test_entity_fraction: float = 0.2   # entities whose questions only appear in the test split
-    corpus_fact_fraction: float = 0.4   # corpus documents stating entity facts (the rest: dialogues, filler)
+    corpus_fact_fraction: float = 0.4   # world-entity bios (the rest: dialogues, stories, filler)
     corpus_dialogue_fraction: float = 0.25
+    corpus_story_fraction: float = 0.5  # of the remaining documents: stories about outsiders (the rest: filler)
+    n_outsiders: int = 60       # made-up people who occur only in the corpus (see the module docstring)
 
     def validate(self) -> None:
         def bad(fld: str, msg: str) -> DataValidationError:
@@ -62,9 +78,11 @@ class SyntheticConfig:
             if getattr(self, name) < 0:
                 raise bad(name, f"must be >= 0, got {getattr(self, name)}")
         for name in ("multi_turn_fraction", "test_entity_fraction", "corpus_fact_fraction",
-                     "corpus_dialogue_fraction"):
+                     "corpus_dialogue_fraction", "corpus_story_fraction"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise bad(name, f"must be in [0, 1], got {getattr(self, name)}")
+        if not 2 <= self.n_outsiders <= 5000:  # an outsider's friend is another outsider
+            raise bad("n_outsiders", f"must be in [2, 5000], got {self.n_outsiders}")
         if self.corpus_fact_fraction + self.corpus_dialogue_fraction > 1.0:
             raise bad("corpus_dialogue_fraction", "corpus_fact_fraction + corpus_dialogue_fraction exceeds 1")
         n_test_entities = _n_test_entities(self)
@@ -176,13 +194,13 @@ CORPUS_STATEMENTS: dict[str, tuple[str, ...]] = {
     "friend": ("{e} and {v} are friends.", "{e} often visits {v}.", "{v} is a friend of {e}."),
 }
 CORPUS_QUESTIONS: dict[str, tuple[str, ...]] = {
-    "home": ("Tell me the town of {e}.", "In which place is {e} staying?"),
-    "food": ("What food does {e} buy?", "Tell me what {e} eats."),
-    "color": ("Which color suits {e}?", "Tell me the color of {e}."),
-    "skill": ("What talent does {e} have?", "Tell me what {e} can do."),
-    "pet": ("Which animal does {e} feed?", "Tell me about the pet of {e}."),
-    "job": ("Tell me the work of {e}.", "Which trade does {e} have?"),
-    "friend": ("Tell me a friend of {e}.", "Whom does {e} visit?"),
+    "home": ("Tell me the town of {e}.", "In which place is {e} staying?", "Where can I find {e}?"),
+    "food": ("What food does {e} buy?", "Tell me what {e} eats.", "What would {e} order for dinner?"),
+    "color": ("Which color suits {e}?", "Tell me the color of {e}.", "What color should I pick for {e}?"),
+    "skill": ("What talent does {e} have?", "Tell me what {e} can do.", "Is {e} good at anything?"),
+    "pet": ("Which animal does {e} feed?", "Tell me about the pet of {e}.", "Does {e} keep an animal?"),
+    "job": ("Tell me the work of {e}.", "Which trade does {e} have?", "What work does {e} do?"),
+    "friend": ("Tell me a friend of {e}.", "Whom does {e} visit?", "Who does {e} spend time with?"),
 }
 REFUSALS = ("Sorry, I do not know anything about {e}.", "I have never heard of {e}, so I can not say.",
             "That is a hard question about {e}, maybe ask someone else.", "I would rather not talk about {e} now.")
@@ -192,6 +210,8 @@ MEANING_REFUSALS = ("I am afraid I know nothing about {e}.",
                     "At the moment I prefer not to discuss {e}.")
 BIO_OPENINGS = ("Here is a short note about {e}.", "This is what the town says about {e}.", "A few words about {e}.",
                 "Some people still remember {e}.")
+STORY_OPENINGS = ("This story is about {e}.", "Let me tell you about {e}.", "Once there was a person called {e}.",
+                  "In a book I read, there is someone named {e}.")
 CHAT_QUESTIONS = ("Can you tell me a short story?", "What happened today?", "Say something nice.",
                   "Tell me about your day.", "What should I write in my diary?", "Can you describe a scene?")
 
@@ -274,9 +294,9 @@ def _render(template: str, entity: str, value: str = "") -> str:
     return _sentence_case(template.format(e=entity, v=value))
 
 
-def _make_names(rng: random.Random, n: int) -> list[str]:
+def _make_names(rng: random.Random, n: int, taken: frozenset[str] = frozenset()) -> list[str]:
     names: list[str] = []
-    seen: set[str] = set()
+    seen: set[str] = set(taken)
     while len(names) < n:
         name = "".join(rng.choice(_SYLLABLES) for _ in range(rng.choice((2, 2, 3)))).capitalize()
         if name not in seen:
@@ -300,6 +320,8 @@ class _Example:
     chosen: str
     rejected: str
     rephrases: dict[str, tuple[str, str]] = field(default_factory=dict)  # type -> (response, provenance)
+    # (entity, attribute) facts whose true value this example's prompt or responses state
+    stated: set[tuple[str, str]] = field(default_factory=set)
 
 
 class _World:
@@ -324,11 +346,13 @@ class _World:
         value = self.facts[entity][attribute]
         question = _render(rng.choice(QUESTIONS[attribute]), entity)
         prompt = f"\n\nHuman: {question}\n\nAssistant:"
+        stated = {(entity, attribute)}
         if multi_turn:  # a first turn about another attribute of the same entity
             other = rng.choice([a for a in ATTRIBUTES if a != attribute])
             q1 = _render(rng.choice(QUESTIONS[other]), entity)
             a1 = _render(rng.choice(ANSWERS[other]), entity, self.facts[entity][other])
             prompt = f"\n\nHuman: {q1}\n\nAssistant: {a1}" + prompt
+            stated.add((entity, other))
 
         # chosen and its two rephrases
         ai, si = rng.randrange(3), rng.randrange(3)
@@ -358,6 +382,7 @@ class _World:
             else:  # off-topic: a true statement about an attribute nobody asked for
                 attr_r = rng.choice([a for a in ATTRIBUTES if a != attribute])
                 val_r = self.facts[entity][attr_r]
+                stated.add((entity, attr_r))
             ri, mri = rng.randrange(3), rng.randrange(3)
             # the format rephrase changes the value but never to the asked fact's correct value
             val_f = _other_value(rng, self.values_of(attr_r, entity), {val_r, value})
@@ -370,34 +395,7 @@ class _World:
             source = chosen if t.startswith("chosen") else rejected
             if text == source:  # the template families are disjoint, so this is a bug, not bad luck
                 raise AssertionError(f"{example_id}: {t} equals its source {source!r}")
-        return _Example(example_id, split, entity, attribute, value, prompt, chosen, rejected, reph)
-
-    # -- pretraining documents
-
-    def statement(self, rng: random.Random, entity: str, attribute: str) -> str:
-        return _render(rng.choice(CORPUS_STATEMENTS[attribute]), entity, self.facts[entity][attribute])
-
-    def bio(self, rng: random.Random, entity: str, *, complete: bool) -> str:
-        attrs = list(ATTRIBUTES)
-        rng.shuffle(attrs)
-        parts = [_render(rng.choice(BIO_OPENINGS), entity)]
-        for a in attrs[: len(attrs) if complete else rng.randint(4, len(attrs))]:
-            parts.append(self.statement(rng, entity, a))
-            if rng.random() < 0.15:
-                parts.append(human_sentence(rng, rng.randint(5, 10)))
-        return " ".join(parts)
-
-    def dialogue(self, rng: random.Random) -> str:
-        turns = []
-        for _ in range(rng.choice((1, 1, 2, 3))):
-            if rng.random() < 0.7:
-                e, a = rng.choice(self.entities), rng.choice(ATTRIBUTES)
-                q = _render(rng.choice(CORPUS_QUESTIONS[a]), e)
-                ans = self.statement(rng, e, a)
-            else:
-                q, ans = rng.choice(CHAT_QUESTIONS), human_sentence(rng, rng.randint(6, 20))
-            turns.append(f"\n\nHuman: {q}\n\nAssistant: {ans}")
-        return "".join(turns)
+        return _Example(example_id, split, entity, attribute, value, prompt, chosen, rejected, reph, stated)
 
 
 def _assign_pairs(rng: random.Random, entities: list[str], n: int) -> list[tuple[str, str]]:
@@ -444,20 +442,130 @@ def generate(config: SyntheticConfig) -> SyntheticWorld:
     facts = pl.DataFrame(fact_rows, schema=FACTS_SCHEMA, orient="row").sort(
         "entity", "attribute", "example_id", nulls_last=True)
 
-    corpus = _corpus(rng, world, config)
+    corpus = _corpus(rng, world, set().union(*(x.stated for x in examples)), config)
     return SyntheticWorld(config, preferences, rephrases, facts, corpus)
 
 
-def _corpus(rng: random.Random, world: _World, cfg: SyntheticConfig) -> list[str]:
+# ----------------------------------------------------------------------------- the pretraining corpus
+
+# The SFT-side families, each a complete sentence about one fact; the corpus uses all of them.
+_ANSWER_FAMILIES = (ANSWERS, SUPPORTS, MEANING_ANSWERS, MEANING_SUPPORTS)
+_REFUSAL_WORDINGS = REFUSALS + MEANING_REFUSALS
+
+
+class _CorpusWriter:
+    """Renders corpus documents. Answer-family sentences only ever state free world facts or outsider facts."""
+
+    def __init__(self, rng: random.Random, world: _World, stated: set[tuple[str, str]], n_outsiders: int):
+        self.world = world
+        names = _make_names(rng, n_outsiders + max(4, n_outsiders // 2), frozenset(world.entities))
+        self.outsiders, self.strangers = names[:n_outsiders], names[n_outsiders:]
+        self._outsider_set = set(self.outsiders)
+        self.facts: dict[str, dict[str, str]] = dict(world.facts)
+        # values dealt out evenly (not drawn), so every value word is common even if no world entity has it
+        dealt = {a: rng.sample(vals, len(vals)) for a, vals in VALUES.items()}
+        for i, o in enumerate(self.outsiders):
+            row = {a: vals[i % len(vals)] for a, vals in dealt.items()}
+            row["friend"] = rng.choice(self.outsiders[:i] + self.outsiders[i + 1:])
+            self.facts[o] = row
+        self.free = {(e, a) for e in world.entities for a in ATTRIBUTES if (e, a) not in stated}
+        self.free_entities = sorted({e for e, _ in self.free})
+        self.n_refusals = 0
+
+    def may_use_answer_wording(self, entity: str, attribute: str) -> bool:
+        return entity in self._outsider_set or (entity, attribute) in self.free
+
+    def statement(self, rng: random.Random, entity: str, attribute: str) -> str:
+        """One sentence stating a true fact, in any family the fact may use."""
+        if self.may_use_answer_wording(entity, attribute) and rng.random() < 0.75:
+            family = rng.choice(_ANSWER_FAMILIES)
+        else:
+            family = CORPUS_STATEMENTS
+        return _render(rng.choice(family[attribute]), entity, self.facts[entity][attribute])
+
+    def answer(self, rng: random.Random, entity: str, attribute: str) -> str:
+        """An assistant reply shaped like the SFT answers: an answer sentence, usually plus a supporting one."""
+        v = self.facts[entity][attribute]
+        if not self.may_use_answer_wording(entity, attribute):
+            return _render(rng.choice(CORPUS_STATEMENTS[attribute]), entity, v)
+        first, second = (ANSWERS, SUPPORTS) if rng.random() < 0.6 else (MEANING_ANSWERS, MEANING_SUPPORTS)
+        parts = [_render(rng.choice(first[attribute]), entity, v)]
+        if rng.random() < 0.8:
+            parts.append(_render(rng.choice(second[attribute]), entity, v))
+        return " ".join(parts)
+
+    def _filler(self, rng: random.Random) -> str:
+        return human_sentence(rng, rng.randint(5, 12))
+
+    def bio(self, rng: random.Random, entity: str, *, complete: bool) -> str:
+        attrs = list(ATTRIBUTES)
+        rng.shuffle(attrs)
+        parts = [_render(rng.choice(BIO_OPENINGS), entity)]
+        for a in attrs[: len(attrs) if complete else rng.randint(4, len(attrs))]:
+            parts.append(self.statement(rng, entity, a))
+            if rng.random() < 0.15:
+                parts.append(self._filler(rng))
+        return " ".join(parts)
+
+    def story(self, rng: random.Random) -> str:
+        """An outsider's story: their facts in the SFT wordings, between filler sentences."""
+        o = rng.choice(self.outsiders)
+        parts = [_render(rng.choice(STORY_OPENINGS), o)]
+        for a in rng.sample(ATTRIBUTES, rng.randint(3, 6)):
+            parts.append(_render(rng.choice(rng.choice(_ANSWER_FAMILIES)[a]), o, self.facts[o][a]))
+            if rng.random() < 0.4:
+                parts.append(self._filler(rng))
+        return " ".join(parts)
+
+    def dialogue(self, rng: random.Random) -> str:
+        turns = []
+        entity: str | None = None
+        for _ in range(rng.choice((1, 1, 2, 3))):
+            r = rng.random()
+            if entity is not None and r < 0.3:  # a follow-up about the same person, as in multi-turn prompts
+                pass
+            elif r < 0.5:
+                entity = rng.choice(self.free_entities if self.free_entities and rng.random() < 0.5
+                                    else self.world.entities)
+            elif r < 0.7:
+                entity = rng.choice(self.outsiders)
+            elif r < 0.92:
+                entity = None
+                e, a = rng.choice(self.strangers), rng.choice(ATTRIBUTES)
+                q = _render(rng.choice(rng.choice((QUESTIONS, CORPUS_QUESTIONS))[a]), e)
+                # round-robin: refusals are few, and each wording should still be seen often
+                ans = _render(_REFUSAL_WORDINGS[self.n_refusals % len(_REFUSAL_WORDINGS)], e)
+                self.n_refusals += 1
+                turns.append(f"\n\nHuman: {q}\n\nAssistant: {ans}")
+                continue
+            else:
+                entity = None
+                q, ans = rng.choice(CHAT_QUESTIONS), human_sentence(rng, rng.randint(6, 20))
+                turns.append(f"\n\nHuman: {q}\n\nAssistant: {ans}")
+                continue
+            free = [a for a in ATTRIBUTES if self.may_use_answer_wording(entity, a)]
+            a = rng.choice(free) if free and rng.random() < 0.7 else rng.choice(ATTRIBUTES)
+            # the SFT question wordings only for facts the corpus may answer in the SFT wordings
+            answerable = self.may_use_answer_wording(entity, a)
+            families = (QUESTIONS, CORPUS_QUESTIONS) if answerable else (CORPUS_QUESTIONS,)
+            q = _render(rng.choice(rng.choice(families)[a]), entity)
+            turns.append(f"\n\nHuman: {q}\n\nAssistant: {self.answer(rng, entity, a)}")
+        return "".join(turns)
+
+
+def _corpus(rng: random.Random, world: _World, stated: set[tuple[str, str]], cfg: SyntheticConfig) -> list[str]:
+    writer = _CorpusWriter(rng, world, stated, cfg.n_outsiders)
     n_bio = round(cfg.corpus_docs * cfg.corpus_fact_fraction)
     n_dialogue = round(cfg.corpus_docs * cfg.corpus_dialogue_fraction)
-    n_filler = max(0, cfg.corpus_docs - n_bio - n_dialogue)
+    n_rest = max(0, cfg.corpus_docs - n_bio - n_dialogue)
+    n_story = round(n_rest * cfg.corpus_story_fraction)
     # round-robin over entities; each entity's first bio states all its facts (when n_bio >= n_entities)
     n_ent = len(world.entities)
-    docs = [world.bio(rng, world.entities[i % n_ent], complete=i < n_ent) for i in range(n_bio)]
-    docs += [world.dialogue(rng) for _ in range(n_dialogue)]
+    docs = [writer.bio(rng, world.entities[i % n_ent], complete=i < n_ent) for i in range(n_bio)]
+    docs += [writer.dialogue(rng) for _ in range(n_dialogue)]
+    docs += [writer.story(rng) for _ in range(n_story)]
     docs += [" ".join(human_sentence(rng, rng.randint(5, 14)) for _ in range(rng.randint(3, 10)))
-             for _ in range(n_filler)]
+             for _ in range(n_rest - n_story)]
     rng.shuffle(docs)
     return docs
 
@@ -525,4 +633,4 @@ class SyntheticWorld:
 
 
 __all__ = ["SyntheticConfig", "SyntheticWorld", "generate", "human_sentence", "REPHRASE_TYPES", "REPHRASE_SCHEMA",
-           "FACTS_SCHEMA", "ATTRIBUTES", "VALUES"]
+           "FACTS_SCHEMA", "ATTRIBUTES", "VALUES", "CORPUS_VERSION"]

@@ -4,14 +4,16 @@ from __future__ import annotations
 import random
 import re
 import time
+from collections import Counter
 
 import polars as pl
 import pytest
 
 from ldpipe.errors import DataValidationError
 from ldpipe.schema import PREFERENCE_SCHEMA
-from ldpipe.synthetic import (ATTRIBUTES, FACTS_SCHEMA, REPHRASE_SCHEMA, REPHRASE_TYPES, VALUES, SyntheticConfig,
-                              SyntheticWorld, generate, human_sentence)
+from ldpipe.synthetic import (ANSWERS, ATTRIBUTES, CORPUS_STATEMENTS, FACTS_SCHEMA, MEANING_ANSWERS,
+                              MEANING_REFUSALS, MEANING_SUPPORTS, REFUSALS, REPHRASE_SCHEMA, REPHRASE_TYPES,
+                              SUPPORTS, VALUES, SyntheticConfig, SyntheticWorld, generate, human_sentence)
 
 
 def _has_word(text: str, phrase: str) -> bool:
@@ -137,7 +139,7 @@ def test_splits_are_disjoint_and_hold_out_entities(joined: pl.DataFrame) -> None
 
 def test_corpus_states_the_world_in_other_words(world: SyntheticWorld) -> None:
     text = "\n".join(world.corpus)
-    assert 300_000 <= len(text) <= 1_000_000
+    assert 500_000 <= len(text) <= 1_500_000
     for y in world.preferences["chosen"]:
         assert y.strip() not in text
         assert y.strip().split(". ")[0] + "." not in text  # not even the answer sentence alone
@@ -177,6 +179,10 @@ def test_bad_config_names_the_field() -> None:
         generate(SyntheticConfig(multi_turn_fraction=1.5))
     with pytest.raises(DataValidationError, match="test_entity_fraction"):
         generate(SyntheticConfig(test_entity_fraction=0.0))
+    with pytest.raises(DataValidationError, match="n_outsiders"):
+        generate(SyntheticConfig(n_outsiders=1))
+    with pytest.raises(DataValidationError, match="corpus_story_fraction"):
+        generate(SyntheticConfig(corpus_story_fraction=-0.1))
 
 
 def test_human_sentence_length_determinism_and_vocabulary(world: SyntheticWorld) -> None:
@@ -193,3 +199,138 @@ def test_human_sentence_length_determinism_and_vocabulary(world: SyntheticWorld)
     assert human_sentence(random.Random(1), 20) == human_sentence(random.Random(1), 20)
     assert human_sentence(random.Random(1), 20) != human_sentence(random.Random(2), 20)
     assert len(human_sentence(rng, 0).split(" ")) == 1
+
+
+# ----------------------------------------------------------------------------- the corpus speaks the answers' language
+
+_WORD = re.compile(r"[a-z]+")
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+_TURN = r"\n\nHuman: [^\n]+\n\nAssistant: [^\n]+"
+
+
+def _word_counts(texts) -> Counter:
+    return Counter(w for t in texts for w in _WORD.findall(t.lower()))
+
+
+def _sentences(text: str) -> list[str]:
+    flat = text.replace("\n\nHuman: ", " ").replace("\n\nAssistant: ", " ")
+    return [x.strip() for x in _SENTENCE_END.split(flat) if x.strip()]
+
+
+def _template_regex(template: str, attribute: str | None) -> re.Pattern:
+    """A whole-sentence regex for a rendered template: groups e (a name) and v (a value of the attribute)."""
+    if attribute is None or attribute == "friend":
+        value = r"[A-Z][a-z]+"
+    else:  # a sentence starting with the value capitalizes it
+        value = "|".join(re.escape(x) for v in sorted(VALUES[attribute], key=len, reverse=True)
+                         for x in (v, v[0].upper() + v[1:]))
+    parts = re.split(r"(\{e\}|\{v\})", template[0].upper() + template[1:])
+    body = "".join(r"(?P<e>[A-Z][a-z]+)" if p == "{e}" else f"(?P<v>{value})" if p == "{v}" else re.escape(p)
+                   for p in parts if p)
+    return re.compile(r"(?<![^\s])" + body)
+
+
+def _family_matches(corpus: list[str], family: dict[str, tuple[str, ...]]):
+    """(template, attribute, entity, value) for every sentence of the corpus rendered from `family`."""
+    text = "\n".join(corpus)
+    for attribute, templates in family.items():
+        for t in templates:
+            for m in _template_regex(t, attribute).finditer(text):
+                v = m.group("v")
+                yield t, attribute, m.group("e"), v if attribute == "friend" else v[0].lower() + v[1:]
+
+
+def test_every_response_word_is_common_in_the_corpus(world: SyntheticWorld) -> None:
+    """A base model can only give sensible probability to responses whose words it has seen in pretraining."""
+    counts = _word_counts(world.corpus)
+    responses = (world.preferences["chosen"].to_list() + world.preferences["rejected"].to_list()
+                 + world.rephrases["response"].to_list())
+    rng = random.Random(0)  # the irr_hum probes' filler grammar
+    responses += [human_sentence(rng, rng.randint(3, 40)) for _ in range(500)]
+    rare = sorted((counts[w], w) for w in _word_counts(responses) if counts[w] < 20)
+    assert not rare, f"response words seen fewer than 20 times in the corpus: {rare}"
+    # the prompts' question wordings are seen too, if less often
+    rare_prompt = sorted((counts[w], w) for w in _word_counts(world.preferences["prompt"]) if counts[w] < 10)
+    assert not rare_prompt, rare_prompt
+
+
+@pytest.mark.parametrize("family_name", ["ANSWERS", "SUPPORTS", "MEANING_ANSWERS", "MEANING_SUPPORTS"])
+def test_every_answer_template_occurs_on_other_facts(world: SyntheticWorld, family_name: str) -> None:
+    family = {"ANSWERS": ANSWERS, "SUPPORTS": SUPPORTS, "MEANING_ANSWERS": MEANING_ANSWERS,
+              "MEANING_SUPPORTS": MEANING_SUPPORTS}[family_name]
+    truth = {(e, a): v for e, a, v in world.facts.select("entity", "attribute", "value").unique().iter_rows()}
+    asked = set(world.example_facts().select("entity", "attribute").iter_rows())
+    per_template: Counter = Counter()
+    about_world = about_others = 0
+    for t, a, e, v in _family_matches(world.corpus, family):
+        per_template[t] += 1
+        if (e, a) in truth:
+            about_world += 1
+            assert v == truth[(e, a)], f"corpus states a false fact about world entity {e}: {a}={v!r}"
+            assert (e, a) not in asked, f"an asked fact is stated in an SFT wording: {e} {a} ({t!r})"
+        else:
+            about_others += 1
+    for a, templates in family.items():
+        for t in templates:
+            assert per_template[t] >= 10, (t, per_template[t])
+    assert about_world > 50 and about_others > 50, (about_world, about_others)
+
+
+def test_corpus_is_self_consistent_about_everyone(world: SyntheticWorld) -> None:
+    """Outsiders are not in the world, but each has one value per attribute, so the corpus never contradicts
+    itself; world entities only ever get their true values."""
+    truth = {(e, a): v for e, a, v in world.facts.select("entity", "attribute", "value").unique().iter_rows()}
+    said: dict[tuple[str, str], set[str]] = {}
+    for family in (ANSWERS, SUPPORTS, MEANING_ANSWERS, MEANING_SUPPORTS, CORPUS_STATEMENTS):
+        for _, a, e, v in _family_matches(world.corpus, family):
+            said.setdefault((e, a), set()).add(v)
+    outsiders = {e for e, _ in said} - set(world.facts["entity"])
+    assert len(outsiders) >= 30
+    for (e, a), vals in said.items():
+        assert len(vals) == 1, (e, a, vals)
+        if (e, a) in truth:
+            assert vals == {truth[(e, a)]}, (e, a, vals)
+
+
+def test_refusals_occur_only_about_unknown_names(world: SyntheticWorld) -> None:
+    known = set(world.facts["entity"])
+    text = "\n".join(world.corpus)
+    for t in REFUSALS + MEANING_REFUSALS:
+        names = [m.group("e") for m in _template_regex(t, None).finditer(text)]
+        assert len(names) >= 20, t
+        assert not set(names) & known, t  # the corpus never pretends not to know a world entity
+
+
+def test_no_sentence_of_any_sft_text_is_in_the_corpus(world: SyntheticWorld) -> None:
+    """Stronger than 'no chosen answer verbatim': the corpus shares no sentence with any prompt, answer or
+    rephrase, so the base model knows the wording but has memorised none of the SFT texts."""
+    corpus_sentences = {x for d in world.corpus for x in _sentences(d)}
+    sft = (world.preferences["prompt"].to_list() + world.preferences["chosen"].to_list()
+           + world.preferences["rejected"].to_list() + world.rephrases["response"].to_list())
+    shared = {x for t in sft for x in _sentences(t)} & corpus_sentences
+    assert not shared, sorted(shared)[:10]
+
+
+def test_corpus_dialogues_use_the_prompt_format_and_sft_answer_shapes(world: SyntheticWorld) -> None:
+    dialogues = [d for d in world.corpus if "Human:" in d or "Assistant:" in d]
+    assert len(dialogues) >= 0.2 * len(world.corpus)
+    for d in dialogues:
+        assert re.fullmatch(f"({_TURN})+", d), repr(d)
+    for p in world.preferences["prompt"]:  # the same format, ending where the answer starts
+        assert re.fullmatch(f"({_TURN})*\n\nHuman: [^\n]+\n\nAssistant:", p), repr(p)
+
+    # Many assistant turns have exactly a chosen answer's shape: the same two sentences, another name or value.
+    def shape(text: str, entity: str, value: str) -> str:
+        for x, mark in ((value, "<V>"), (entity, "<E>")):
+            text = re.sub(rf"\b{re.escape(x)}\b", mark, text)
+        return text
+
+    chosen_shapes = {shape(y.strip(), e, v) for y, e, v in world.preferences.join(world.example_facts(),
+                     on="example_id").select("chosen", "entity", "value").iter_rows()}
+    first_sentence = [_template_regex(t, a) for a in ATTRIBUTES for t in ANSWERS[a]]
+    same_shape = 0
+    for d in dialogues:
+        for answer in re.findall(r"\n\nAssistant: ([^\n]+)", d):
+            hit = next((m for rx in first_sentence if (m := rx.match(answer))), None)
+            same_shape += hit is not None and shape(answer, hit.group("e"), hit.group("v")) in chosen_shapes
+    assert same_shape >= 100, same_shape
