@@ -18,7 +18,7 @@ from ldpipe.atomic import write_json, write_parquet
 from ldpipe.errors import LdpipeError
 from ldpipe.paths import Paths, project_dir
 from ldpipe.schema import PREFERENCE_SCHEMA, PROBE_SCHEMA
-from ldpipe.spec import ExperimentSpec, RunSpec
+from ldpipe.spec import EXTEND_SUPERVISE, ExperimentSpec, RunSpec
 
 Log = Callable[[str], None]
 
@@ -225,10 +225,11 @@ def base_model_path(spec: ExperimentSpec, files: ExperimentFiles) -> Path | str:
 
 def train_run(spec: ExperimentSpec, run: RunSpec, files: ExperimentFiles, *, store_root: Path | None = None,
               device: str = "auto", log: Log = print) -> dict:
+    """Train one declared run from its start point (base model or parent run), tracking the probe set."""
     from ldpipe.models import configure_threads, load_model_and_tokenizer
     from ldpipe.scoring import encode_probes
     from ldpipe.store import Store
-    from ldpipe.train import run_sft
+    from ldpipe.train import run_training
 
     configure_threads()
     prefs = load_preferences_file(files)
@@ -236,29 +237,76 @@ def train_run(spec: ExperimentSpec, run: RunSpec, files: ExperimentFiles, *, sto
     train = prefs.filter(pl.col("split") == "train").sort("example_id")
     if run.n_train:
         train = train.head(run.n_train)
-    pairs = _training_pairs(train, probes, run.supervise)
-    model_path = base_model_path(spec, files)
-    _, tok = load_model_and_tokenizer(model_path, device="cpu")
+    examples = _training_examples(train, probes, run)
+    start = start_point(spec, run, files)
+    config_hash = spec.run_config_hash(run, parent_hash=start.parent_hash)
+    parent = spec.parent(run)
+    if parent is not None and start.parent_hash != spec.run_config_hash(parent):
+        log(f"[{spec.run_id(run)}] WARNING: run {parent.name!r} checkpoint was trained with config hash "
+            f"{start.parent_hash}, its declaration now hashes to {spec.run_config_hash(parent)} (launch-time "
+            f"override or stale checkpoint); this run's config hash records the checkpoint's")
+    _, tok = load_model_and_tokenizer(start.path, device="cpu")
     encoded = encode_probes(tok, probes, max_prompt_tokens=spec.probes.max_prompt_tokens,
                             max_response_tokens=spec.probes.max_response_tokens)
-    result = run_sft(run, run_id=spec.run_id(run), config_hash=spec.run_config_hash(run),
-                     model_path=Path(model_path), train_pairs=pairs, probes=encoded,
-                     store=Store(store_root or files.paths.store), out_dir=files.run_dir(run),
-                     max_prompt_tokens=spec.probes.max_prompt_tokens,
-                     max_response_tokens=spec.probes.max_response_tokens, device=device, log=log)
+    result = run_training(run, run_id=spec.run_id(run), config_hash=config_hash, model_path=start.path,
+                          examples=examples, probes=encoded, store=Store(store_root or files.paths.store),
+                          out_dir=files.run_dir(run), max_prompt_tokens=spec.probes.max_prompt_tokens,
+                          max_response_tokens=spec.probes.max_response_tokens, device=device,
+                          step_offset=start.step_offset,
+                          checkpoint_metadata={"start_from": run.start_from, "parent_config_hash": start.parent_hash},
+                          log=log)
     delta = (result.last_eval.group_by("response_type").agg(pl.col("logp_sum").mean().alias("end"))
              .join(result.first_eval.group_by("response_type").agg(pl.col("logp_sum").mean().alias("start")),
                    on="response_type").with_columns((pl.col("end") - pl.col("start")).alias("delta"))
              .sort("response_type"))
-    return {"run_id": result.run_id, "config_hash": spec.run_config_hash(run), "checkpoint": str(result.checkpoint),
-            "steps": result.steps, "evals": result.evals, "wall_s": round(result.wall_s, 2),
-            "device": result.device, "final_loss": result.final_loss, "train_pairs": len(pairs),
+    rewards = {k: v for k, v in result.final_metrics.items() if k.startswith("rewards_") and v is not None}
+    return {"run_id": result.run_id, "config_hash": config_hash, "algo": run.algo, "start_from": run.start_from,
+            "parent_config_hash": start.parent_hash, "step_offset": result.step_offset,
+            "checkpoint": str(result.checkpoint), "steps": result.steps, "evals": result.evals,
+            "wall_s": round(result.wall_s, 2), "device": result.device, "final_loss": result.final_loss,
+            "train_examples": len(examples), "final_rewards": rewards,
             "delta_by_type": {t: round(d, 3) for t, d in delta.select("response_type", "delta").iter_rows()}}
 
 
+@dataclass(frozen=True)
+class StartPoint:
+    """Where a run starts: a checkpoint, the steps already taken before it, the parent's config hash."""
+
+    path: Path | str
+    step_offset: int = 0
+    parent_hash: str | None = None
+
+
+def start_point(spec: ExperimentSpec, run: RunSpec, files: ExperimentFiles) -> StartPoint:
+    """The base model, or the final checkpoint of the run named by `start_from`."""
+    from ldpipe.models import read_metadata
+
+    parent = spec.parent(run)
+    if parent is None:
+        return StartPoint(base_model_path(spec, files))
+    ckpt = files.run_dir(parent) / "final"
+    meta = read_metadata(ckpt) if (ckpt / "config.json").is_file() else {}
+    if "steps" not in meta or "config_hash" not in meta:
+        raise LdpipeError(f"run {run.name!r} starts from run {parent.name!r}, but its final checkpoint {ckpt} is "
+                          f"missing or incomplete: materialize {spec.name}/run_{parent.name} first")
+    # Recursive: the parent's own offset plus its steps puts a whole chain on one step axis.
+    return StartPoint(ckpt, int(meta.get("step_offset", 0)) + int(meta["steps"]), str(meta["config_hash"]))
+
+
+def _training_examples(train: pl.DataFrame, probes: pl.DataFrame, run: RunSpec) -> list[tuple[str, ...]]:
+    """(prompt, response) pairs for SFT; (prompt, chosen, rejected) triples of the train split for DPO/IPO."""
+    if run.algo == "sft":
+        return _training_pairs(train, probes, run.supervise)
+    return list(zip(train["prompt"].to_list(), train["chosen"].to_list(), train["rejected"].to_list()))
+
+
 def _training_pairs(train: pl.DataFrame, probes: pl.DataFrame, supervise: str) -> list[tuple[str, str]]:
-    """(prompt, target) pairs. `chosen`/`rejected` come from the train split; any other probe
-    type is supervised on the probe prompts themselves (the paper's heat-map runs)."""
+    """(prompt, target) pairs. `chosen`/`rejected` come from the train split, "chosen+rejected" gives both,
+    interleaved per prompt (extend-SFT); any other probe type is supervised on the probe prompts
+    themselves (the paper's heat-map runs)."""
+    if supervise == EXTEND_SUPERVISE:
+        return [pair for p, c, r in zip(train["prompt"].to_list(), train["chosen"].to_list(),
+                                        train["rejected"].to_list()) for pair in ((p, c), (p, r))]
     if supervise in ("chosen", "rejected"):
         return list(zip(train["prompt"].to_list(), train[supervise].to_list()))
     sel = probes.filter(pl.col("response_type") == supervise)

@@ -53,6 +53,11 @@ TRAIN_METRICS_SCHEMA: dict[str, pl.DataType] = {
     "grad_norm": pl.Float64,     # before clipping
     "clip_factor": pl.Float64,   # min(1, max_norm / grad_norm)
     "lr": pl.Float64,
+    # DPO/IPO only (null for SFT), TRL-style batch means before the step's update:
+    "rewards_chosen": pl.Float64,    # beta * (log pi(y+) - log pi_ref(y+))
+    "rewards_rejected": pl.Float64,  # beta * (log pi(y-) - log pi_ref(y-))
+    "rewards_accuracy": pl.Float64,  # share of pairs with rewards_chosen > rewards_rejected
+    "rewards_margin": pl.Float64,    # rewards_chosen - rewards_rejected
 }
 
 # Canonical response types. Users may declare more in assets/ YAML.

@@ -94,19 +94,26 @@ class ModelSpec(_Strict):
         return self
 
 
+EXTEND_SUPERVISE = "chosen+rejected"   # extend-SFT: train on y+ and y- (the paper's fix for squeezing)
+
+
 class RunSpec(_Strict):
     name: str
-    algo: Literal["sft"] = "sft"
-    supervise: str = "chosen"          # any probe/response type can be the SFT target
+    algo: Literal["sft", "dpo", "ipo"] = "sft"
+    supervise: str = "chosen"          # SFT target: any probe/response type, or "chosen+rejected"
+    beta: float = Field(0.1, gt=0)     # DPO/IPO: strength of the implicit KL to the reference
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5)  # DPO only; > 0 is cDPO
+    start_from: str | None = None      # another run of this experiment whose final checkpoint this run starts
+                                       # from (and, for DPO/IPO, uses as the reference model)
     epochs: float = Field(3, gt=0)
-    batch_size: int = Field(8, gt=0)
+    batch_size: int = Field(8, gt=0)   # SFT: sequences; DPO/IPO: (chosen, rejected) pairs
     lr: float = Field(5e-4, gt=0)
     optimizer: Literal["adamw", "rmsprop"] = "adamw"
     warmup_steps: int = Field(5, ge=0)
     max_grad_norm: float | None = Field(10.0, gt=0)
     eval_every: int = Field(10, gt=0)   # optimizer steps between probe evaluations (plus step 0 and the last)
     seed: int = 0
-    n_train: int | None = Field(None, gt=0)   # cap on training pairs (None: the whole train split)
+    n_train: int | None = Field(None, gt=0)   # cap on training prompts (None: the whole train split)
 
     @field_validator("name")
     @classmethod
@@ -114,6 +121,23 @@ class RunSpec(_Strict):
         if not _NAME.match(v):
             raise ValueError(f"run name {v!r} must match {_NAME.pattern}")
         return v
+
+    @model_validator(mode="after")
+    def _algo_settings(self) -> "RunSpec":
+        if self.algo != "sft" and self.supervise != "chosen":
+            raise ValueError(f"run {self.name!r}: supervise applies to algo 'sft' only; {self.algo} trains on "
+                             "the train split's (chosen, rejected) pairs")
+        if self.algo != "dpo" and self.label_smoothing:
+            raise ValueError(f"run {self.name!r}: label_smoothing (cDPO) applies to algo 'dpo' only")
+        if "+" in self.supervise and self.supervise != EXTEND_SUPERVISE:
+            raise ValueError(f"run {self.name!r}: supervise {self.supervise!r}: the only combined target is "
+                             f"{EXTEND_SUPERVISE!r}")
+        return self
+
+    @property
+    def supervised_types(self) -> tuple[str, ...]:
+        """The response types an SFT run raises ("chosen+rejected" -> both)."""
+        return tuple(self.supervise.split("+"))
 
 
 class ExperimentSpec(_Strict):
@@ -139,6 +163,22 @@ class ExperimentSpec(_Strict):
             raise ValueError(f"duplicate run name(s) {dup}")
         return self
 
+    @model_validator(mode="after")
+    def _chains_valid(self) -> "ExperimentSpec":
+        by_name = {r.name: r for r in self.runs}
+        for r in self.runs:
+            if r.start_from is not None and r.start_from not in by_name:
+                raise ValueError(f"run {r.name!r}: start_from {r.start_from!r} is not a run of this experiment; "
+                                 f"runs: {sorted(by_name)}")
+        for r in self.runs:
+            chain = [r.name]
+            while by_name[chain[-1]].start_from is not None:
+                nxt = by_name[chain[-1]].start_from
+                if nxt in chain:
+                    raise ValueError(f"start_from forms a cycle: {' -> '.join(chain[chain.index(nxt):] + [nxt])}")
+                chain.append(nxt)
+        return self
+
     def run(self, name: str) -> RunSpec:
         for r in self.runs:
             if r.name == name:
@@ -148,12 +188,31 @@ class ExperimentSpec(_Strict):
     def run_id(self, run: RunSpec) -> str:
         return f"{self.name}.{run.name}"
 
-    def run_config_hash(self, run: RunSpec) -> str:
-        """Hash of everything that determines a run's trajectories."""
-        return config_hash({"dataset": self.dataset, "probes": self.probes, "model": self.model, "run": run})
+    def parent(self, run: RunSpec) -> RunSpec | None:
+        """The run whose final checkpoint `run` starts from (None: the base model)."""
+        return self.run(run.start_from) if run.start_from is not None else None
+
+    def run_config_hash(self, run: RunSpec, *, parent_hash: str | None = None) -> str:
+        """Hash of everything that determines a run's trajectories.
+
+        A chained run includes its parent's hash (recursively, so the whole chain), by default the
+        declared parent's; `parent_hash` substitutes the hash the parent checkpoint was actually
+        trained with (e.g. a launch-time override).
+        """
+        body: dict[str, Any] = {"dataset": self.dataset, "probes": self.probes, "model": self.model, "run": run}
+        parent = self.parent(run)
+        if parent is not None:
+            body["parent"] = parent_hash or self.run_config_hash(parent)
+        return config_hash(body)
 
     def model_config_hash(self) -> str:
-        return config_hash({"dataset": self.dataset, "model": self.model})
+        parts: dict[str, Any] = {"dataset": self.dataset, "model": self.model}
+        if self.dataset.kind == "synthetic":
+            # the built-in corpus changes with the generator's version, and the base model must follow it
+            from ldpipe.synthetic import CORPUS_VERSION
+
+            parts["corpus_version"] = CORPUS_VERSION
+        return config_hash(parts)
 
 
 def config_hash(obj: Any) -> str:

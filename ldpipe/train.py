@@ -1,22 +1,30 @@
-"""SFT with probe tracking: every `eval_every` optimizer steps (and at step 0 and the last
-step) the whole probe set is scored and written to the store as one shard.
+"""Training with probe tracking: SFT (also on y+ and y-, "extend") and off-policy DPO/IPO.
 
-Shards are named by step, so a rerun rewrites the same files: each
-(run, step, example, response_type) row exists exactly once.
+Every `eval_every` optimizer steps (and at step 0 and the last step) the whole
+probe set is scored and written to the store as one shard; every optimizer step
+adds one train_metrics row. Shards are named by step, so a rerun rewrites the
+same files: each (run, step, example, response_type) row exists exactly once.
+
+DPO/IPO follow the paper's code (learning-dynamics.md §5.2): the reference is the
+starting model, chosen and rejected run in one forward (2B sequences), and the
+reference log-probs are computed once before training, in the very batches of the
+first epoch, so the step-1 rewards (taken before the first update) are exactly 0.
 """
 from __future__ import annotations
 
+import itertools
 import math
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Protocol, Sequence
 
 import numpy as np
 import polars as pl
 import torch
 
+from ldpipe.losses import dpo_loss, ipo_loss, sft_loss
 from ldpipe.models import load_model_and_tokenizer, resolve_device, save_checkpoint
 from ldpipe.schema import TRAIN_METRICS_SCHEMA, TRAJECTORY_SCHEMA
 from ldpipe.scoring import EncodedProbe, batch_logps, encode_pair, score_probes
@@ -24,6 +32,11 @@ from ldpipe.spec import RunSpec
 from ldpipe.store import Store
 
 Log = Callable[[str], None]
+Ids = list[int]
+REWARD_COLUMNS = ("rewards_chosen", "rewards_rejected", "rewards_accuracy", "rewards_margin")
+# losses' TRL-style stat names -> train_metrics columns
+_STAT_COLUMNS = dict(zip(("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins"),
+                         REWARD_COLUMNS))
 
 
 @dataclass
@@ -31,12 +44,14 @@ class TrainResult:
     run_id: str
     checkpoint: Path
     steps: int
+    step_offset: int       # optimizer steps of the runs this one is chained after
     evals: int
     wall_s: float
     device: str
     final_loss: float
     first_eval: pl.DataFrame
     last_eval: pl.DataFrame
+    final_metrics: dict = field(default_factory=dict)  # the last train_metrics row
 
 
 def seed_everything(seed: int) -> None:
@@ -51,10 +66,121 @@ def make_optimizer(run: RunSpec, params) -> torch.optim.Optimizer:
     return torch.optim.RMSprop(params, lr=run.lr)
 
 
-def sft_loss(model, batch: Sequence[tuple[list[int], list[int]]], device) -> torch.Tensor:
-    """Per-sequence summed NLL averaged over the batch, as in the paper's code (not length-normalised)."""
-    logp, _ = batch_logps(model, batch, device=device)
-    return -logp.mean()
+def batch_schedule(n: int, batch_size: int, seed: int) -> Iterator[list[int]]:
+    """Endless batches of example indices: a fresh seeded permutation per epoch; an epoch's last batch
+    may be short (batches never straddle epochs)."""
+    rng = random.Random(seed)
+    while True:
+        order = list(range(n))
+        rng.shuffle(order)
+        for i in range(0, n, batch_size):
+            yield order[i:i + batch_size]
+
+
+# ------------------------------------------------------------------ objectives
+
+class Objective(Protocol):
+    n: int
+
+    def prepare(self, model, first_epoch: list[list[int]], dev: torch.device) -> None: ...
+
+    def loss(self, model, idx: list[int], dev: torch.device) -> tuple[torch.Tensor, dict[str, float]]: ...
+
+
+@dataclass
+class SftObjective:
+    """Summed NLL of (prompt, response) pairs."""
+    pairs: list[tuple[Ids, Ids]]
+
+    @property
+    def n(self) -> int:
+        return len(self.pairs)
+
+    def prepare(self, model, first_epoch: list[list[int]], dev: torch.device) -> None:
+        pass
+
+    def loss(self, model, idx: list[int], dev: torch.device) -> tuple[torch.Tensor, dict[str, float]]:
+        logp, _ = batch_logps(model, [self.pairs[i] for i in idx], device=dev)
+        return sft_loss(logp), {}
+
+
+@dataclass
+class PreferenceObjective:
+    """Off-policy DPO/IPO on (prompt, chosen, rejected); the reference is the model at `prepare` time."""
+    triples: list[tuple[Ids, Ids, Ids]]
+    algo: str
+    beta: float
+    label_smoothing: float = 0.0
+    ref: torch.Tensor | None = None   # [n, 2]: reference log pi of chosen, rejected
+
+    @property
+    def n(self) -> int:
+        return len(self.triples)
+
+    def _logps(self, model, idx: list[int], dev: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        chosen = [(self.triples[i][0], self.triples[i][1]) for i in idx]
+        rejected = [(self.triples[i][0], self.triples[i][2]) for i in idx]
+        logp, _ = batch_logps(model, chosen + rejected, device=dev)
+        return logp[: len(idx)], logp[len(idx):]
+
+    @torch.no_grad()
+    def prepare(self, model, first_epoch: list[list[int]], dev: torch.device) -> None:
+        # Same batches, same forward as step 1 of training: identical numbers, so rewards start at exactly 0.
+        ref = torch.full((self.n, 2), float("nan"), device=dev)
+        for idx in first_epoch:
+            c, r = self._logps(model, idx, dev)
+            ref[idx, 0], ref[idx, 1] = c, r
+        if torch.isnan(ref).any():
+            raise RuntimeError("reference log-probs missing for some pairs: first_epoch must cover every pair")
+        self.ref = ref
+
+    def loss(self, model, idx: list[int], dev: torch.device) -> tuple[torch.Tensor, dict[str, float]]:
+        if self.ref is None:
+            raise RuntimeError("PreferenceObjective.prepare must run before training")
+        c, r = self._logps(model, idx, dev)
+        rc, rr = self.ref[idx, 0], self.ref[idx, 1]
+        if self.algo == "ipo":
+            loss, stats = ipo_loss(c, r, rc, rr, self.beta)
+        else:
+            loss, stats = dpo_loss(c, r, rc, rr, self.beta, self.label_smoothing)
+        return loss, {_STAT_COLUMNS[k]: float(v) for k, v in stats.items()}
+
+
+def make_objective(run: RunSpec, tokenizer, examples: Sequence[tuple[str, ...]], *, max_prompt_tokens: int,
+                   max_response_tokens: int) -> SftObjective | PreferenceObjective:
+    """SFT takes (prompt, response) examples, DPO/IPO (prompt, chosen, rejected)."""
+    width = 2 if run.algo == "sft" else 3
+    bad = next((i for i, e in enumerate(examples) if len(e) != width), None)
+    if bad is not None:
+        raise ValueError(f"{run.algo} needs {width}-tuples of text; example {bad} has {len(examples[bad])}")
+
+    def enc(prompt: str, response: str) -> tuple[Ids, Ids]:
+        return encode_pair(tokenizer, prompt, response, max_prompt_tokens=max_prompt_tokens,
+                           max_response_tokens=max_response_tokens)
+
+    if run.algo == "sft":
+        return SftObjective([enc(p, y) for p, y in examples])
+    triples = []
+    for p, yc, yr in examples:
+        p_ids, c_ids = enc(p, yc)
+        triples.append((p_ids, c_ids, enc(p, yr)[1]))
+    return PreferenceObjective(triples, algo=run.algo, beta=run.beta, label_smoothing=run.label_smoothing)
+
+
+# ------------------------------------------------------------------ the loop
+
+def _train_step(model, opt, sched, objective: Objective, idx: list[int], max_grad_norm: float | None,
+                dev: torch.device) -> dict[str, float]:
+    loss, stats = objective.loss(model, idx, dev)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    max_norm = max_grad_norm if max_grad_norm is not None else float("inf")
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm))  # pre-clip norm
+    clip = min(1.0, max_norm / grad_norm) if grad_norm > 0 else 1.0
+    lr = opt.param_groups[0]["lr"]
+    opt.step()
+    sched.step()
+    return {"loss": float(loss.detach()), "grad_norm": grad_norm, "clip_factor": clip, "lr": lr, **stats}
 
 
 def _eval_frame(scores: pl.DataFrame, *, run_id: str, config_hash: str, phase: str, step: int,
@@ -68,31 +194,83 @@ def _eval_frame(scores: pl.DataFrame, *, run_id: str, config_hash: str, phase: s
     ).select(list(TRAJECTORY_SCHEMA))
 
 
-def run_sft(
+@dataclass
+class _Recorder:
+    """Writes probe evaluations and train_metrics shards of one run."""
+    store: Store
+    run_id: str
+    config_hash: str
+    phase: str
+    steps_per_epoch: int
+    total_steps: int
+    log: Log
+    rows: list[dict] = field(default_factory=list)
+    flushed: int = 0
+
+    def evaluate(self, model, probes: Sequence[EncodedProbe], step: int, dev: torch.device) -> pl.DataFrame:
+        te = time.perf_counter()
+        frame = _eval_frame(score_probes(model, probes, device=dev), run_id=self.run_id,
+                            config_hash=self.config_hash, phase=self.phase, step=step,
+                            epoch=step / self.steps_per_epoch)
+        self.store.write_shard("trajectories", frame, partition={"run_id": self.run_id}, name=f"step-{step:07d}",
+                               schema=TRAJECTORY_SCHEMA)
+        means = frame.group_by("response_type").agg(pl.col("logp_sum").mean()).sort("response_type")
+        brief = ", ".join(f"{t}={v:.1f}" for t, v in means.iter_rows())
+        self.log(f"[{self.run_id}] eval step {step}/{self.total_steps} ({time.perf_counter() - te:.1f}s): {brief}")
+        return frame
+
+    def add(self, step: int, values: dict[str, float]) -> None:
+        self.rows.append({"run_id": self.run_id, "config_hash": self.config_hash, "phase": self.phase,
+                          "step": step, "epoch": step / self.steps_per_epoch,
+                          **{c: None for c in REWARD_COLUMNS}, **values})
+
+    def flush(self, step: int) -> None:
+        rows = self.rows[self.flushed:]
+        self.store.write_shard("train_metrics", pl.DataFrame(rows, schema=TRAIN_METRICS_SCHEMA),
+                               partition={"run_id": self.run_id}, name=f"steps-{self.flushed + 1:07d}-{step:07d}",
+                               schema=TRAIN_METRICS_SCHEMA)
+        self.flushed = len(self.rows)
+        last = self.rows[-1]
+        extra = f" margin {last['rewards_margin']:.2f} acc {last['rewards_accuracy']:.2f}" \
+            if last["rewards_margin"] is not None else ""
+        self.log(f"[{self.run_id}] step {step}/{self.total_steps} loss {last['loss']:.3f} "
+                 f"grad_norm {last['grad_norm']:.1f} lr {last['lr']:.2e}{extra}")
+
+
+def run_training(
     run: RunSpec,
     *,
     run_id: str,
     config_hash: str,
-    model_path: Path,
-    train_pairs: Sequence[tuple[str, str]],
+    model_path: Path | str,
+    examples: Sequence[tuple[str, ...]],
     probes: Sequence[EncodedProbe],
     store: Store,
     out_dir: Path,
     max_prompt_tokens: int,
     max_response_tokens: int,
     device: str = "auto",
+    step_offset: int = 0,
+    checkpoint_metadata: dict | None = None,
     log: Log = print,
 ) -> TrainResult:
-    """Train `model_path` on (prompt, response) pairs with SFT, tracking `probes` in `store`."""
-    if not train_pairs:
-        raise ValueError(f"run {run_id}: no training pairs")
+    """Train the checkpoint at `model_path` with `run.algo`, tracking `probes` in `store`.
+
+    `examples`: (prompt, response) for SFT, (prompt, chosen, rejected) for DPO/IPO. The final
+    checkpoint goes to `out_dir/final` with metadata {run_id, config_hash, algo, steps, step_offset, ...}.
+    """
+    if not examples:
+        raise ValueError(f"run {run_id}: no training examples")
     t0 = time.perf_counter()
     seed_everything(run.seed)
     dev = resolve_device(device)
     model, tokenizer = load_model_and_tokenizer(model_path, device=dev)
-    encoded = [encode_pair(tokenizer, p, r, max_prompt_tokens=max_prompt_tokens,
-                           max_response_tokens=max_response_tokens) for p, r in train_pairs]
-    steps_per_epoch = math.ceil(len(encoded) / run.batch_size)
+    # Dropout off, as in the reference (§5.1): eval mode disables every dropout path of HF models and
+    # leaves gradients intact; it also keeps the policy's forward identical to the reference's.
+    model.eval()
+    objective = make_objective(run, tokenizer, examples, max_prompt_tokens=max_prompt_tokens,
+                               max_response_tokens=max_response_tokens)
+    steps_per_epoch = math.ceil(objective.n / run.batch_size)
     total_steps = max(1, round(run.epochs * steps_per_epoch))
     opt = make_optimizer(run, model.parameters())
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / (run.warmup_steps + 1)))
@@ -100,59 +278,25 @@ def run_sft(
     for table in ("trajectories", "train_metrics"):
         store.delete_partition(table, {"run_id": run_id})
 
-    def evaluate(step: int) -> pl.DataFrame:
-        te = time.perf_counter()
-        scores = score_probes(model, probes, device=dev)
-        frame = _eval_frame(scores, run_id=run_id, config_hash=config_hash, phase=run.algo, step=step,
-                            epoch=step / steps_per_epoch)
-        store.write_shard("trajectories", frame, partition={"run_id": run_id}, name=f"step-{step:07d}",
-                          schema=TRAJECTORY_SCHEMA)
-        means = frame.group_by("response_type").agg(pl.col("logp_sum").mean()).sort("response_type")
-        brief = ", ".join(f"{t}={v:.1f}" for t, v in means.iter_rows())
-        log(f"[{run_id}] eval step {step}/{total_steps} ({time.perf_counter() - te:.1f}s): {brief}")
-        model.train()
-        return frame
-
-    rng = random.Random(run.seed)
-    order: list[int] = []
-    metrics: list[dict] = []
-    flushed_to = 0
-    evals = 0
-    first = evaluate(0)
-    evals += 1
-    last = first
-    model.train()
-    loss_val = float("nan")
-    for step in range(1, total_steps + 1):
-        if not order:  # a fresh seeded permutation each epoch
-            order = list(range(len(encoded)))
-            rng.shuffle(order)
-        idx, order = order[: run.batch_size], order[run.batch_size:]
-        loss = sft_loss(model, [encoded[i] for i in idx], dev)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        max_norm = run.max_grad_norm if run.max_grad_norm is not None else float("inf")
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm))
-        clip = min(1.0, max_norm / grad_norm) if grad_norm > 0 else 1.0
-        lr = opt.param_groups[0]["lr"]
-        opt.step()
-        sched.step()
-        loss_val = float(loss.detach())
-        if not math.isfinite(loss_val):
-            raise FloatingPointError(f"run {run_id}: loss became {loss_val} at step {step}; lower lr ({run.lr})")
-        metrics.append({"run_id": run_id, "config_hash": config_hash, "phase": run.algo, "step": step,
-                        "epoch": step / steps_per_epoch, "loss": loss_val, "grad_norm": grad_norm,
-                        "clip_factor": clip, "lr": lr})
+    objective.prepare(model, list(itertools.islice(batch_schedule(objective.n, run.batch_size, run.seed),
+                                                   steps_per_epoch)), dev)
+    rec = _Recorder(store, run_id, config_hash, run.algo, steps_per_epoch, total_steps, log)
+    first = last = rec.evaluate(model, probes, 0, dev)
+    evals = 1
+    schedule = itertools.islice(batch_schedule(objective.n, run.batch_size, run.seed), total_steps)
+    for step, idx in enumerate(schedule, start=1):
+        values = _train_step(model, opt, sched, objective, idx, run.max_grad_norm, dev)
+        if not math.isfinite(values["loss"]):
+            raise FloatingPointError(f"run {run_id}: loss became {values['loss']} at step {step}; "
+                                     f"lower lr ({run.lr})")
+        rec.add(step, values)
         if step % run.eval_every == 0 or step == total_steps:
-            store.write_shard("train_metrics", pl.DataFrame(metrics[flushed_to:], schema=TRAIN_METRICS_SCHEMA),
-                              partition={"run_id": run_id}, name=f"steps-{flushed_to + 1:07d}-{step:07d}",
-                              schema=TRAIN_METRICS_SCHEMA)
-            flushed_to = len(metrics)
-            log(f"[{run_id}] step {step}/{total_steps} loss {loss_val:.3f} grad_norm {grad_norm:.1f} lr {lr:.2e}")
-            last = evaluate(step)
+            rec.flush(step)
+            last = rec.evaluate(model, probes, step, dev)
             evals += 1
-    ckpt = save_checkpoint(model, tokenizer, out_dir / "final",
-                           metadata={"run_id": run_id, "config_hash": config_hash, "steps": total_steps})
-    return TrainResult(run_id=run_id, checkpoint=ckpt, steps=total_steps, evals=evals,
-                       wall_s=time.perf_counter() - t0, device=str(dev), final_loss=loss_val,
-                       first_eval=first, last_eval=last)
+    meta = {**(checkpoint_metadata or {}), "run_id": run_id, "config_hash": config_hash, "algo": run.algo,
+            "steps": total_steps, "step_offset": step_offset}
+    ckpt = save_checkpoint(model, tokenizer, out_dir / "final", metadata=meta)
+    return TrainResult(run_id=run_id, checkpoint=ckpt, steps=total_steps, step_offset=step_offset, evals=evals,
+                       wall_s=time.perf_counter() - t0, device=str(dev), final_loss=rec.rows[-1]["loss"],
+                       first_eval=first, last_eval=last, final_metrics=dict(rec.rows[-1]))

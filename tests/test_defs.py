@@ -25,11 +25,20 @@ def test_repo_definitions_load():
     assert dg.AssetKey(["default", "base_model"]) in run_node.parent_keys
     assert d.resolve_job_def("all_experiments") is not None
     checks = {c.name for c in graph.asset_check_keys}
-    assert {"every_type_for_every_prompt", "perturbations_valid", "sft_raises_supervised_target"} <= checks
+    assert {"every_type_for_every_prompt", "perturbations_valid", "sft_raises_supervised_target",
+            "dpo_widens_chosen_rejected_gap"} <= checks
+    # a chained run depends on its parent run, not on the base model
+    dpo_node = graph.get(dg.AssetKey(["default", "run_dpo"]))
+    assert dg.AssetKey(["default", "run_sft"]) in dpo_node.parent_keys
+    assert dg.AssetKey(["default", "base_model"]) not in dpo_node.parent_keys
 
 
 @pytest.mark.slow
 def test_materialize_tiny_experiment_end_to_end(tiny_project):
+    # plus a short DPO run chained after the SFT run
+    decl = tiny_project / "assets" / "tiny.yaml"
+    decl.write_text(decl.read_text() + "  - {name: dpo, algo: dpo, start_from: sft, epochs: 0.5, batch_size: 8, "
+                                       "lr: 1.0e-3, eval_every: 2}\n")
     specs = load_experiments(tiny_project / "assets")
     defs = build_defs(specs)
     resources = {"ldpipe_home": LdpipeHome(), "compute": Compute(device="cpu")}
@@ -38,23 +47,32 @@ def test_materialize_tiny_experiment_end_to_end(tiny_project):
     assert result.success
 
     mats = {m.asset_key.to_user_string(): m.materialization for m in result.get_asset_materialization_events()}
-    assert {"tiny/dataset", "tiny/probe_set", "tiny/base_model", "tiny/run_sft", "catalog",
+    assert {"tiny/dataset", "tiny/probe_set", "tiny/base_model", "tiny/run_sft", "tiny/run_dpo", "catalog",
             "tiny/learning_curves"} <= set(mats)
+    sft_steps = mats["tiny/run_sft"].metadata["steps"].value
+    assert mats["tiny/run_dpo"].metadata["step_offset"].value == sft_steps
+    assert mats["tiny/run_dpo"].metadata["start_from"].value == "sft"
     checks = {c.check_name: c for c in result.get_asset_check_evaluations()}
     assert checks["every_type_for_every_prompt"].passed
     assert checks["perturbations_valid"].passed
     # reported, not asserted: a 1-epoch run of a 2-layer model may or may not raise y+;
     # the check must carry the measured number either way.
     assert "measured_delta" in checks["sft_raises_supervised_target"].metadata
+    assert "measured_delta" in checks["dpo_widens_chosen_rejected_gap"].metadata
 
     paths = Paths.default()
     traj = pl.read_parquet(paths.store / "trajectories" / "**" / "*.parquet")
     probes = pl.read_parquet(paths.datasets / "tiny" / "probes.parquet")
-    steps = sorted(traj["step"].unique().to_list())
-    assert steps[0] == 0 and len(steps) >= 2
-    # every (step, example, type) exactly once, for every probe row
-    assert traj.group_by("step", "example_id", "response_type").len()["len"].max() == 1
-    assert traj.height == len(steps) * probes.height
+    assert sorted(traj["run_id"].unique().to_list()) == ["tiny.dpo", "tiny.sft"]
+    assert dict(traj.group_by("run_id").agg(pl.col("phase").unique().first()).iter_rows()) == {
+        "tiny.sft": "sft", "tiny.dpo": "dpo"}
+    for run_id in ("tiny.sft", "tiny.dpo"):
+        part = traj.filter(pl.col("run_id") == run_id)
+        steps = sorted(part["step"].unique().to_list())
+        assert steps[0] == 0 and len(steps) >= 2
+        # every (step, example, type) exactly once, for every probe row
+        assert part.group_by("step", "example_id", "response_type").len()["len"].max() == 1
+        assert part.height == len(steps) * probes.height
     assert traj["logp_sum"].is_finite().all() and (traj["logp_sum"] < 0).all()
 
     curves = query(paths.catalog, "select * from learning_curves where run_id = 'tiny.sft'")
@@ -82,6 +100,6 @@ def test_materialize_tiny_experiment_end_to_end(tiny_project):
     traj2 = pl.read_parquet(paths.store / "trajectories" / "**" / "*.parquet")
     assert traj2.height == traj.height
     # CPU training is deterministic for a seed: the rerun reproduces every trajectory value
-    cols = ["step", "example_id", "response_type"]
+    cols = ["run_id", "step", "example_id", "response_type"]
     diff = traj.sort(cols)["logp_sum"] - traj2.sort(cols)["logp_sum"]
     assert diff.abs().max() < 1e-6

@@ -2,6 +2,7 @@
 
 Per experiment `<exp>` (asset group `<exp>`):
   <exp>/dataset -> <exp>/probe_set -> <exp>/base_model -> <exp>/run_<name> (pool "gpu")
+  (a run declared with `start_from: <parent>` depends on <exp>/run_<parent> instead of the base model)
 then the shared `catalog` (DuckDB views) -> <exp>/learning_curves.
 Assets exchange files, not Python objects: no model or tensor goes through an IO manager.
 """
@@ -149,39 +150,65 @@ def experiment_assets(spec: ExperimentSpec) -> list:
     return [dataset, probe_set, base_model, *run_assets, learning_curves]
 
 
+def _run_check(run: RunSpec) -> tuple[str, str]:
+    """Name and description of a run's measured (WARN-only) check."""
+    if run.algo == "sft":
+        return "sft_raises_supervised_target", (f"Measured: does SFT raise log π of the supervised type(s) "
+                                                f"({run.supervise}) on the probe prompts?")
+    return (f"{run.algo}_widens_chosen_rejected_gap",
+            f"Measured: does {run.algo.upper()} raise log π(y+) − log π(y−) on the probe prompts?")
+
+
+def _run_check_result(run: RunSpec, name: str, deltas: dict[str, float]) -> dg.AssetCheckResult:
+    if run.algo == "sft":
+        got = [deltas.get(t) for t in run.supervised_types]
+        measured = min(got) if None not in got else None
+        what = run.supervise
+    else:
+        c, r = deltas.get("chosen"), deltas.get("rejected")
+        measured = c - r if c is not None and r is not None else None
+        what = "chosen - rejected"
+    return dg.AssetCheckResult(
+        check_name=name, passed=measured is not None and measured > 0, severity=dg.AssetCheckSeverity.WARN,
+        metadata={"measured_delta": float(measured) if measured is not None else float("nan"),
+                  "response_type": what})
+
+
 def _run_asset(spec: ExperimentSpec, declared: RunSpec):
     exp = spec.name
     key = dg.AssetKey([exp, f"run_{declared.name}"])
-    check = dg.AssetCheckSpec(f"{declared.algo}_raises_supervised_target", asset=key,
-                              description=f"Measured: does {declared.algo} raise log π of the supervised "
-                                          f"type ({declared.supervise}) on the probe prompts?")
+    check_name, check_desc = _run_check(declared)
+    check = dg.AssetCheckSpec(check_name, asset=key, description=check_desc)
+    # A chained run starts from its parent run's final checkpoint (and uses it as DPO reference).
+    start = (dg.AssetKey([exp, f"run_{declared.start_from}"]) if declared.start_from
+             else dg.AssetKey([exp, "base_model"]))
+    origin = f"run '{declared.start_from}'" if declared.start_from else "the base model"
 
     @dg.asset(key=key, group_name=exp, pool="gpu", kinds={"pytorch"},
-              deps=[dg.AssetKey([exp, "base_model"]), dg.AssetKey([exp, "probe_set"])],
+              deps=[start, dg.AssetKey([exp, "probe_set"])],
               check_specs=[check], tags={"ldpipe/algo": declared.algo},
-              description=f"{declared.algo.upper()} run '{declared.name}' with probe tracking every "
+              description=f"{declared.algo.upper()} run '{declared.name}' from {origin} with probe tracking every "
                           f"{declared.eval_every} steps; trajectories go to the Parquet store.")
     def run_asset(context: dg.AssetExecutionContext, config: RunOverrides, ldpipe_home: LdpipeHome,
                   compute: Compute) -> dg.MaterializeResult:
         run = config.apply(declared)
         files = pipeline.files_for(spec, ldpipe_home.paths())
         info = pipeline.train_run(spec, run, files, device=compute.device, log=context.log.info)
-        deltas = info["delta_by_type"]
-        target = deltas.get(run.supervise)
-        return dg.MaterializeResult(
-            metadata={
-                "run_id": info["run_id"], "config_hash": info["config_hash"],
-                "checkpoint": dg.MetadataValue.path(info["checkpoint"]),
-                "steps": info["steps"], "evals": info["evals"], "wall_s": info["wall_s"],
-                "device": info["device"], "final_loss": info["final_loss"], "train_pairs": info["train_pairs"],
-                "delta_logp_by_type": dg.MetadataValue.json(deltas),
-            },
-            check_results=[dg.AssetCheckResult(
-                check_name=check.name, passed=target is not None and target > 0,
-                severity=dg.AssetCheckSeverity.WARN,
-                metadata={"measured_delta": float(target) if target is not None else float("nan"),
-                          "response_type": run.supervise})],
-        )
+        meta = {
+            "run_id": info["run_id"], "config_hash": info["config_hash"], "algo": info["algo"],
+            "checkpoint": dg.MetadataValue.path(info["checkpoint"]),
+            "steps": info["steps"], "evals": info["evals"], "wall_s": info["wall_s"],
+            "device": info["device"], "final_loss": info["final_loss"], "train_examples": info["train_examples"],
+            # steps of the runs before this one in its chain: add to `step` to put a chain on one axis
+            "step_offset": info["step_offset"],
+            "delta_logp_by_type": dg.MetadataValue.json(info["delta_by_type"]),
+        }
+        if info["start_from"]:
+            meta["start_from"] = info["start_from"]
+            meta["parent_config_hash"] = info["parent_config_hash"]
+        meta.update({f"final_{k}": float(v) for k, v in info["final_rewards"].items()})
+        return dg.MaterializeResult(metadata=meta,
+                                    check_results=[_run_check_result(run, check_name, info["delta_by_type"])])
 
     return run_asset
 
