@@ -114,7 +114,11 @@ def _table_select(con: duckdb.DuckDBPyConnection, store: Store, table: str,
     cols = [(c, str(t)) for c, t in zip(rel.columns, rel.types)]
     if n_shards == 0:
         return "select " + ", ".join(f"cast(null as {t}) as {_q(c)}" for c, t in cols) + " where false"
-    return "select " + ", ".join(f"cast({_q(c)} as {t}) as {_q(c)}" for c, t in cols) + f" from {src}"
+    # Shards written before a column was added lack it: fill those columns with typed nulls.
+    present = {r[0] for r in con.execute(f"describe select * from {src}").fetchall()}
+    return "select " + ", ".join(
+        (f"cast({_q(c)} as {t})" if c in present else f"cast(null as {t})") + f" as {_q(c)}" for c, t in cols
+    ) + f" from {src}"
 
 
 def _single_select(path: Path) -> str:

@@ -92,7 +92,8 @@ def test_empty_known_table_gives_an_empty_typed_view(project: dict[str, Path]) -
     types = dict(zip(desc["column_name"], desc["column_type"]))
     assert types == {"run_id": "VARCHAR", "config_hash": "VARCHAR", "phase": "VARCHAR", "step": "BIGINT",
                      "epoch": "DOUBLE", "loss": "DOUBLE", "grad_norm": "DOUBLE", "clip_factor": "DOUBLE",
-                     "lr": "DOUBLE"}
+                     "lr": "DOUBLE", "rewards_chosen": "DOUBLE", "rewards_rejected": "DOUBLE",
+                     "rewards_accuracy": "DOUBLE", "rewards_margin": "DOUBLE"}
     assert query(project["catalog"], "select * from loss_curve").height == 0      # the sql view bound
     # Known tables keep their declared types once shards exist, too.
     traj_types = dict(query(project["catalog"], "describe trajectories").select("column_name", "column_type").rows())
@@ -292,3 +293,13 @@ def test_run_sql_default_catalog_from_ldpipe_home(project: dict[str, Path], caps
     refresh(project)
     assert run_sql(sql_args("select count(*) as n from trajectories", "--format", "csv")) == 0
     assert capsys.readouterr().out.splitlines() == ["n", "24"]
+
+
+def test_old_shards_missing_a_new_known_column_get_typed_nulls(project: dict[str, Path]) -> None:
+    # a train_metrics shard from before the reward columns existed
+    old = pl.DataFrame({"run_id": ["r"], "config_hash": ["h"], "phase": ["sft"], "step": [1], "epoch": [0.1],
+                        "loss": [2.0], "grad_norm": [1.0], "clip_factor": [1.0], "lr": [1e-3]})
+    Store(project["store"]).write_shard("train_metrics", old, partition={"run_id": "r"}, name="old")
+    refresh(project)
+    out = query(project["catalog"], "select loss, rewards_margin from train_metrics")
+    assert out["loss"].to_list() == [2.0] and out["rewards_margin"].to_list() == [None]
