@@ -143,16 +143,46 @@ def build_probes(spec: ExperimentSpec, files: ExperimentFiles, log: Log = print)
             kwargs["types"] = tuple(ps.types)
         build = build_probe_set(prefs, ProbeRecipe(**kwargs), rephrases=rephrases, human_sentence=human)
         probes, skipped = build.probes, dict(build.skipped)
+        for t in LLM_REPHRASE_TYPES:
+            if t in skipped and ps.llm is None:
+                skipped[t] = ("needs an LLM endpoint: declare probes.llm (model, base_url, api_key_env) in the "
+                              "experiment YAML; every other type was built")
+    llm_report: dict = {}
+    if ps.llm is not None:
+        probes, llm_report = _add_llm_types(probes, ps.llm, files, log)
+        for t in ps.llm.types:
+            skipped.pop(t, None)
     probes = probes.select(list(PROBE_SCHEMA)).sort("example_id", "response_type")
     types = sorted(probes["response_type"].unique().to_list())
     report = check_probe_set(probes, types)
     write_parquet(probes, files.probes)
-    write_json({"skipped": skipped, "checks": report}, files.probe_report)
+    write_json({"skipped": skipped, "checks": report, "llm": llm_report}, files.probe_report)
     for t, why in skipped.items():
         log(f"[{spec.name}] probe type {t} not built: {why}")
     log(f"[{spec.name}] probe set: {probes['example_id'].n_unique()} prompts x {len(types)} types")
     return {"rows": probes.height, "prompts": probes["example_id"].n_unique(), "types": types,
-            "skipped": skipped, "checks": report, "path": str(files.probes)}
+            "skipped": skipped, "checks": report, "llm": llm_report, "path": str(files.probes)}
+
+
+LLM_REPHRASE_TYPES = ("chosen_gptsemantic", "chosen_gptformat", "reject_gptsemantic", "reject_gptformat")
+
+
+def _add_llm_types(probes: pl.DataFrame, llm, files: ExperimentFiles, log: Log) -> tuple[pl.DataFrame, dict]:
+    """Make `llm.types` through an OpenAI-compatible endpoint; completed calls are cached in the ldpipe home,
+    so a rerun (or a resumed run after a crash) makes no repeat calls."""
+    from ldpipe.llm import LLMClient, LLMConfig
+    from ldpipe.llm_types import build_llm_types
+
+    cfg = LLMConfig(base_url=llm.base_url, model=llm.model, api_key_env=llm.api_key_env,
+                    concurrency=llm.concurrency, temperature=llm.temperature, top_p=llm.top_p,
+                    max_tokens=llm.max_tokens, timeout_s=llm.timeout_s, max_attempts=llm.max_attempts,
+                    use_batch_api=llm.use_batch_api, cache_path=files.paths.home / "llm_cache.sqlite")
+    with LLMClient(cfg) as client:
+        rows, report = build_llm_types(probes, client, types=tuple(llm.types))
+        stats = client.stats.as_dict()
+    log(f"LLM types {list(llm.types)} via {llm.model}: {stats}")
+    kept = probes.filter(~pl.col("response_type").is_in(list(llm.types)))
+    return pl.concat([kept, rows.select(list(PROBE_SCHEMA))]), {"types": report, "calls": stats}
 
 
 def load_probes_file(files: ExperimentFiles) -> pl.DataFrame:

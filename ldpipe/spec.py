@@ -45,6 +45,23 @@ class DatasetSpec(_Strict):
         return self
 
 
+class LLMSpec(_Strict):
+    """An OpenAI-compatible endpoint for LLM-made probe types (OpenAI, vLLM, llama.cpp, Ollama)."""
+
+    model: str
+    base_url: str | None = None          # None: OpenAI (or OPENAI_BASE_URL)
+    api_key_env: str = "OPENAI_API_KEY"  # the NAME of the variable holding the key; the key never goes in YAML
+    types: tuple[str, ...] = ("chosen_gptsemantic", "chosen_gptformat", "reject_gptsemantic", "reject_gptformat",
+                              "irr_hum")
+    concurrency: int = Field(4, gt=0)
+    temperature: float = Field(0.7, ge=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    max_tokens: int = Field(256, gt=0)
+    timeout_s: float = Field(60, gt=0)
+    max_attempts: int = Field(6, gt=0)
+    use_batch_api: bool = False
+
+
 class ProbeSpec(_Strict):
     n_examples: int = Field(40, gt=0)
     selection: Literal["first", "random"] = "random"
@@ -52,6 +69,7 @@ class ProbeSpec(_Strict):
     types: tuple[str, ...] | None = None  # None: every type the data source and backends can make
     max_prompt_tokens: int = Field(96, gt=0)
     max_response_tokens: int = Field(64, gt=1)
+    llm: LLMSpec | None = None  # LLM-made types; without it they come from the dataset's templates or are skipped
 
 
 class ArchitectureSpec(_Strict):

@@ -105,6 +105,7 @@ def experiment_assets(spec: ExperimentSpec) -> list:
                 "prompts": info["prompts"],
                 "types": dg.MetadataValue.json(info["types"]),
                 "skipped_types": dg.MetadataValue.json(info["skipped"]),
+                "llm": dg.MetadataValue.json(info.get("llm", {})),
                 "length_stats": dg.MetadataValue.json(checks.get("length_stats", {})),
                 "preview_per_type": dg.MetadataValue.md(_md_table(preview, 40)),
             },
