@@ -17,7 +17,7 @@ import polars as pl
 
 from ldpipe.errors import DataValidationError, SpecError
 from ldpipe.llm import ChatRequest, LLMClient
-from ldpipe.schema import PROBE_SCHEMA
+from ldpipe.schema import PROBE_SCHEMA, require_frame
 
 # Verbatim from the reference notebook (`generate dataset.ipynb` cell 22), including the trailing "Output: ".
 TEMPLATES: dict[str, str] = {
@@ -90,11 +90,7 @@ def llm_prompt(template_name: str, source: str, templates: Mapping[str, str] = T
 def _sources(probes: Any, needed: set[str]) -> dict[tuple[str, str], tuple[str, str]]:
     """{(example_id, source type): (prompt, response)} for the needed source types, validated."""
     src = "probes"
-    if not isinstance(probes, pl.DataFrame):
-        raise DataValidationError(src, f"expected a polars DataFrame, got {type(probes).__name__}")
-    missing = [c for c in PROBE_SCHEMA if c not in probes.columns]
-    if missing:
-        raise DataValidationError(src, f"missing column(s) {missing}; have {probes.columns}", field=missing[0])
+    probes = require_frame(probes, PROBE_SCHEMA, source=src)
     out: dict[tuple[str, str], tuple[str, str]] = {}
     rows = probes.with_row_index("_row").filter(pl.col("response_type").is_in(sorted(needed)))
     for r in rows.iter_rows(named=True):

@@ -21,7 +21,7 @@ from typing import Any, Literal
 import polars as pl
 
 from ldpipe.errors import DataValidationError, SpecError
-from ldpipe.schema import CORE_RESPONSE_TYPES, PREFERENCE_SCHEMA, PROBE_SCHEMA
+from ldpipe.schema import CORE_RESPONSE_TYPES, PREFERENCE_SCHEMA, PROBE_SCHEMA, require_frame
 
 REPHRASE_TYPES = ("chosen_gptsemantic", "chosen_gptformat", "reject_gptsemantic", "reject_gptformat")
 MODEL_TYPES = ("chosen_initial", "chosen_selfr")
@@ -91,11 +91,7 @@ def _is_permutation(a: str, b: str) -> bool:
 
 def _validate_preferences(prefs: Any) -> pl.DataFrame:
     src = "preferences"
-    if not isinstance(prefs, pl.DataFrame):
-        raise DataValidationError(src, f"expected a polars DataFrame, got {type(prefs).__name__}")
-    missing = [c for c in PREFERENCE_SCHEMA if c not in prefs.columns]
-    if missing:
-        raise DataValidationError(src, f"missing column(s) {missing}; have {prefs.columns}", field=missing[0])
+    prefs = require_frame(prefs, PREFERENCE_SCHEMA, source=src)
     for col in ("example_id", "split", "prompt", "chosen", "rejected"):
         if prefs[col].dtype != pl.String:
             raise DataValidationError(src, f"expected strings, got {prefs[col].dtype}", field=col)
@@ -116,11 +112,7 @@ def _validate_preferences(prefs: Any) -> pl.DataFrame:
 def _rephrase_lookup(rephrases: Any, wanted: list[str], ids: list[str]) -> tuple[dict, dict[str, str]]:
     """{(example_id, type): (response, provenance)} for the wanted types, and the types it cannot supply."""
     src = "rephrases"
-    if not isinstance(rephrases, pl.DataFrame):
-        raise DataValidationError(src, f"expected a polars DataFrame, got {type(rephrases).__name__}")
-    missing = [c for c in _REPHRASE_COLUMNS if c not in rephrases.columns]
-    if missing:
-        raise DataValidationError(src, f"missing column(s) {missing}; have {rephrases.columns}", field=missing[0])
+    rephrases = require_frame(rephrases, _REPHRASE_COLUMNS, source=src)
     df = rephrases.with_row_index("_row").filter(pl.col("response_type").is_in(wanted)
                                                   & pl.col("example_id").is_in(ids))
     lookup: dict[tuple[str, str], tuple[str, str]] = {}

@@ -89,3 +89,15 @@ def conform(df: pl.DataFrame, schema: dict[str, pl.DataType], *, what: str) -> p
     if missing:
         raise ValueError(f"{what}: missing column(s) {missing}; have {df.columns}")
     return df.select([pl.col(c).cast(t) for c, t in schema.items()])
+
+
+def require_frame(df: object, columns, *, source: str) -> pl.DataFrame:
+    """`df` must be a polars DataFrame holding `columns`; otherwise a DataValidationError naming the source."""
+    from ldpipe.errors import DataValidationError
+
+    if not isinstance(df, pl.DataFrame):
+        raise DataValidationError(source, f"expected a polars DataFrame, got {type(df).__name__}")
+    missing = [c for c in columns if c not in df.columns]
+    if missing:
+        raise DataValidationError(source, f"missing column(s) {missing}; have {df.columns}", field=missing[0])
+    return df
