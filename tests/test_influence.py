@@ -1,0 +1,317 @@
+"""Cross-example influence: exact eNTK, factored projection and the naive one-step validator,
+checked against an independent brute force and against each other on a tiny random GPT-NeoX."""
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ldpipe.errors import LdpipeError
+from ldpipe.influence import (
+    Update,
+    agreement,
+    akg_decomposition,
+    dpo_update,
+    ipo_update,
+    exact_entk,
+    naive_one_step,
+    per_sequence_gradients,
+    projected_entk,
+    projection_coverage,
+    sft_update,
+)
+from ldpipe.models import TinyModelConfig, build_model
+from ldpipe.scoring import batch_logps
+
+torch.set_num_threads(1)
+
+VOCAB = 300
+N_TRAIN = 8
+
+
+def _pair(rng: random.Random) -> tuple[list[int], list[int]]:
+    prompt = [rng.randrange(1, VOCAB) for _ in range(rng.randint(3, 8))]
+    response = [rng.randrange(1, VOCAB) for _ in range(rng.randint(2, 7))] + [0]  # EOS is id 0
+    return prompt, response
+
+
+@pytest.fixture(scope="module")
+def model():
+    return build_model(TinyModelConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, seed=0),
+                       VOCAB)
+
+
+@pytest.fixture(scope="module")
+def data():
+    rng = random.Random(0)
+    train = [_pair(rng) for _ in range(N_TRAIN)]
+    probes = train + [_pair(rng) for _ in range(16)]  # the training pairs come first
+    return train, probes
+
+
+@pytest.fixture(scope="module")
+def K(model, data):
+    train, probes = data
+    return exact_entk(model, train, probes, block=5)  # a block size that does not divide M
+
+
+def _covered(model) -> list[str]:
+    return [n for n, _ in model.named_parameters() if "layernorm" not in n and "layer_norm" not in n]
+
+
+def _brute_gradients(model, pairs) -> torch.Tensor:
+    """Independent reference: full-sequence forward, full log-softmax, .backward() into .grad."""
+    rows = []
+    for p, r in pairs:
+        model.zero_grad(set_to_none=True)
+        seq = torch.tensor([p + r])
+        logp = F.log_softmax(model(input_ids=seq).logits[0].float(), dim=-1)
+        logp[len(p) - 1: len(p) - 1 + len(r)].gather(1, seq[0, len(p):, None]).sum().backward()
+        rows.append(torch.cat([q.grad.reshape(-1) for q in model.parameters()]))
+    model.zero_grad(set_to_none=True)
+    return torch.stack(rows)
+
+
+# --------------------------------------------------------------------------- exact
+
+def test_exact_entk_matches_brute_force_dot_products(model, data, K):
+    train, probes = data
+    G = _brute_gradients(model, probes)
+    ref = G[:N_TRAIN] @ G.T
+    assert K.shape == (N_TRAIN, len(probes))
+    assert ((K - ref).norm() / ref.norm()).item() < 1e-5
+    # self-influence on the diagonal: the squared gradient norm, strictly positive
+    diag = K[torch.arange(N_TRAIN), torch.arange(N_TRAIN)]
+    assert torch.allclose(diag, (G[:N_TRAIN] ** 2).sum(1), rtol=1e-5)
+    assert (diag > 0).all()
+
+
+def test_self_influence_is_the_largest_in_its_row(K):
+    wins = sum(int(K[i].argmax()) == i for i in range(N_TRAIN))
+    assert wins >= N_TRAIN - 1
+
+
+def test_per_sequence_gradients_select_parameters(model, data):
+    train, _ = data
+    name = "gpt_neox.layers.0.mlp.dense_h_to_4h.weight"
+    full = per_sequence_gradients(model, train[:2])
+    sub = per_sequence_gradients(model, train[:2], params=[name])
+    names = [n for n, _ in model.named_parameters()]
+    start = sum(p.numel() for n, p in model.named_parameters() if names.index(n) < names.index(name))
+    assert sub.shape == (2, 64 * 32)
+    assert torch.equal(sub, full[:, start: start + 64 * 32])
+    with pytest.raises(LdpipeError, match="unknown parameter"):
+        per_sequence_gradients(model, train[:1], params=["nope.weight"])
+
+
+# --------------------------------------------------------------------------- naive one-step validator
+
+def test_naive_one_step_matches_the_linearisation(model, data, K):
+    train, probes = data
+    for i in (0, 5):
+        small = agreement(naive_one_step(model, train, probes, lr=1e-4, i=i), 1e-4 * K[i])
+        assert small["relative_error"] < 0.05, small
+        assert small["spearman"] > 0.95, small
+        assert small["sign_agreement"] > 0.95, small
+        # the remaining error is second order: 10x the step gives a much larger relative error
+        big = agreement(naive_one_step(model, train, probes, lr=1e-3, i=i), 1e-3 * K[i])
+        assert big["relative_error"] > 3 * small["relative_error"]
+
+
+def test_naive_one_step_restores_weights_exactly(model, data):
+    train, probes = data
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    model.train()
+    delta = naive_one_step(model, train, probes[:4], lr=0.1, i=2)
+    assert model.training  # caller's mode restored
+    model.eval()
+    assert delta.abs().max() > 0  # the step really moved the probes
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert all(p.grad is None for p in model.parameters())
+    with pytest.raises(LdpipeError, match="outside"):
+        naive_one_step(model, train, probes, lr=1e-3, i=N_TRAIN)
+
+
+def _random_precond(model, seed: int, rank1: bool = False) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for n, p in model.named_parameters():
+        if rank1 and p.ndim == 2:
+            out[n] = torch.outer(0.5 + torch.rand(p.shape[0], generator=g), 0.5 + torch.rand(p.shape[1], generator=g))
+        else:
+            out[n] = 0.5 + 1.5 * torch.rand(p.shape, generator=g)
+    return out
+
+
+def test_preconditioned_step_matches_preconditioned_entk(model, data):
+    train, probes = data
+    pc = _random_precond(model, 1)
+    Kp = exact_entk(model, train[:2], probes, precond=pc, clip_factor=0.5)
+    a = agreement(naive_one_step(model, train[:2], probes, lr=1e-4, i=1, precond=pc, clip_factor=0.5), 1e-4 * Kp[1])
+    assert a["relative_error"] < 0.05 and a["spearman"] > 0.95, a
+    # the preconditioner changes the kernel (it is not silently ignored)
+    assert agreement(exact_entk(model, train[:2], probes), Kp)["relative_error"] > 0.1
+    with pytest.raises(LdpipeError, match="precond has no entry"):
+        exact_entk(model, train[:1], probes[:1], precond={})
+
+
+# --------------------------------------------------------------------------- DPO updates
+
+def test_dpo_update_is_the_dpo_loss_gradient(model, data, K):
+    train, probes = data
+    chosen, rejected = train[0], train[1]
+    beta, ref_c, ref_r = 0.5, -40.0, -35.0
+    logp, _ = batch_logps(model, [chosen, rejected])
+    margin = (logp[0] - ref_c) - (logp[1] - ref_r)
+    loss = -F.logsigmoid(beta * margin)
+    grads = torch.autograd.grad(loss, list(model.parameters()))
+    loss_grad = torch.cat([g.reshape(-1) for g in grads])
+    upd = dpo_update(chosen, rejected, beta=beta, margin=margin.item())
+    G = per_sequence_gradients(model, [chosen, rejected])
+    c = upd.terms[0][1]
+    assert ((-loss_grad - c * (G[0] - G[1])).norm() / loss_grad.norm()).item() < 1e-5
+    # exact_entk of the DPO update is the same combination of the SFT rows
+    Kd = exact_entk(model, [upd], probes)
+    assert torch.allclose(Kd[0], c * (K[0] - K[1]), rtol=1e-4, atol=1e-3)
+    # and a real step on it follows the linearisation
+    lr = 1e-4 / c
+    a = agreement(naive_one_step(model, [upd], probes, lr=lr, i=0), lr * Kd[0])
+    assert a["relative_error"] < 0.05, a
+
+
+def test_ipo_update_is_the_ipo_loss_gradient(model, data):
+    chosen, rejected = data[0][2], data[0][3]
+    beta = 0.1  # target margin 1/(2 beta) = 5 nats
+    logp, _ = batch_logps(model, [chosen, rejected])
+    margin = logp[0] - logp[1]  # reference log-probs are constants: they shift m, not its gradient
+    loss = (margin - 1 / (2 * beta)) ** 2
+    loss_grad = torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, list(model.parameters()))])
+    upd = ipo_update(chosen, rejected, beta=beta, margin=margin.item())
+    G = per_sequence_gradients(model, [chosen, rejected])
+    d = upd.terms[0][1] * G[0] + upd.terms[1][1] * G[1]
+    assert ((-loss_grad - d).norm() / loss_grad.norm()).item() < 1e-5
+
+
+def test_updates_validate_their_input(model, data):
+    with pytest.raises(LdpipeError):
+        Update(())
+    with pytest.raises(LdpipeError):
+        dpo_update(data[0][0], data[0][1], beta=0.0, margin=0.0)
+    with pytest.raises(LdpipeError, match="train_pairs\\[0\\]"):
+        exact_entk(model, ["not a pair"], data[1][:1])
+    assert sft_update(data[0][0], 2.0).terms[0][1] == 2.0
+
+
+# --------------------------------------------------------------------------- projection
+
+def test_projection_coverage_counts_linear_and_embedding(model):
+    cov = projection_coverage(model)
+    expected = sum(p.numel() for m in model.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Embedding))
+                   for p in m.parameters(recurse=False))
+    assert cov["covered"] == expected
+    assert cov["total"] == sum(p.numel() for p in model.parameters())
+    assert 0.98 < cov["share"] < 1.0
+    assert cov["skipped"] and all("layernorm" in n or "layer_norm" in n for n in cov["skipped"])
+
+
+def test_projection_at_full_rank_is_exact_on_covered_parameters(model, data):
+    train, probes = data
+    names = _covered(model)
+    exact = exact_entk(model, train, probes, params=names)
+    proj = projected_entk(model, train, probes, rank=VOCAB, seed=0, batch=5)  # rank >= every dimension
+    assert ((proj - exact).norm() / exact.norm()).item() < 1e-5
+    # same with a rank-1 (Adafactor-exact) preconditioner on the training side
+    pc = _random_precond(model, 2, rank1=True)
+    exact_pc = exact_entk(model, train[:3], probes, params=names, precond=pc)
+    proj_pc = projected_entk(model, train[:3], probes, rank=VOCAB, precond=pc)
+    assert ((proj_pc - exact_pc).norm() / exact_pc.norm()).item() < 1e-5
+
+
+@pytest.mark.parametrize("name", ["gpt_neox.layers.1.mlp.dense_4h_to_h.weight",  # Linear on [B, T, .]
+                                  "gpt_neox.embed_in.weight",                     # Embedding (token gather)
+                                  "lm_head.weight"])                              # head on flattened positions
+def test_projection_is_unbiased(model, data, name):
+    """Averaged over seeds, a rank-4 projection of one matrix converges to the exact kernel of that matrix."""
+    train = data[0][:4]
+    exact = exact_entk(model, train, train, params=[name])
+    mean = sum(projected_entk(model, train, train, rank=4, seed=s, params=[name]) for s in range(100)) / 100
+    ratio = mean.diagonal() / exact.diagonal()
+    assert 0.85 < ratio.mean().item() < 1.15, ratio  # a wrong 1/sqrt(r) scale would be off by 4x or more
+    assert agreement(mean, exact)["relative_error"] < 0.25
+    one = agreement(projected_entk(model, train, train, rank=4, seed=0, params=[name]), exact)["relative_error"]
+    assert agreement(mean, exact)["relative_error"] < one  # averaging helps: the error is variance, not bias
+
+
+def test_projection_improves_with_rank(model, data, K):
+    train, probes = data
+    stats = [agreement(projected_entk(model, train, probes, rank=r, seed=0), K) for r in (2, 8, 32)]
+    rho = [s["spearman"] for s in stats]
+    err = [s["relative_error"] for s in stats]
+    assert rho[0] < rho[1] < rho[2], rho
+    assert err[0] > err[1] > err[2], err
+    assert rho[2] > 0.9 and err[2] < 0.2, stats[2]
+
+
+def test_same_seed_same_projection(model, data):
+    train, probes = data
+    a = projected_entk(model, train[:3], probes[:6], rank=4, seed=7)
+    b = projected_entk(model, train[:3], probes[:6], rank=4, seed=7, batch=2)
+    c = projected_entk(model, train[:3], probes[:6], rank=4, seed=8)
+    assert torch.allclose(a, b, rtol=1e-5, atol=1e-4)  # batching does not change the features
+    assert torch.equal(a, projected_entk(model, train[:3], probes[:6], rank=4, seed=7))
+    assert not torch.allclose(a, c)
+
+
+# --------------------------------------------------------------------------- agreement and A·K·G
+
+def test_agreement_known_answers():
+    a = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    same = agreement(a, a)
+    assert same["spearman"] == pytest.approx(1.0) and same["relative_error"] == 0.0
+    assert same["sign_agreement"] == 1.0
+    rev = agreement(-a, a)
+    assert rev["spearman"] == pytest.approx(-1.0) and rev["relative_error"] == pytest.approx(2.0)
+    assert rev["sign_agreement"] == 0.0
+    # ties get their average rank: ranks (0.5, 0.5, 2) against (0, 1, 2) correlate 1.5 / sqrt(1.5 * 2)
+    tie = agreement(torch.tensor([1.0, 1.0, 2.0]), torch.tensor([1.0, 2.0, 3.0]))
+    assert tie["spearman"] == pytest.approx(1.5 / (1.5 * 2) ** 0.5)
+    with pytest.raises(LdpipeError, match="shapes differ"):
+        agreement(a, a[:3])
+
+
+def test_akg_decomposition_reassembles_the_entk(model, data, K):
+    train, probes = data
+    u, o = 2, N_TRAIN + 3
+    obs = probes[o]
+    parts = [akg_decomposition(model, train[u], obs, position=t) for t in range(len(obs[1]))]
+    total = sum(p["delta_logp_observed"] for p in parts)
+    assert total == pytest.approx(float(K[u, o]), rel=1e-3, abs=1e-3)
+    p = parts[1]
+    assert torch.allclose(p["A"].sum(1), torch.zeros(VOCAB), atol=1e-5)  # log-softmax ignores a shared shift
+    assert torch.allclose(p["G"][0].sum(1), torch.zeros(len(train[u][1])), atol=1e-5)  # pi - e_y sums to 0
+    full = akg_decomposition(model, train[u], obs, position=1, full_k=True)
+    kg = sum(torch.einsum("lvw,lw->v", k, g) for k, g in zip(full["K"], full["G"]))
+    assert ((kg - full["KG"]).norm() / full["KG"].norm()).item() < 1e-4
+    with pytest.raises(LdpipeError, match="position"):
+        akg_decomposition(model, train[u], obs, position=len(obs[1]))
+
+
+def test_projection_with_tied_input_and_output_embeddings():
+    """A tied table gets its gradient from the embedding lookup AND the output head; both add into one block."""
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    cfg = GPTNeoXConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=64, tie_word_embeddings=True, hidden_dropout=0.0, attention_dropout=0.0)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        tied = GPTNeoXForCausalLM(cfg)
+    assert tied.lm_head.weight is tied.get_input_embeddings().weight
+    rng = random.Random(1)
+    pairs = [([rng.randrange(1, 100) for _ in range(5)], [rng.randrange(1, 100) for _ in range(4)] + [0])
+             for _ in range(5)]
+    exact = exact_entk(tied, pairs[:2], pairs, params=_covered(tied))
+    proj = projected_entk(tied, pairs[:2], pairs, rank=100)
+    assert ((proj - exact).norm() / exact.norm()).item() < 1e-5
