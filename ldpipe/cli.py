@@ -65,8 +65,18 @@ def _cmd_ui(args: argparse.Namespace) -> int:
     home = ensure_dagster_home()
     print(f"DAGSTER_HOME={home}; UI on http://{args.host}:{args.port}", flush=True)
     os.chdir(project_dir())
-    cmd = ["dg", "dev", "-h", args.host, "-p", str(args.port)]
-    os.execvp(cmd[0], cmd)
+    # dg is installed next to this interpreter; the venv need not be activated
+    dg_bin = Path(sys.executable).parent / "dg"
+    if not dg_bin.exists():
+        import shutil
+
+        found = shutil.which("dg")
+        if not found:
+            raise LdpipeError("the `dg` command (dagster-dg-cli) is not installed; run `pip install -e .`")
+        dg_bin = Path(found)
+    os.environ["PATH"] = f"{dg_bin.parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    cmd = [str(dg_bin), "dev", "-h", args.host, "-p", str(args.port)]
+    os.execv(cmd[0], cmd)
     return 0  # not reached
 
 
