@@ -15,7 +15,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -366,6 +366,41 @@ def _looks_like_path(name: str) -> bool:
     return name.startswith(("/", ".", "~")) or name.count("/") > 1 or os.sep != "/" and os.sep in name
 
 
+def _model_source(name_or_path: str | Path) -> str:
+    """A local model directory (checked) or a hub id."""
+    name = str(name_or_path)
+    p = Path(name).expanduser()
+    if p.exists():
+        if not p.is_dir() or not (p / "config.json").is_file():
+            raise LdpipeError(f"model path {str(p)!r} holds no model (no config.json)")
+        return str(p)
+    if isinstance(name_or_path, Path) or _looks_like_path(name):
+        raise LdpipeError(f"model path {str(p)!r} does not exist")
+    return name
+
+
+def _load(name: str, local_files_only: bool, loader: Callable[[], Any]) -> Any:
+    try:
+        return loader()
+    except OSError as e:
+        if local_files_only:
+            raise LdpipeError(f"model {name!r} is neither a local directory (cwd {os.getcwd()}) nor in the local "
+                              "Hugging Face cache; pass local_files_only=False to download it") from e
+        raise LdpipeError(f"cannot load model {name!r}: {e}") from e
+    except ValueError as e:  # e.g. an architecture this transformers version does not know
+        raise LdpipeError(f"cannot load model {name!r}: {e}") from e
+
+
+def load_tokenizer(name_or_path: str | Path, *, local_files_only: bool = True) -> PreTrainedTokenizerBase:
+    """The tokenizer of a local model dir or (opt-in) a hub id, with pad = eos when it has no pad token."""
+    source = _model_source(name_or_path)
+    tokenizer = _load(str(name_or_path), local_files_only,
+                      lambda: AutoTokenizer.from_pretrained(source, local_files_only=local_files_only))
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
 def load_model_and_tokenizer(
     name_or_path: str | Path,
     *,
@@ -378,29 +413,11 @@ def load_model_and_tokenizer(
     With local_files_only=True (the default) a hub id resolves only from the
     local HF cache, so nothing is downloaded unless the caller asks for it.
     """
-    name = str(name_or_path)
-    p = Path(name).expanduser()
-    if p.exists():
-        if not p.is_dir() or not (p / "config.json").is_file():
-            raise LdpipeError(f"model path {str(p)!r} holds no model (no config.json)")
-        source = str(p)
-    elif isinstance(name_or_path, Path) or _looks_like_path(name):
-        raise LdpipeError(f"model path {str(p)!r} does not exist")
-    else:
-        source = name
+    source = _model_source(name_or_path)
     dev = resolve_device(device)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_files_only)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, local_files_only=local_files_only)
-    except OSError as e:
-        if local_files_only:
-            raise LdpipeError(f"model {name!r} is neither a local directory (cwd {os.getcwd()}) nor in the local "
-                              "Hugging Face cache; pass local_files_only=False to download it") from e
-        raise LdpipeError(f"cannot load model {name!r}: {e}") from e
-    except ValueError as e:  # e.g. an architecture this transformers version does not know
-        raise LdpipeError(f"cannot load model {name!r}: {e}") from e
-    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
-        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer = load_tokenizer(name_or_path, local_files_only=local_files_only)
+    model = _load(str(name_or_path), local_files_only,
+                  lambda: AutoModelForCausalLM.from_pretrained(source, dtype=dtype, local_files_only=local_files_only))
     model.to(dev)
     model.eval()
     return model, tokenizer

@@ -256,7 +256,7 @@ def base_model_path(spec: ExperimentSpec, files: ExperimentFiles) -> Path | str:
 def train_run(spec: ExperimentSpec, run: RunSpec, files: ExperimentFiles, *, store_root: Path | None = None,
               device: str = "auto", log: Log = print) -> dict:
     """Train one declared run from its start point (base model or parent run), tracking the probe set."""
-    from ldpipe.models import configure_threads, load_model_and_tokenizer
+    from ldpipe.models import configure_threads, load_tokenizer
     from ldpipe.scoring import encode_probes
     from ldpipe.store import Store
     from ldpipe.train import run_training
@@ -275,7 +275,7 @@ def train_run(spec: ExperimentSpec, run: RunSpec, files: ExperimentFiles, *, sto
         log(f"[{spec.run_id(run)}] WARNING: run {parent.name!r} checkpoint was trained with config hash "
             f"{start.parent_hash}, its declaration now hashes to {spec.run_config_hash(parent)} (launch-time "
             f"override or stale checkpoint); this run's config hash records the checkpoint's")
-    _, tok = load_model_and_tokenizer(start.path, device="cpu")
+    tok = load_tokenizer(start.path)
     encoded = encode_probes(tok, probes, max_prompt_tokens=spec.probes.max_prompt_tokens,
                             max_response_tokens=spec.probes.max_response_tokens)
     result = run_training(run, run_id=spec.run_id(run), config_hash=config_hash, model_path=start.path,
