@@ -53,6 +53,16 @@ def test_sql_reads_and_refuses_writes(tmp_path):
     assert not (tmp_path / "x.csv").exists()
 
 
+def _materialize_dataset(proj, monkeypatch):
+    """Materialize only the `local/dataset` asset of the project's declarations, in-process."""
+    monkeypatch.setenv("LDPIPE_PROJECT_DIR", str(proj))
+    monkeypatch.setenv("LDPIPE_HOME", str(proj / ".ldpipe"))
+    defs = build_defs(load_experiments(proj / "assets"))
+    ds = [a for a in defs.assets if dg.AssetKey(["local", "dataset"]) in a.keys]
+    return dg.materialize(ds, resources={"ldpipe_home": LdpipeHome(), "compute": Compute(device="cpu")},
+                          instance=dg.DagsterInstance.ephemeral(), raise_on_error=False)
+
+
 def test_bad_local_dataset_fails_the_step_and_writes_nothing(tmp_path, monkeypatch):
     proj = tmp_path / "proj"
     (proj / "assets").mkdir(parents=True)
@@ -62,12 +72,7 @@ def test_bad_local_dataset_fails_the_step_and_writes_nothing(tmp_path, monkeypat
                     '{"prompt": "Q2", "chosen": "a"}\n')
     (proj / "assets" / "local.yaml").write_text(
         "name: local\ndataset: {kind: local, path: pairs.jsonl}\nmodel: {kind: pretrained, name_or_path: nowhere}\n")
-    monkeypatch.setenv("LDPIPE_PROJECT_DIR", str(proj))
-    monkeypatch.setenv("LDPIPE_HOME", str(proj / ".ldpipe"))
-    defs = build_defs(load_experiments(proj / "assets"))
-    ds = [a for a in defs.assets if dg.AssetKey(["local", "dataset"]) in a.keys]
-    result = dg.materialize(ds, resources={"ldpipe_home": LdpipeHome(), "compute": Compute(device="cpu")},
-                            instance=dg.DagsterInstance.ephemeral(), raise_on_error=False)
+    result = _materialize_dataset(proj, monkeypatch)
     assert not result.success
     failures = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"]
     assert len(failures) == 1
@@ -85,12 +90,7 @@ def test_good_local_dataset_materializes(tmp_path, monkeypatch):
     (proj / "assets" / "local.yaml").write_text(
         "name: local\ndataset: {kind: local, path: pairs.parquet, "
         "columns: {prompt: q, chosen: good, rejected: bad}}\n")
-    monkeypatch.setenv("LDPIPE_PROJECT_DIR", str(proj))
-    monkeypatch.setenv("LDPIPE_HOME", str(proj / ".ldpipe"))
-    defs = build_defs(load_experiments(proj / "assets"))
-    ds = [a for a in defs.assets if dg.AssetKey(["local", "dataset"]) in a.keys]
-    result = dg.materialize(ds, resources={"ldpipe_home": LdpipeHome(), "compute": Compute(device="cpu")},
-                            instance=dg.DagsterInstance.ephemeral())
+    result = _materialize_dataset(proj, monkeypatch)
     assert result.success
     prefs = pl.read_parquet(proj / ".ldpipe" / "datasets" / "local" / "preferences.parquet")
     assert prefs.height == 6 and prefs["chosen"][0] == " answer 0"
