@@ -1,0 +1,73 @@
+"""Text generation from a causal LM: greedy or sampled continuations of prompts, batched and seeded.
+
+Used by the model-made probe types (y_init, y_selfr) and by the generation-based analyses
+(squeezing's repeater rate, hallucination borrowing, win rate). Prompts are tokenized the way
+the scorer does (no special tokens; the prompt keeps its last `max_prompt_tokens` tokens) and
+left-padded so a batch of prompts decodes together; decoding stops at EOS.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    max_new_tokens: int = 64
+    do_sample: bool = False      # False: greedy
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int = 0
+    batch_size: int = 16
+    max_prompt_tokens: int = 96
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1 or self.batch_size < 1 or self.max_prompt_tokens < 1:
+            raise ValueError(f"max_new_tokens, batch_size and max_prompt_tokens must be >= 1: {self}")
+        if self.do_sample and not (self.temperature > 0 and 0 < self.top_p <= 1):
+            raise ValueError(f"sampling needs temperature > 0 and 0 < top_p <= 1: {self}")
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompts: Sequence[str], config: GenerationConfig = GenerationConfig(),
+             device: torch.device | str | None = None) -> list[str]:
+    """One continuation per prompt (text after the prompt, EOS and padding removed), in input order.
+
+    Deterministic for a given seed: each batch reseeds a local generator from (seed, batch index),
+    so results do not depend on what ran before.
+    """
+    if not prompts:
+        return []
+    dev = torch.device(device) if device is not None else next(model.parameters()).device
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise ValueError("the tokenizer has no eos token; generation needs one to stop and to pad")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    was_training = model.training
+    model.eval()
+    out: list[str] = []
+    try:
+        for b, start in enumerate(range(0, len(prompts), config.batch_size)):
+            chunk = list(prompts[start:start + config.batch_size])
+            ids = [tokenizer(p, add_special_tokens=False)["input_ids"][-config.max_prompt_tokens:] for p in chunk]
+            empty = [i for i, x in enumerate(ids) if not x]
+            if empty:
+                raise ValueError(f"prompt {start + empty[0]} is empty after tokenization")
+            width = max(len(x) for x in ids)
+            input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in ids], device=dev)
+            mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids], device=dev)
+            kwargs = {"max_new_tokens": config.max_new_tokens, "do_sample": config.do_sample,
+                      "pad_token_id": pad, "eos_token_id": eos}
+            if config.do_sample:
+                torch.manual_seed(config.seed * 1_000_003 + b)
+                kwargs.update(temperature=config.temperature, top_p=config.top_p, top_k=0)
+            seqs = model.generate(input_ids=input_ids, attention_mask=mask, **kwargs)
+            for row in seqs[:, width:].tolist():
+                if eos in row:
+                    row = row[:row.index(eos)]
+                out.append(tokenizer.decode(row, skip_special_tokens=True).strip())
+    finally:
+        model.train(was_training)
+    return out
