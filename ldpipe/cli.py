@@ -102,8 +102,16 @@ def _cmd_sql(args: argparse.Namespace) -> int:
 def _cmd_bench(args: argparse.Namespace) -> int:
     from ldpipe.bench import run_bench
 
-    run_bench(args.name, quick=args.quick, probes_path=args.probes, n_prompts=args.prompts, threads=args.threads,
-              json_out=Path(args.json) if args.json else None)
+    kwargs = {"quick": args.quick, "threads": args.threads}
+    if args.name == "scoring":
+        kwargs.update(probes_path=args.probes, n_prompts=args.prompts)
+    elif args.name == "tracking":
+        kwargs.update(n_prompts=args.prompts)
+    elif args.name == "influence":
+        kwargs.update(model_path=args.model)
+    elif args.name == "sql":
+        kwargs.update(rows=args.rows)
+    run_bench(args.name, json_out=Path(args.json) if args.json else None, **kwargs)
     return 0
 
 
@@ -125,12 +133,14 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--dir", help="declarations directory (default: <project>/assets)")
     c.set_defaults(func=_cmd_check)
 
-    b = sub.add_parser("bench", help="speed benchmarks, measured side by side in one run (ratios)")
-    b.add_argument("name", choices=["scoring"])
+    b = sub.add_parser("bench", help="speed and memory benchmarks, measured side by side in one run (ratios)")
+    b.add_argument("name", choices=["scoring", "tracking", "influence", "demo", "sql", "memory"])
     b.add_argument("--quick", action="store_true", help="small size for a CPU")
-    b.add_argument("--probes", help="a reference-format probe file to score instead of the built-in default")
-    b.add_argument("--prompts", type=int, help="number of probe prompts")
-    b.add_argument("--threads", type=int, help="torch threads (default min(2, cores))")
+    b.add_argument("--probes", help="scoring: a reference-format probe file instead of the built-in default")
+    b.add_argument("--prompts", type=int, help="scoring/tracking: number of probe prompts")
+    b.add_argument("--model", help="influence: a checkpoint directory (default: random weights, default size)")
+    b.add_argument("--rows", type=int, help="sql: trajectory rows to generate (default 10M; --quick 1M)")
+    b.add_argument("--threads", type=int, help="torch/DuckDB threads (default min(2, cores))")
     b.add_argument("--json", help="also write the report to this JSON file")
     b.set_defaults(func=_cmd_bench)
 

@@ -1,0 +1,95 @@
+"""`ldpipe bench memory`: peak RSS of scoring and influence, each workload in a fresh subprocess.
+
+Sizes: the default architecture (1.2M parameters) and a 160M-parameter GPT-NeoX (Pythia-160M shape:
+hidden 768, 12 layers, 12 heads, vocabulary 50,304), random weights. Peak RSS comes from
+getrusage(RUSAGE_SELF).ru_maxrss of the child, so imports (torch, polars) are included; the
+`baseline` row (imports and model only, no work) separates them.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+ARCH_160M = {"hidden_size": 768, "num_layers": 12, "num_heads": 12, "intermediate_size": 3072,
+             "max_position_embeddings": 2048}
+VOCAB_160M = 50304
+
+
+def _child(workload: str, size: str, n_prompts: int, n_train: int) -> dict:
+    import resource
+
+    import torch
+
+    from ldpipe.bench.common import encoded_probes, tokenizer, world
+    from ldpipe.models import TinyModelConfig, build_model, count_parameters
+
+    torch.set_num_threads(int(os.environ.get("LDPIPE_BENCH_THREADS", "1")))
+    if size == "160m":
+        model = build_model(TinyModelConfig(**ARCH_160M), vocab_size=VOCAB_160M)
+    else:
+        model = build_model(TinyModelConfig(), vocab_size=len(tokenizer()))
+    model.eval()
+    enc = encoded_probes(n_prompts)
+    if workload == "scoring":
+        from ldpipe.scoring import score_probes
+
+        score_probes(model, enc)
+    elif workload.startswith("influence"):
+        import polars as pl
+
+        from ldpipe.influence import exact_entk, projected_entk
+        from ldpipe.scoring import encode_pair
+
+        train = world().preferences.filter(pl.col("split") == "train").sort("example_id").head(n_train)
+        tp = [encode_pair(tokenizer(), p, c, max_prompt_tokens=96, max_response_tokens=64)
+              for p, c in zip(train["prompt"].to_list(), train["chosen"].to_list())]
+        pp = [(ep.prompt_ids, r) for ep in enc for r in ep.response_ids]
+        if workload == "influence_exact":
+            exact_entk(model, tp, pp, block=8)
+        else:
+            projected_entk(model, tp, pp, rank=32)
+    rss_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {"peak_rss_mb": rss_kib / 1024, "parameters": count_parameters(model)}
+
+
+def bench_memory(*, quick: bool = False, threads: int | None = None) -> dict:
+    n_prompts_small, n_prompts_big = (10, 2) if quick else (40, 4)
+    plan = [("baseline", "default", n_prompts_small, 0), ("scoring", "default", n_prompts_small, 0),
+            ("influence_projected", "default", n_prompts_small // 2, 16),
+            ("influence_exact", "default", n_prompts_small // 2, 16),
+            ("baseline", "160m", n_prompts_big, 0), ("scoring", "160m", n_prompts_big, 0),
+            ("influence_projected", "160m", n_prompts_big // 2 or 1, 4)]
+    if not quick:
+        plan.append(("influence_exact", "160m", 1, 2))
+    env = {**os.environ, "LDPIPE_BENCH_THREADS": str(threads or min(2, os.cpu_count() or 1))}
+    results = []
+    for workload, size, n_prompts, n_train in plan:
+        cmd = [sys.executable, "-m", "ldpipe.bench.memory", workload, size, str(n_prompts), str(n_train)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        if proc.returncode != 0:
+            results.append({"workload": workload, "model": size, "error": proc.stderr.strip().splitlines()[-1:]})
+            continue
+        out = json.loads(proc.stdout.strip().splitlines()[-1])
+        results.append({"workload": workload, "model": size, "prompts": n_prompts, "train": n_train, **out,
+                        "weights_mb": out["parameters"] * 4 / 2**20})
+    base = {r["model"]: r["peak_rss_mb"] for r in results if r["workload"] == "baseline" and "peak_rss_mb" in r}
+    for r in results:
+        if "peak_rss_mb" in r and r["model"] in base:
+            r["above_baseline_mb"] = r["peak_rss_mb"] - base[r["model"]]
+    return {
+        "benchmark": "memory",
+        "title": "peak RSS per workload (fresh subprocess each)",
+        "context": {"threads": env["LDPIPE_BENCH_THREADS"]},
+        "columns": ["workload", "model", "parameters", "prompts", "train", "weights_mb", "peak_rss_mb",
+                    "above_baseline_mb"],
+        "results": results,
+        "goal": None, "goal_met": None,
+        "notes": "above_baseline = peak RSS minus the same model's imports-and-weights baseline; influence_exact "
+                 "holds (N + block) full per-sequence gradients, projected holds rank-r factors only.",
+    }
+
+
+if __name__ == "__main__":
+    print(json.dumps(_child(sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))))
