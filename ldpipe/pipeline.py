@@ -50,12 +50,28 @@ class ExperimentFiles:
     def probe_report(self) -> Path:
         return self.data_dir / "probe_report.json"
 
+    @property
+    def model_probes(self) -> Path:   # model-made probe rows (y_init, y_selfr, random tokens)
+        return self.data_dir / "model_probes.parquet"
+
+    @property
+    def model_probe_report(self) -> Path:
+        return self.data_dir / "model_probe_report.json"
+
     def base_model(self, spec: ExperimentSpec) -> Path:
         # keyed by hash only, so experiments declaring the same data and model share one checkpoint
         return self.paths.models / f"base-{spec.model_config_hash()}"
 
     def run_dir(self, run: RunSpec) -> Path:
         return self.paths.models / self.name / "runs" / run.name
+
+    def resume_dir(self, run: RunSpec) -> Path:
+        """Resume checkpoints of an unfinished run (ldpipe.resume; removed when the run finishes)."""
+        return self.run_dir(run) / "resume"
+
+    def snapshot_dir(self, run: RunSpec, step: int) -> Path:
+        """The model-only checkpoint of `run` after `step` optimizer steps (RunSpec.snapshot_every)."""
+        return self.run_dir(run) / "checkpoints" / f"step-{step:07d}"
 
     def curves_png(self, run: RunSpec | None = None) -> Path:
         return self.paths.plots / f"{self.name}{'.' + run.name if run else ''}.learning_curves.png"
@@ -111,65 +127,225 @@ def load_preferences_file(files: ExperimentFiles) -> pl.DataFrame:
 
 
 # ---------------------------------------------------------------- probe set
+# Two stages write the probe rows: build_probes (everything that needs no model: dataset, templates, LLM
+# endpoint, user-declared types) -> probes.parquet, and build_model_probes (y_init, y_selfr, random tokens and
+# custom types made from them; needs the base model) -> model_probes.parquet. load_probes_file joins them.
+# Each type's rows are cached under a content hash of what they depend on (probes.TypeCache), so adding a type
+# builds only that type, and a rerun builds nothing and leaves both files byte-identical.
 
-def build_probes(spec: ExperimentSpec, files: ExperimentFiles, log: Log = print) -> dict:
-    from ldpipe.probes import ProbeRecipe, build_probe_set, check_probe_set
-
-    ps = spec.probes
-    skipped: dict[str, str] = {}
-    if spec.dataset.kind == "reference_probes":
-        from ldpipe.data import load_reference_probes
-
-        probes = load_reference_probes(_resolve(spec.dataset.path))
-        ids = probes["example_id"].unique(maintain_order=True).to_list()
-        if ps.selection == "random":
-            import random
-
-            ids = sorted(random.Random(ps.seed).sample(ids, min(ps.n_examples, len(ids))), key=ids.index)
-        probes = probes.filter(pl.col("example_id").is_in(ids[: ps.n_examples]))
-        if ps.types:
-            probes = probes.filter(pl.col("response_type").is_in(list(ps.types)))
-    else:
-        prefs = load_preferences_file(files)
-        rephrases = None
-        human = None
-        if spec.dataset.kind == "synthetic":
-            from ldpipe.synthetic import SyntheticWorld, human_sentence
-
-            rephrases = SyntheticWorld.load(files.world).rephrases
-            human = human_sentence
-        kwargs = {"n_examples": ps.n_examples, "selection": ps.selection, "seed": ps.seed}
-        if ps.types:
-            kwargs["types"] = tuple(ps.types)
-        build = build_probe_set(prefs, ProbeRecipe(**kwargs), rephrases=rephrases, human_sentence=human)
-        probes, skipped = build.probes, dict(build.skipped)
-        for t in LLM_REPHRASE_TYPES:
-            if t in skipped and ps.llm is None:
-                skipped[t] = ("needs an LLM endpoint: declare probes.llm (model, base_url, api_key_env) in the "
-                              "experiment YAML; every other type was built")
-    llm_report: dict = {}
-    if ps.llm is not None:
-        probes, llm_report = _add_llm_types(probes, ps.llm, files, log)
-        for t in ps.llm.types:
-            skipped.pop(t, None)
-    probes = probes.select(list(PROBE_SCHEMA)).sort("example_id", "response_type")
-    types = sorted(probes["response_type"].unique().to_list())
-    report = check_probe_set(probes, types)
-    write_parquet(probes, files.probes)
-    write_json({"skipped": skipped, "checks": report, "llm": llm_report}, files.probe_report)
-    for t, why in skipped.items():
-        log(f"[{spec.name}] probe type {t} not built: {why}")
-    log(f"[{spec.name}] probe set: {probes['example_id'].n_unique()} prompts x {len(types)} types")
-    return {"rows": probes.height, "prompts": probes["example_id"].n_unique(), "types": types,
-            "skipped": skipped, "checks": report, "llm": llm_report, "path": str(files.probes)}
-
-
+PROBE_BUILDER_VERSION = 1   # part of every per-type cache key: bump when a builder's output changes
 LLM_REPHRASE_TYPES = ("chosen_gptsemantic", "chosen_gptformat", "reject_gptsemantic", "reject_gptformat")
 
 
-def _add_llm_types(probes: pl.DataFrame, llm, files: ExperimentFiles, log: Log) -> tuple[pl.DataFrame, dict]:
-    """Make `llm.types` through an OpenAI-compatible endpoint; completed calls are cached in the ldpipe home,
-    so a rerun (or a resumed run after a crash) makes no repeat calls."""
+def _probe_cache(files: ExperimentFiles):
+    from ldpipe.probes import TypeCache
+
+    return TypeCache(files.data_dir / "probe_cache")
+
+
+def _custom_stages(ps) -> dict[str, str]:
+    """custom type -> "probes" or "model": a type made (through earlier custom types) from a model-made type
+    is built by the model stage."""
+    from ldpipe.probes import MODEL_STAGE_TYPES
+
+    stage: dict[str, str] = {}
+    for ct in ps.custom_types:
+        stage[ct.name] = stage.get(ct.source) or ("model" if ct.source in MODEL_STAGE_TYPES else "probes")
+    return stage
+
+
+def _core_types(ps, stage: str, *, reference: bool = False) -> list[str]:
+    """The core types a stage makes. A reference probe file carries its own y_init / y_selfr, so for it the
+    probe-set stage imports them and the model stage adds only what the file lacks."""
+    from ldpipe.probes import MODEL_STAGE_TYPES, MODEL_TYPES, OFFLINE_TYPES
+
+    wanted = list(ps.types) if ps.types is not None else [*OFFLINE_TYPES, *MODEL_TYPES]
+    in_model = set(MODEL_STAGE_TYPES) - (set(MODEL_TYPES) if reference and stage == "probes" else set())
+    return [t for t in wanted if (t in in_model) == (stage == "model")]
+
+
+def _fetch(cache, keys: dict[str, str], make: Callable[[list[str]], tuple[pl.DataFrame, dict[str, str], dict]],
+           pool: dict[str, pl.DataFrame], status: dict[str, str], skipped: dict[str, str],
+           info: dict[str, dict]) -> None:
+    """Fill `pool` with the rows of every type in `keys`: from the cache where its key is stored, else from
+    one call of `make(missing types) -> (rows, {type: why skipped}, {type: build report})`."""
+    missing = []
+    for t, key in keys.items():
+        rows = cache.get(t, key)
+        if rows is None:
+            missing.append(t)
+        else:
+            pool[t], status[t] = rows, "reused"
+            info[t] = cache.get_info(t, key)
+    if not missing:
+        return
+    built, why, reports = make(missing)
+    for t in missing:
+        rows = built.filter(pl.col("response_type") == t).select(list(PROBE_SCHEMA)).sort("example_id")
+        if t in why or rows.is_empty():
+            skipped[t] = why.get(t, "no rows were built")
+            continue
+        cache.put(t, keys[t], rows, info=reports.get(t, {}))
+        pool[t], status[t], info[t] = rows, "built", reports.get(t, {})
+
+
+def _fetch_custom(cache, ps, names: list[str], keys: dict[str, str], pool, status, skipped, info) -> list[str]:
+    """Build/reuse the user-declared types `names` (in declaration order) from the rows in `pool`."""
+    from ldpipe.probes import build_custom_type, content_hash, custom_type_inputs
+
+    done = []
+    for ct in ps.custom_types:
+        if ct.name not in names:
+            continue
+        lacking = [t for t in custom_type_inputs(ct) if t not in keys or t not in pool]
+        if lacking:
+            skipped[ct.name] = f"its input type {lacking[0]!r} was not built"
+            continue
+        keys[ct.name] = content_hash({"v": PROBE_BUILDER_VERSION, "custom": ct.model_dump(mode="json"),
+                                      "seed": ps.seed, "inputs": [keys[t] for t in custom_type_inputs(ct)]})
+
+        def make(_missing: list[str], ct=ct) -> tuple[pl.DataFrame, dict, dict]:
+            rows, why = build_custom_type(ct, pool, seed=ps.seed)
+            if rows is None:
+                return pl.DataFrame(schema=PROBE_SCHEMA), {ct.name: why}, {}
+            return rows, {}, {ct.name: {"transform": ct.transform, "from": ct.source}}
+
+        _fetch(cache, {ct.name: keys[ct.name]}, make, pool, status, skipped, info)
+        done.append(ct.name)
+    return done
+
+
+def _write_if_changed(df: pl.DataFrame, path: Path) -> bool:
+    """Write `df` as Parquet unless the file already holds exactly these bytes (a rerun leaves it untouched)."""
+    import io
+
+    from ldpipe.atomic import write_bytes
+
+    buf = io.BytesIO()
+    df.write_parquet(buf)
+    data = buf.getvalue()
+    if path.is_file() and path.read_bytes() == data:
+        return False
+    write_bytes(data, path)
+    return True
+
+
+def _finish_stage(frames: list[pl.DataFrame]) -> pl.DataFrame:
+    return (pl.concat(frames) if frames else pl.DataFrame(schema=PROBE_SCHEMA)).select(list(PROBE_SCHEMA)) \
+        .sort("example_id", "response_type")
+
+
+def build_probes(spec: ExperimentSpec, files: ExperimentFiles, log: Log = print) -> dict:
+    """Stage 1 of the probe set: every type that needs no model, written to `files.probes`."""
+    from ldpipe.probes import (REPHRASE_TYPES, ProbeRecipe, build_probe_set, check_probe_set, content_hash,
+                               custom_type_inputs, file_hash)
+
+    ps, ds = spec.probes, spec.dataset
+    cache = _probe_cache(files)
+    wanted = _core_types(ps, "probes", reference=ds.kind == "reference_probes")
+    stages = _custom_stages(ps)
+    customs = [ct.name for ct in ps.custom_types if stages[ct.name] == "probes"]
+    llm_types = [t for t in (ps.llm.types if ps.llm else ()) if t in wanted]
+    # types built only as inputs (of LLM rephrases or custom types) are not written unless wanted
+    needed = list(dict.fromkeys([*wanted, *(["chosen", "rejected"] if llm_types else []),
+                                 *(t for ct in ps.custom_types if ct.name in customs
+                                   for t in custom_type_inputs(ct) if t not in stages)]))
+    pool: dict[str, pl.DataFrame] = {}
+    status: dict[str, str] = {}
+    skipped: dict[str, str] = {}
+    info: dict[str, dict] = {}
+    recipe = {"v": PROBE_BUILDER_VERSION, "kind": ds.kind, "n": ps.n_examples, "selection": ps.selection,
+              "seed": ps.seed}
+    keys: dict[str, str] = {}
+    if ds.kind == "reference_probes":
+        ref = _resolve(ds.path)
+        base = {**recipe, "file": file_hash(ref), "limit": ds.limit}
+        keys = {t: content_hash({**base, "type": t}) for t in needed}
+        _fetch(cache, keys, lambda missing: _reference_types(ref, ps, ds.limit, missing), pool, status, skipped,
+               info)
+    else:
+        base = {**recipe, "preferences": file_hash(files.preferences)}
+        offline = [t for t in needed if t not in llm_types]
+        reph_file = files.world / "rephrases.parquet"
+        for t in offline:
+            extra = {"rephrases": file_hash(reph_file)} if t in REPHRASE_TYPES and ds.kind == "synthetic" else {}
+            keys[t] = content_hash({**base, "type": t, **extra})
+
+        def make_offline(missing: list[str]) -> tuple[pl.DataFrame, dict, dict]:
+            rephrases, human = None, None
+            if ds.kind == "synthetic":
+                from ldpipe.synthetic import SyntheticWorld, human_sentence
+
+                rephrases, human = SyntheticWorld.load(files.world).rephrases, human_sentence
+            recipe_ = ProbeRecipe(n_examples=ps.n_examples, selection=ps.selection, seed=ps.seed, types=tuple(missing))
+            build = build_probe_set(load_preferences_file(files), recipe_, rephrases=rephrases, human_sentence=human)
+            why = dict(build.skipped)
+            for t in LLM_REPHRASE_TYPES:
+                if t in why:
+                    why[t] = ("needs an LLM endpoint: declare probes.llm (model, base_url, api_key_env) in the "
+                              "experiment YAML; every other type was built")
+            return build.probes, why, {}
+
+        _fetch(cache, keys, make_offline, pool, status, skipped, info)
+        if llm_types:
+            llm = ps.llm
+            from ldpipe.llm_types import TEMPLATES
+
+            params = {"model": llm.model, "temperature": llm.temperature, "top_p": llm.top_p,
+                      "max_tokens": llm.max_tokens, "templates": content_hash(TEMPLATES)}
+            llm_keys = {t: content_hash({**base, "type": t, "llm": params,
+                                         "sources": [keys.get("chosen"), keys.get("rejected")]}) for t in llm_types}
+            keys |= llm_keys
+
+            def make_llm(missing: list[str]) -> tuple[pl.DataFrame, dict, dict]:
+                sources = _finish_stage([pool[t] for t in ("chosen", "rejected") if t in pool])
+                rows, report = _add_llm_types(sources, llm, missing, files, log)
+                calls = report["calls"]
+                return rows, {}, {t: {**report["types"].get(t, {}), "calls": calls} for t in missing}
+
+            _fetch(cache, llm_keys, make_llm, pool, status, skipped, info)
+    done = _fetch_custom(cache, ps, customs, keys, pool, status, skipped, info)
+    for t in _core_types(ps, "model"):
+        if t not in pool:
+            skipped[t] = f"built by the model-probe stage ({spec.name}/model_probes): it needs the base model"
+    out_types = [t for t in [*wanted, *done] if t in pool]
+    probes = _finish_stage([pool[t] for t in out_types])
+    types = sorted(probes["response_type"].unique().to_list())
+    report = check_probe_set(probes, types)
+    written = _write_if_changed(probes, files.probes)
+    built = sorted(t for t in out_types if status.get(t) == "built")
+    cache_report = {"built": built, "reused": sorted(t for t in out_types if status.get(t) == "reused")}
+    llm_report = {t: info.get(t, {}) for t in llm_types if t in pool}
+    write_json({"skipped": skipped, "checks": report, "llm": llm_report, "cache": cache_report,
+                "keys": {t: keys[t] for t in out_types}}, files.probe_report)
+    for t, why in skipped.items():
+        log(f"[{spec.name}] probe type {t} not built here: {why}")
+    log(f"[{spec.name}] probe set: {probes['example_id'].n_unique()} prompts x {len(types)} types; built "
+        f"{built or 'nothing'}, reused {len(cache_report['reused'])} type(s) from the cache"
+        f"{'' if written else '; file unchanged'}")
+    return {"rows": probes.height, "prompts": probes["example_id"].n_unique(), "types": types,
+            "skipped": skipped, "checks": report, "llm": llm_report, "cache": cache_report, "written": written,
+            "path": str(files.probes)}
+
+
+def _reference_types(path: Path, ps, limit: int | None, types: list[str]) -> tuple[pl.DataFrame, dict, dict]:
+    """The asked types of the reference probe file, for the recipe's selection of its prompts."""
+    from ldpipe.data import load_reference_probes
+    from ldpipe.probes import select_indices
+
+    probes = load_reference_probes(path, limit=limit)
+    ids = probes["example_id"].unique(maintain_order=True).to_list()
+    picked = [ids[i] for i in select_indices(len(ids), ps.n_examples, ps.selection, ps.seed)]
+    probes = probes.filter(pl.col("example_id").is_in(picked) & pl.col("response_type").is_in(types))
+    have = set(probes["response_type"].unique().to_list())
+    why = {t: f"the reference file {path.name} has no {t!r} field" for t in types if t not in have}
+    return probes, why, {}
+
+
+def _add_llm_types(sources: pl.DataFrame, llm, types: list[str], files: ExperimentFiles,
+                   log: Log) -> tuple[pl.DataFrame, dict]:
+    """Make `types` through an OpenAI-compatible endpoint from the chosen/rejected rows in `sources`; completed
+    calls are also cached in the ldpipe home, so a crashed run resumes without repeat calls."""
     from ldpipe.llm import LLMClient, LLMConfig
     from ldpipe.llm_types import build_llm_types
 
@@ -178,17 +354,178 @@ def _add_llm_types(probes: pl.DataFrame, llm, files: ExperimentFiles, log: Log) 
                     max_tokens=llm.max_tokens, timeout_s=llm.timeout_s, max_attempts=llm.max_attempts,
                     use_batch_api=llm.use_batch_api, cache_path=files.paths.home / "llm_cache.sqlite")
     with LLMClient(cfg) as client:
-        rows, report = build_llm_types(probes, client, types=tuple(llm.types))
+        rows, report = build_llm_types(sources, client, types=tuple(types))
         stats = client.stats.as_dict()
-    log(f"LLM types {list(llm.types)} via {llm.model}: {stats}")
-    kept = probes.filter(~pl.col("response_type").is_in(list(llm.types)))
-    return pl.concat([kept, rows.select(list(PROBE_SCHEMA))]), {"types": report, "calls": stats}
+    log(f"LLM types {types} via {llm.model}: {stats}")
+    return rows.select(list(PROBE_SCHEMA)), {"types": report, "calls": stats}
+
+
+# ---------------------------------------------------------------- model-made probe types
+
+def _model_fingerprint(ref: Path | str) -> dict[str, str]:
+    """Content hashes of a checkpoint's weights+config and of its tokenizer files (files over 64 MiB by
+    size and mtime, so a multi-GB model is not re-read); a hub id stands for itself."""
+    from ldpipe.probes import content_hash, file_hash
+
+    p = Path(ref)
+    if not p.is_dir():
+        return {"weights": f"hub:{ref}", "tokenizer": f"hub:{ref}"}
+    weights, tok = {}, {}
+    for f in sorted(x for x in p.iterdir() if x.is_file() and x.name != "ldpipe.json"):
+        st = f.stat()
+        h = file_hash(f) if st.st_size <= 64 << 20 else f"{st.st_size}:{st.st_mtime_ns}"
+        (tok if f.name.startswith(("tokenizer", "vocab", "merges", "special_tokens")) else weights)[f.name] = h
+    return {"weights": content_hash(weights), "tokenizer": content_hash(tok)}
+
+
+def _cut(text: str, stops: tuple[str, ...]) -> tuple[str, bool]:
+    ends = [text.find(s) for s in stops if s and s in text]
+    return (text[:min(ends)].strip(), True) if ends else (text.strip(), False)
+
+
+def build_model_probes(spec: ExperimentSpec, files: ExperimentFiles, *, device: str = "auto",
+                       log: Log = print) -> dict:
+    """Stage 2 of the probe set: y_init (`chosen_initial`, the base model's own reply to the probe prompt),
+    y_selfr (`chosen_selfr`, its continuation of a rephrase instruction + y+), uniformly random tokens of its
+    vocabulary (`random_tokens`) and custom types made from these; written to `files.model_probes`."""
+    from ldpipe.probes import (check_probe_set, content_hash, file_hash, frame_hash, random_token_rows)
+
+    ps, gen = spec.probes, spec.probes.generation
+    if not files.probes.exists():
+        raise LdpipeError(f"{files.probes} is missing: materialize {spec.name}/probe_set first")
+    stage1 = pl.read_parquet(files.probes)
+    probe_sha = file_hash(files.probes)
+    present = set(stage1["response_type"].unique().to_list())
+    wanted, skipped = [], {}
+    for t in _core_types(ps, "model"):
+        if t in present:
+            skipped[t] = "already in the probe set (provided by the dataset)"
+        else:
+            wanted.append(t)
+    stages = _custom_stages(ps)
+    customs = [ct.name for ct in ps.custom_types if stages[ct.name] == "model"]
+    chosen = stage1.filter(pl.col("response_type") == "chosen").sort("example_id")
+    cache = _probe_cache(files)
+    pool: dict[str, pl.DataFrame] = {t: stage1.filter(pl.col("response_type") == t) for t in present}
+    status: dict[str, str] = {}
+    info: dict[str, dict] = {}
+    keys: dict[str, str] = {}
+    seed = ps.seed if gen.seed is None else gen.seed
+    decoding = ({"do_sample": True, "temperature": gen.temperature, "top_p": gen.top_p, "seed": seed}
+                if gen.do_sample else {"do_sample": False})
+    fp: dict[str, str] = {}
+    model_ref: Path | str = ""
+    if wanted and chosen.is_empty():
+        skipped |= {t: "the probe set has no 'chosen' rows to make it from" for t in wanted}
+        wanted = []
+    if wanted:
+        model_ref = base_model_path(spec, files)
+        fp = _model_fingerprint(model_ref)
+        src = frame_hash(chosen.select("example_id", "prompt", "response"))
+        gen_params = {**decoding, "max_new_tokens": gen.max_new_tokens, "stop": list(gen.stop),
+                      "max_prompt_tokens": ps.max_prompt_tokens}
+        for t in wanted:
+            body: dict = {"v": PROBE_BUILDER_VERSION, "type": t, "source": src}
+            if t == "random_tokens":
+                body |= {"tokenizer": fp["tokenizer"], "seed": ps.seed}
+            else:
+                body |= {"model": fp["weights"], "tokenizer": fp["tokenizer"], "generation": gen_params}
+                if t == "chosen_selfr":
+                    body["template"] = gen.selfr_template
+            keys[t] = content_hash(body)
+        for t in present:   # stage-1 types as inputs of custom types
+            keys[t] = content_hash({"stage1": frame_hash(pool[t])})
+
+        def make(missing: list[str]) -> tuple[pl.DataFrame, dict, dict]:
+            return _generate_model_types(missing, chosen, model_ref, fp, gen, decoding, ps, seed, device, log)
+
+        _fetch(cache, {t: keys[t] for t in wanted}, make, pool, status, skipped, info)
+    else:
+        for t in present:
+            keys[t] = content_hash({"stage1": frame_hash(pool[t])})
+    done = _fetch_custom(cache, ps, customs, keys, pool, status, skipped, info)
+    out_types = [t for t in [*wanted, *done] if t in pool and t not in present]
+    rows = _finish_stage([pool[t] for t in out_types])
+    # checks over the union, so y_selfr is compared with y+ and every prompt is checked for every type
+    union = _finish_stage([stage1, rows])
+    report = check_probe_set(union, sorted(union["response_type"].unique().to_list()))
+    written = _write_if_changed(rows, files.model_probes)
+    cache_report = {"built": sorted(t for t in out_types if status.get(t) == "built"),
+                    "reused": sorted(t for t in out_types if status.get(t) == "reused")}
+    gen_report = {t: info.get(t, {}) for t in out_types}
+    write_json({"probe_set_sha": probe_sha, "skipped": skipped, "checks": report, "generation": gen_report,
+                "cache": cache_report, "model": str(model_ref), "fingerprint": fp,
+                "keys": {t: keys[t] for t in out_types}}, files.model_probe_report)
+    for t, why in skipped.items():
+        log(f"[{spec.name}] model probe type {t} not built: {why}")
+    log(f"[{spec.name}] model probes: {out_types}; built {cache_report['built'] or 'nothing'}, reused "
+        f"{cache_report['reused'] or 'nothing'}{'' if written else '; file unchanged'}")
+    return {"rows": rows.height, "types": out_types, "skipped": skipped, "checks": report,
+            "generation": gen_report, "cache": cache_report, "written": written, "path": str(files.model_probes),
+            "model": str(model_ref)}
+
+
+def _generate_model_types(types: list[str], chosen: pl.DataFrame, model_ref, fp: dict, gen, decoding: dict, ps,
+                          seed: int, device: str, log: Log) -> tuple[pl.DataFrame, dict, dict]:
+    from ldpipe.generate import GenerationConfig, generate
+    from ldpipe.models import load_model_and_tokenizer, load_tokenizer
+    from ldpipe.probes import random_token_rows
+
+    ids, prompts, ys = (chosen[c].to_list() for c in ("example_id", "prompt", "response"))
+    lead = [y[: len(y) - len(y.lstrip())] for y in ys]
+    records: list[tuple[str, str, str, str, str]] = []
+    reports: dict[str, dict] = {}
+    if "random_tokens" in types:
+        tok = load_tokenizer(model_ref)
+        for i, p, (text, prov) in zip(ids, prompts, random_token_rows(ys, tok, ps.seed)):
+            records.append((i, "random_tokens", p, text, prov))
+        reports["random_tokens"] = {"made": len(ids)}
+    todo = [t for t in ("chosen_initial", "chosen_selfr") if t in types]
+    if todo:
+        model, tok = load_model_and_tokenizer(model_ref, device=device)
+        how = (f"sample:t={gen.temperature}:p={gen.top_p}:seed={seed}" if gen.do_sample else "greedy")
+        for t in todo:
+            if t == "chosen_initial":
+                inputs, budget = prompts, ps.max_prompt_tokens
+            else:   # the instruction must survive left-truncation, so the budget covers y+ too
+                inputs = [gen.selfr_template.replace("{chosen}", y.strip()) for y in ys]
+                budget = ps.max_prompt_tokens + ps.max_response_tokens
+            cfg = GenerationConfig(max_new_tokens=gen.max_new_tokens, do_sample=gen.do_sample,
+                                   temperature=gen.temperature, top_p=gen.top_p, seed=seed,
+                                   batch_size=gen.batch_size, max_prompt_tokens=budget)
+            outs = generate(model, tok, inputs, cfg)
+            stopped = empty = 0
+            for i, p, ld, y, out in zip(ids, prompts, lead, ys, outs):
+                text, cut = _cut(out, tuple(gen.stop))
+                stopped += cut
+                empty += not text
+                records.append((i, t, p, ld + text, f"base_model:{fp['weights'][:8]}:{how}"
+                                + (":selfr" if t == "chosen_selfr" else "")))
+            reports[t] = {"made": len(ids), "stopped_at_marker": stopped, "empty": empty, "decoding": how}
+            log(f"generated {t}: {len(ids)} rows ({how}), {empty} empty, {stopped} cut at a stop marker")
+    return pl.DataFrame(records, schema=PROBE_SCHEMA, orient="row"), {}, reports
 
 
 def load_probes_file(files: ExperimentFiles) -> pl.DataFrame:
+    """The whole probe set: the probe-set stage's rows plus, once built, the model-made ones."""
+    from ldpipe.probes import file_hash
+
     if not files.probes.exists():
         raise LdpipeError(f"{files.probes} is missing: materialize the probe set first")
-    return pl.read_parquet(files.probes)
+    probes = pl.read_parquet(files.probes)
+    if not files.model_probes.exists():
+        return probes
+    report = json.loads(files.model_probe_report.read_text()) if files.model_probe_report.exists() else {}
+    if report.get("probe_set_sha") != file_hash(files.probes):
+        raise LdpipeError(f"{files.model_probes} was built from another version of {files.probes}: materialize "
+                          f"{files.name}/model_probes again (or delete {files.model_probes})")
+    both = _finish_stage([probes, pl.read_parquet(files.model_probes)])
+    dup = both.select("example_id", "response_type").is_duplicated()
+    if dup.any():
+        i = int(dup.arg_true()[0])
+        raise LdpipeError(f"{files.model_probes} repeats probe row ({both['example_id'][i]!r}, "
+                          f"{both['response_type'][i]!r}) of {files.probes}")
+    return both
 
 
 # ---------------------------------------------------------------- base model
@@ -255,7 +592,10 @@ def base_model_path(spec: ExperimentSpec, files: ExperimentFiles) -> Path | str:
 
 def train_run(spec: ExperimentSpec, run: RunSpec, files: ExperimentFiles, *, store_root: Path | None = None,
               device: str = "auto", log: Log = print) -> dict:
-    """Train one declared run from its start point (base model or parent run), tracking the probe set."""
+    """Train one declared run from its start point (base model or parent run), tracking the probe set.
+
+    Resumes from the run's resume checkpoint when one with the same config hash exists
+    (`resumed_from` in the result: its step, else None)."""
     from ldpipe.models import configure_threads, load_tokenizer
     from ldpipe.scoring import encode_probes
     from ldpipe.store import Store
@@ -294,7 +634,7 @@ def train_run(spec: ExperimentSpec, run: RunSpec, files: ExperimentFiles, *, sto
             "parent_config_hash": start.parent_hash, "step_offset": result.step_offset,
             "checkpoint": str(result.checkpoint), "steps": result.steps, "evals": result.evals,
             "wall_s": round(result.wall_s, 2), "device": result.device, "final_loss": result.final_loss,
-            "train_examples": len(examples), "final_rewards": rewards,
+            "train_examples": len(examples), "final_rewards": rewards, "resumed_from": result.resumed_from,
             "delta_by_type": {t: round(d, 3) for t, d in delta.select("response_type", "delta").iter_rows()}}
 
 

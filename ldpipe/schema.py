@@ -40,6 +40,11 @@ TRAJECTORY_SCHEMA: dict[str, pl.DataType] = {
     "n_tokens": pl.Int64,
     "logp_mean": pl.Float64,     # logp_sum / n_tokens
     "argmax_logp_sum": pl.Float64,  # teacher-forced sum of log max_v pi (the paper's y*)
+    # Per-sequence metrics over response positions (ldpipe.scoring docstring; null in shards written before them):
+    "A_o": pl.Float64,           # sqrt(V * (mean_l ||pi_l||)^2 + V - 2), the reference's ||A_o||_F
+    "p_e": pl.Float64,           # mean_l ||pi_l - e_{y_l}||_2, size of the SFT residual G
+    "energy": pl.Float64,        # mean_l (1 - pi_l(y_l))
+    "except_argmax": pl.Float64,  # sum_l log(1 - max_v pi_l), computed stably
 }
 
 # Training metrics: one row per optimizer step.
@@ -58,7 +63,125 @@ TRAIN_METRICS_SCHEMA: dict[str, pl.DataType] = {
     "rewards_rejected": pl.Float64,  # beta * (log pi(y-) - log pi_ref(y-))
     "rewards_accuracy": pl.Float64,  # share of pairs with rewards_chosen > rewards_rejected
     "rewards_margin": pl.Float64,    # rewards_chosen - rewards_rejected
+    # on-policy DPO/IPO only (null otherwise): the step's sampled replies
+    "onpolicy_score_mean": pl.Float64,   # mean scorer score of all samples of the batch
+    "onpolicy_tied_share": pl.Float64,   # share of the batch's prompts skipped because best and worst tied
 }
+
+# Generation-based squeezing statistics: one row per (run, checkpoint) (ldpipe.analysis.squeezing).
+GENERATION_STATS_SCHEMA: dict[str, pl.DataType] = {
+    "run_id": pl.String,
+    "checkpoint": pl.String,       # "start" | "step-XXXXXXX" | "final"
+    "step": pl.Int64,              # the run's local optimizer steps at this checkpoint
+    "n_prompts": pl.Int64,         # probe prompts whose chosen response was scored
+    "n_positions": pl.Int64,       # response positions (EOS included) pooled for the two means below
+    "mean_max_prob": pl.Float64,   # mean over positions of max_v pi(v | x, y+_<t)
+    "mean_entropy": pl.Float64,    # mean over positions of -sum_v pi log pi (nats)
+    "mean_logp_token": pl.Float64,  # mean over positions of log pi(y+_t | x, y+_<t)
+    "n_generations": pl.Int64,     # greedy generations (probe prompts + held-out prompts)
+    "repeat_ngram": pl.Int64,      # n of the repeater rate
+    "repeater_rate": pl.Float64,   # share of generations in which some word n-gram occurs >= 2 times
+    "mean_distinct_ngrams": pl.Float64,  # mean over generations with >= n words of distinct/total word n-grams
+    "mean_gen_words": pl.Float64,  # mean generation length in words
+}
+
+# Hallucination borrowing in generations: one row per (run, checkpoint, prompt) (ldpipe.analysis.borrowing).
+GENERATION_BORROWING_SCHEMA: dict[str, pl.DataType] = {
+    "run_id": pl.String,
+    "checkpoint": pl.String,
+    "step": pl.Int64,
+    "example_id": pl.String,
+    "split": pl.String,            # "train" (probe prompts, trained on) | "test" (held out)
+    "generation": pl.String,       # greedy continuation
+    "ngram": pl.Int64,             # n of the word n-grams
+    "n_ngrams": pl.Int64,          # distinct word n-grams of the generation
+    "n_own": pl.Int64,             # ... occurring in this prompt or its own chosen answer
+    "n_borrowed": pl.Int64,        # ... occurring in another train prompt's chosen answer and not in own
+    "borrow_share": pl.Float64,    # n_borrowed / n_ngrams (null when n_ngrams = 0)
+    "own_share": pl.Float64,       # n_own / n_ngrams
+    "n_fact_values": pl.Int64,     # synthetic only: distinct fact values mentioned (own entity name excluded)
+    "n_foreign_values": pl.Int64,  # ... that are facts of other entities and not of the prompt's entity
+    "fact_borrow_share": pl.Float64,  # n_foreign_values / n_fact_values (null: none mentioned / not synthetic)
+    "correct_value": pl.Boolean,   # synthetic only: the asked fact's true value is mentioned
+}
+
+# LLM-judge verdicts: one row per (checkpoint pair, prompt, A/B order) (ldpipe.analysis.winrate).
+WIN_RATE_JUDGMENT_SCHEMA: dict[str, pl.DataType] = {
+    "experiment": pl.String,
+    "model_a": pl.String,          # checkpoint reference, e.g. "extend_dpo" (final) or "sft@start"
+    "model_b": pl.String,
+    "judge_model": pl.String,
+    "example_id": pl.String,
+    "order": pl.String,            # "a_first" (a shown as Response A) | "b_first" (b shown as Response A)
+    "verdict": pl.String,          # the judge's slot: "A" | "B" | "tie" | null (unparsable)
+    "winner": pl.String,           # "a" | "b" | "tie" | "unparsable"
+    "response_a": pl.String,       # model a's generation
+    "response_b": pl.String,
+    "judge_text": pl.String,
+}
+
+# Cross-example influence (ldpipe.analysis.influence_runs): one row per (checkpoint, method, update, observed probe).
+INFLUENCE_SCHEMA: dict[str, pl.DataType] = {
+    "run_id": pl.String,
+    "checkpoint": pl.String,        # "start" | "step-0000040" (a snapshot) | "final"
+    "checkpoint_step": pl.Int64,    # the run's local optimizer step of that checkpoint
+    "method": pl.String,            # "exact" | "projected" | "naive" (real SGD step) | "naive_optimizer" (real run optimizer step)
+    "train_example_id": pl.String,  # the update's example (x_u)
+    "train_response_type": pl.String,  # SFT: the supervised type; DPO/IPO: "dpo"/"ipo" (chosen and rejected)
+    "observed_example_id": pl.String,
+    "observed_response_type": pl.String,
+    "entk": pl.Float64,             # d_i . g_j (loss coefficients included, no lr); null for naive methods
+    "lr_eff": pl.Float64,           # lr_t * clip_t / batch_size: one example's share of the step at that checkpoint
+    "value": pl.Float64,            # predicted (lr_eff * entk) or realised (naive) change of log pi(y_j|x_j), nats
+}
+
+INFLUENCE_AGREEMENT_SCHEMA: dict[str, pl.DataType] = {
+    "run_id": pl.String,
+    "checkpoint": pl.String,
+    "checkpoint_step": pl.Int64,
+    "estimate": pl.String,          # "projected" | "naive" | "naive_optimizer"
+    "reference": pl.String,         # "exact"
+    "spearman": pl.Float64,
+    "pearson": pl.Float64,
+    "relative_error": pl.Float64,   # ||estimate - reference|| / ||reference||
+    "sign_agreement": pl.Float64,
+    "n": pl.Int64,                  # entries compared
+}
+
+# A-K-G at one observed position: Delta log pi(y_t) ~= -lr_eff * [A K G]_{y_t}.
+AKG_SCHEMA: dict[str, pl.DataType] = {
+    "run_id": pl.String,
+    "checkpoint": pl.String,
+    "checkpoint_step": pl.Int64,
+    "train_example_id": pl.String,
+    "train_response_type": pl.String,
+    "observed_example_id": pl.String,
+    "observed_response_type": pl.String,
+    "position": pl.Int64,           # index of the observed response token (0 = first)
+    "observed_token": pl.Int64,
+    "lr_eff": pl.Float64,
+    "pi_token": pl.Float64,         # pi(y_t) before the update (A = I - 1 pi^T)
+    "kg_token": pl.Float64,         # (K G)[y_t]
+    "kg_expect": pl.Float64,        # pi . (K G): what A subtracts
+    "kg_norm": pl.Float64,          # ||K G|| over the vocabulary
+    "g_norm": pl.Float64,           # ||G|| of the whole update (all its tokens and terms)
+    "predicted_delta": pl.Float64,  # -lr_eff * (kg_token - kg_expect)
+    "realised_delta": pl.Float64,   # after a real SGD step of lr_eff on the update
+}
+
+# Heat map: mean eNTK influence of SFT on one trained-on type (or a DPO step) on each observed type.
+INFLUENCE_HEATMAP_SCHEMA: dict[str, pl.DataType] = {
+    "run_id": pl.String,
+    "checkpoint": pl.String,        # a checkpoint, or "accumulated" (sum over checkpoints of lr_eff_t x influence_t)
+    "checkpoint_step": pl.Int64,    # null for "accumulated"
+    "trained_type": pl.String,      # a probe type (SFT on it) or "dpo" (DPO on chosen vs rejected)
+    "observed_type": pl.String,
+    "scope": pl.String,             # "same_prompt" (x_o = x_u) | "other_prompt"
+    "entk_mean": pl.Float64,        # mean d . g over (update, observed) pairs; null for "accumulated"
+    "value": pl.Float64,            # mean predicted change of log pi per update, nats
+    "n": pl.Int64,
+}
+
 
 # Canonical response types. Users may declare more in assets/ YAML.
 CORE_RESPONSE_TYPES = (

@@ -15,8 +15,17 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ldpipe.errors import SpecError
+from ldpipe.schema import CORE_RESPONSE_TYPES
 
 _NAME = re.compile(r"^[a-z][a-z0-9_]{0,40}$")
+
+
+def _known_types(types: tuple[str, ...] | None) -> tuple[str, ...] | None:
+    """A misspelt response type is named at `ldpipe check`, not after the dataset step has run."""
+    unknown = [t for t in types or () if t not in CORE_RESPONSE_TYPES]
+    if unknown:
+        raise ValueError(f"unknown response type(s) {unknown}; known: {list(CORE_RESPONSE_TYPES)}")
+    return types
 
 
 class _Strict(BaseModel):
@@ -61,6 +70,75 @@ class LLMSpec(_Strict):
     max_attempts: int = Field(6, gt=0)
     use_batch_api: bool = False
 
+    @field_validator("types")
+    @classmethod
+    def _types_known(cls, v: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        return _known_types(v)
+
+
+SELFR_TEMPLATE = "Please rephrase the following sentence: \n@@@ Original Sentence: {chosen}\n@@@ Rephrase: "
+
+
+class ProbeGenerationSpec(_Strict):
+    """How the base model makes y_init (its own reply) and y_selfr (its rephrase of y+)."""
+
+    do_sample: bool = False            # False: greedy (deterministic); True: seeded sampling
+    temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    max_new_tokens: int = Field(48, gt=0)
+    batch_size: int = Field(16, gt=0)
+    seed: int | None = None            # None: probes.seed
+    selfr_template: str = SELFR_TEMPLATE   # the reference's HH prompt; {chosen} = y+ stripped
+    stop: tuple[str, ...] = ("\n\nHuman:", "\n@@@")  # the output is cut at the first of these
+
+    @field_validator("selfr_template")
+    @classmethod
+    def _has_chosen(cls, v: str) -> str:
+        if "{chosen}" not in v:
+            raise ValueError("selfr_template must contain the placeholder {chosen}")
+        return v
+
+
+CUSTOM_TRANSFORMS = ("shuffle_words", "reverse_words", "truncate", "template")
+TEMPLATE_FIELDS = ("source", "chosen", "rejected", "prompt")
+
+
+class CustomTypeSpec(_Strict):
+    """A user-declared response type made deterministically from another type's rows."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+    name: str
+    source: str = Field("chosen", alias="from")   # a core type or an earlier custom type
+    transform: Literal["shuffle_words", "reverse_words", "truncate", "template"]
+    words: int | None = Field(None, gt=0)          # truncate: keep the first N words ...
+    fraction: float | None = Field(None, gt=0, lt=1)  # ... or this share of them (at least one)
+    text: str | None = None                        # template: placeholders {source} {chosen} {rejected} {prompt}
+
+    @field_validator("name")
+    @classmethod
+    def _name_ok(cls, v: str) -> str:
+        if not _NAME.match(v):
+            raise ValueError(f"custom type name {v!r} must match {_NAME.pattern}")
+        return v
+
+    @model_validator(mode="after")
+    def _params_fit(self) -> "CustomTypeSpec":
+        given = {k for k in ("words", "fraction", "text") if getattr(self, k) is not None}
+        allowed = {"truncate": {"words", "fraction"}, "template": {"text"}}.get(self.transform, set())
+        extra = sorted(given - allowed)
+        if extra:
+            raise ValueError(f"custom type {self.name!r}: transform {self.transform!r} takes no {extra}")
+        if self.transform == "truncate" and len(given) != 1:
+            raise ValueError(f"custom type {self.name!r}: transform 'truncate' needs exactly one of words, fraction")
+        if self.transform == "template":
+            if not self.text:
+                raise ValueError(f"custom type {self.name!r}: transform 'template' needs text")
+            unknown = sorted(set(re.findall(r"{([A-Za-z_][A-Za-z0-9_]*)}", self.text)) - set(TEMPLATE_FIELDS))
+            if unknown:
+                raise ValueError(f"custom type {self.name!r}: text has unknown placeholder(s) {unknown}; "
+                                 f"known: {list(TEMPLATE_FIELDS)}")
+        return self
+
 
 class ProbeSpec(_Strict):
     n_examples: int = Field(40, gt=0)
@@ -70,6 +148,30 @@ class ProbeSpec(_Strict):
     max_prompt_tokens: int = Field(96, gt=0)
     max_response_tokens: int = Field(64, gt=1)
     llm: LLMSpec | None = None  # LLM-made types; without it they come from the dataset's templates or are skipped
+    generation: ProbeGenerationSpec = ProbeGenerationSpec()  # y_init / y_selfr from the base model
+    custom_types: tuple[CustomTypeSpec, ...] = ()   # user-declared types, built after the core ones
+
+    @field_validator("types")
+    @classmethod
+    def _types_known(cls, v: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        return _known_types(v)
+
+    @model_validator(mode="after")
+    def _custom_types_valid(self) -> "ProbeSpec":
+        seen: list[str] = []
+        for i, ct in enumerate(self.custom_types):
+            where = f"custom_types[{i}] (name {ct.name!r})"
+            if ct.name in CORE_RESPONSE_TYPES:
+                raise ValueError(f"{where}: name clashes with the core response type {ct.name!r}")
+            if ct.name in seen:
+                raise ValueError(f"{where}: duplicate name (custom_types[{seen.index(ct.name)}] has it too)")
+            if ct.source not in CORE_RESPONSE_TYPES and ct.source not in seen:
+                raise ValueError(f"{where}: from {ct.source!r} is not a core response type or an earlier custom "
+                                 f"type; core: {list(CORE_RESPONSE_TYPES)}, earlier custom: {seen}")
+            if self.types is not None and ct.source in CORE_RESPONSE_TYPES and ct.source not in self.types:
+                raise ValueError(f"{where}: from {ct.source!r} is not among probes.types {list(self.types)}")
+            seen.append(ct.name)
+        return self
 
 
 class ArchitectureSpec(_Strict):
@@ -115,6 +217,54 @@ class ModelSpec(_Strict):
 EXTEND_SUPERVISE = "chosen+rejected"   # extend-SFT: train on y+ and y- (the paper's fix for squeezing)
 
 
+class ScorerSpec(_Strict):
+    """Ranks on-policy samples: a built-in reward function (ldpipe.rewards) or an OpenAI-compatible judge."""
+
+    kind: Literal["reward", "judge"] = "reward"
+    name: str | None = None              # reward: a name in ldpipe.rewards.REWARDS
+    model: str | None = None             # judge: the endpoint's model name
+    base_url: str | None = None          # judge: None means OpenAI (or OPENAI_BASE_URL)
+    api_key_env: str = "OPENAI_API_KEY"  # judge: the NAME of the variable holding the key
+    mode: Literal["pointwise", "pairwise"] = "pointwise"  # judge: a 1-10 score per sample, or A/B per pair
+    criteria: str = "helpful, correct and relevant to the conversation"  # judge: what a good reply is
+    temperature: float = Field(0.0, ge=0)
+    max_tokens: int = Field(16, gt=0)
+    concurrency: int = Field(4, gt=0)
+    timeout_s: float = Field(60, gt=0)
+    max_attempts: int = Field(6, gt=0)
+
+    @model_validator(mode="after")
+    def _kind_fields(self) -> "ScorerSpec":
+        if self.kind == "reward":
+            from ldpipe.rewards import REWARDS
+
+            if self.name not in REWARDS:
+                raise ValueError(f"scorer kind 'reward' needs name, one of {sorted(REWARDS)}; got {self.name!r}")
+            if self.model is not None or self.base_url is not None:
+                raise ValueError("scorer model/base_url apply to kind 'judge' only")
+        elif not self.model:
+            raise ValueError("scorer kind 'judge' needs model (and base_url for a local OpenAI-compatible server)")
+        elif self.name is not None:
+            raise ValueError("scorer name applies to kind 'reward' only")
+        return self
+
+
+class OnPolicySpec(_Strict):
+    """On-policy DPO/IPO: each step samples `n_samples` replies per prompt of the batch from the current policy,
+    scores them, and trains on (best, worst); prompts whose best and worst tie are skipped."""
+
+    n_samples: int = Field(4, ge=2)
+    temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    max_new_tokens: int = Field(48, gt=0)
+    scorer: ScorerSpec = Field(default_factory=lambda: ScorerSpec(kind="reward", name="synthetic_facts"))
+
+
+# RunSpec settings that do not change a run's trajectories: left out of its config hash, so changing them
+# neither invalidates a resume checkpoint nor the stored rows.
+RUN_HASH_EXCLUDE = ("checkpoint_every", "snapshot_every")
+
+
 class RunSpec(_Strict):
     name: str
     algo: Literal["sft", "dpo", "ipo"] = "sft"
@@ -132,6 +282,14 @@ class RunSpec(_Strict):
     eval_every: int = Field(10, gt=0)   # optimizer steps between probe evaluations (plus step 0 and the last)
     seed: int = 0
     n_train: int | None = Field(None, gt=0)   # cap on training prompts (None: the whole train split)
+    # Resume checkpoints (model, optimizer, scheduler, RNG, step) every N optimizer steps, so a killed run
+    # continues where it stopped (None: every eval_every steps; 0: none). Not in the config hash.
+    checkpoint_every: int | None = Field(None, ge=0)
+    # Model-only HF checkpoints <run_dir>/checkpoints/step-NNNNNNN at step 0, every N steps and the last step,
+    # for analyses over several checkpoints (None: none). Not in the config hash.
+    snapshot_every: int | None = Field(None, gt=0)
+    pairs: Literal["offline", "on_policy"] = "offline"  # DPO/IPO: the dataset's pairs, or sampled each step
+    on_policy: OnPolicySpec | None = None     # settings for pairs: on_policy (None: the defaults)
 
     @field_validator("name")
     @classmethod
@@ -147,15 +305,94 @@ class RunSpec(_Strict):
                              "the train split's (chosen, rejected) pairs")
         if self.algo != "dpo" and self.label_smoothing:
             raise ValueError(f"run {self.name!r}: label_smoothing (cDPO) applies to algo 'dpo' only")
+        if self.pairs == "on_policy" and self.algo not in ("dpo", "ipo"):
+            raise ValueError(f"run {self.name!r}: pairs 'on_policy' applies to algo 'dpo' or 'ipo', not {self.algo!r}")
+        if self.on_policy is not None and self.pairs != "on_policy":
+            raise ValueError(f"run {self.name!r}: on_policy settings need pairs: on_policy")
         if "+" in self.supervise and self.supervise != EXTEND_SUPERVISE:
             raise ValueError(f"run {self.name!r}: supervise {self.supervise!r}: the only combined target is "
                              f"{EXTEND_SUPERVISE!r}")
+        if self.supervise != EXTEND_SUPERVISE and self.supervise not in CORE_RESPONSE_TYPES:
+            raise ValueError(f"run {self.name!r}: supervise {self.supervise!r} is not a response type; known: "
+                             f"{list(CORE_RESPONSE_TYPES)} or {EXTEND_SUPERVISE!r}")
         return self
+
+    @property
+    def on_policy_settings(self) -> OnPolicySpec:
+        """The on-policy settings (declared or default); meaningful only for pairs: on_policy."""
+        return self.on_policy or OnPolicySpec()
 
     @property
     def supervised_types(self) -> tuple[str, ...]:
         """The response types an SFT run raises ("chosen+rejected" -> both)."""
         return tuple(self.supervise.split("+"))
+
+
+class JudgeSpec(_Strict):
+    """An OpenAI-compatible judge endpoint for win rates (the key is read from `api_key_env`, never stored)."""
+
+    model: str
+    base_url: str | None = None
+    api_key_env: str = "OPENAI_API_KEY"
+    concurrency: int = Field(4, gt=0)
+    temperature: float = Field(0.0, ge=0)
+    max_tokens: int = Field(256, gt=0)
+    timeout_s: float = Field(60, gt=0)
+    max_attempts: int = Field(6, gt=0)
+
+
+_CKPT_REF = re.compile(r"^(base|[a-z][a-z0-9_]{0,40}(@(start|final|step-[0-9]+))?)$")
+
+
+class WinRateSpec(_Strict):
+    judge: JudgeSpec | None = None       # None: the win-rate asset is skipped with a reason
+    # [a, b] checkpoint references: "base", "<run>" (final), "<run>@start", "<run>@step-XXXXXXX"
+    pairs: tuple[tuple[str, str], ...] = ()
+    n_prompts: int = Field(16, gt=0)     # held-out (test split) prompts, each judged in both A/B orders
+
+    @field_validator("pairs")
+    @classmethod
+    def _refs_ok(cls, v: tuple[tuple[str, str], ...]) -> tuple[tuple[str, str], ...]:
+        for a, b in v:
+            for ref in (a, b):
+                if not _CKPT_REF.match(ref):
+                    raise ValueError(f"checkpoint reference {ref!r}: use base, <run>, <run>@start, <run>@final "
+                                     "or <run>@step-XXXXXXX")
+            if a == b:
+                raise ValueError(f"pair [{a!r}, {b!r}] compares a checkpoint with itself")
+        return v
+
+
+class GenerationSpec(_Strict):
+    """Generation-based analyses (squeezing, borrowing, win rate): sizes kept small for a CPU."""
+
+    n_prompts: int = Field(8, gt=0)        # per split: probe (trained) prompts and held-out test prompts
+    max_new_tokens: int = Field(32, gt=0)  # greedy decoding, stops at EOS
+    batch_size: int = Field(16, gt=0)
+    repeat_ngram: int = Field(3, gt=0)     # repeater rate: some word n-gram occurs >= 2 times in a generation
+    borrow_ngram: int = Field(3, gt=0)     # borrowing: word n-grams compared with training answers
+    snapshots: bool = True                 # also analyse runs/<run>/checkpoints/step-* when present
+    win_rate: WinRateSpec = WinRateSpec()
+
+
+class InfluenceSpec(_Strict):
+    """Cross-example influence (eNTK) analyses; defaults sized to about a minute on 2 CPU cores."""
+
+    enabled: bool = True
+    runs: tuple[str, ...] | None = None      # None: every declared run
+    checkpoints: tuple[Literal["start", "snapshots", "final"], ...] = ("start", "snapshots", "final")
+    max_snapshots: int = Field(3, ge=0)      # evenly spaced among <run_dir>/checkpoints/step-*
+    n_train: int = Field(6, gt=0)            # training examples (rows of the matrix)
+    n_probe_prompts: int = Field(3, gt=0)    # probe prompts observed (every type of each)
+    observed_types: tuple[str, ...] | None = None   # None: every probe type
+    methods: tuple[Literal["exact", "projected", "naive", "naive_optimizer"], ...] = (
+        "exact", "projected", "naive", "naive_optimizer")
+    rank: int = Field(32, gt=0)              # projected: per-side rank of the factored projection
+    n_naive: int = Field(2, gt=0)            # training examples validated by a real one-step update
+    n_akg: int = Field(2, gt=0)              # training examples given an A-K-G decomposition
+    heatmap_types: tuple[str, ...] | None = None    # trained-on types of the heat map (None: every probe type)
+    min_spearman: float = Field(0.9, ge=-1, le=1)   # asset check: projected vs exact
+    seed: int = 0
 
 
 class ExperimentSpec(_Strict):
@@ -165,6 +402,8 @@ class ExperimentSpec(_Strict):
     probes: ProbeSpec = ProbeSpec()
     model: ModelSpec = ModelSpec()
     runs: tuple[RunSpec, ...] = ()
+    generation: GenerationSpec = GenerationSpec()   # squeezing / borrowing / win-rate analyses
+    influence: InfluenceSpec = InfluenceSpec()      # eNTK influence matrix, A-K-G, heat map
 
     @field_validator("name")
     @classmethod
@@ -197,6 +436,24 @@ class ExperimentSpec(_Strict):
                 chain.append(nxt)
         return self
 
+    @model_validator(mode="after")
+    def _win_rate_runs_exist(self) -> "ExperimentSpec":
+        runs = {r.name for r in self.runs}
+        for pair in self.generation.win_rate.pairs:
+            for ref in pair:
+                if ref != "base" and ref.split("@")[0] not in runs:
+                    raise ValueError(f"generation.win_rate.pairs: {ref!r} names no run of this experiment; "
+                                     f"runs: {sorted(runs)} (or 'base')")
+        return self
+
+    @model_validator(mode="after")
+    def _influence_runs_exist(self) -> "ExperimentSpec":
+        unknown = [r for r in self.influence.runs or () if r not in {x.name for x in self.runs}]
+        if unknown:
+            raise ValueError(f"influence.runs: {unknown} name no run of this experiment; "
+                             f"runs: {sorted(x.name for x in self.runs)}")
+        return self
+
     def run(self, name: str) -> RunSpec:
         for r in self.runs:
             if r.name == name:
@@ -217,7 +474,10 @@ class ExperimentSpec(_Strict):
         declared parent's; `parent_hash` substitutes the hash the parent checkpoint was actually
         trained with (e.g. a launch-time override).
         """
-        body: dict[str, Any] = {"dataset": self.dataset, "probes": self.probes, "model": self.model, "run": run}
+        body: dict[str, Any] = {"dataset": self.dataset, "probes": self.probes, "model": self.model,
+                                "run": run.model_dump(mode="json", exclude=set(RUN_HASH_EXCLUDE) | (
+                                    {"pairs", "on_policy"} if run.pairs == "offline" else set()))}
+        # (offline pairs, the default, leave the on-policy keys out: hashes stay as they were before them)
         parent = self.parent(run)
         if parent is not None:
             body["parent"] = parent_hash or self.run_config_hash(parent)
@@ -288,3 +548,33 @@ def load_experiments(directory: Path) -> list[ExperimentSpec]:
         seen[spec.name] = path
         specs.append(spec)
     return specs
+
+
+# Launch-time presets: a preset caps these RunSpec fields at the given values (a declared value already
+# below the cap is kept). "smoke" is a quick end-to-end check of a run (a few optimizer steps, probes scored
+# every 2 steps); "full" is the declaration as written.
+RUN_PRESETS: dict[str, dict[str, float | int]] = {
+    "smoke": {"n_train": 16, "epochs": 1.0, "eval_every": 2, "warmup_steps": 1},
+    "full": {},
+}
+
+
+def apply_run_overrides(run: RunSpec, overrides: dict[str, Any] | None) -> RunSpec:
+    """`run` with launch-time overrides: first `overrides["preset"]` (a RUN_PRESETS name), then every other
+    non-null field; the result is validated like a declaration (a bad value names the run and the field)."""
+    changes = {k: v for k, v in (overrides or {}).items() if v is not None}
+    preset = changes.pop("preset", None)
+    data = run.model_dump()
+    if preset is not None:
+        if preset not in RUN_PRESETS:
+            raise SpecError(f"run {run.name!r}: unknown preset {preset!r}; presets: {sorted(RUN_PRESETS)}")
+        for key, cap in RUN_PRESETS[preset].items():
+            data[key] = cap if data.get(key) is None else min(data[key], cap)
+    unknown = sorted(set(changes) - set(data))
+    if unknown:
+        raise SpecError(f"run {run.name!r}: unknown override(s) {unknown}")
+    data.update(changes)
+    try:
+        return RunSpec.model_validate(data)
+    except ValidationError as e:
+        raise SpecError(f"run {run.name!r}: invalid launch-time override:\n{_format_errors(e)}") from None

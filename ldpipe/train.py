@@ -9,6 +9,13 @@ DPO/IPO follow the paper's code (learning-dynamics.md §5.2): the reference is t
 starting model, chosen and rejected run in one forward (2B sequences), and the
 reference log-probs are computed once before training, in the very batches of the
 first epoch, so the step-1 rewards (taken before the first update) are exactly 0.
+
+Resumable (ldpipe.resume): every `checkpoint_every` steps the model, optimizer, LR scheduler, RNG
+states, step and objective state (DPO's reference log-probs) are saved under `<out_dir>/resume/`,
+after that step's train_metrics are flushed. A rerun with the same config hash continues from the
+newest checkpoint: trajectory and train_metrics shards after its step are removed first and the
+batches are re-derived from the step, so the result equals an uninterrupted run's. A finished run
+deletes its resume state, so rerunning it trains from scratch.
 """
 from __future__ import annotations
 
@@ -24,6 +31,7 @@ import numpy as np
 import polars as pl
 import torch
 
+from ldpipe import resume
 from ldpipe.losses import dpo_loss, ipo_loss, sft_loss
 from ldpipe.models import load_model_and_tokenizer, resolve_device, save_checkpoint
 from ldpipe.schema import TRAIN_METRICS_SCHEMA, TRAJECTORY_SCHEMA
@@ -52,6 +60,7 @@ class TrainResult:
     first_eval: pl.DataFrame
     last_eval: pl.DataFrame
     final_metrics: dict = field(default_factory=dict)  # the last train_metrics row
+    resumed_from: int | None = None   # step of the resume checkpoint this call continued from (None: fresh)
 
 
 def seed_everything(seed: int) -> None:
@@ -134,6 +143,14 @@ class PreferenceObjective:
             raise RuntimeError("reference log-probs missing for some pairs: first_epoch must cover every pair")
         self.ref = ref
 
+    # Optional Objective methods: state a resume checkpoint keeps (an objective without them is `prepare`d
+    # again on the starting model when a run resumes).
+    def state_dict(self) -> dict:
+        return {"ref": self.ref}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.ref = state["ref"]
+
     def loss(self, model, idx: list[int], dev: torch.device) -> tuple[torch.Tensor, dict[str, float]]:
         if self.ref is None:
             raise RuntimeError("PreferenceObjective.prepare must run before training")
@@ -149,6 +166,11 @@ class PreferenceObjective:
 def make_objective(run: RunSpec, tokenizer, examples: Sequence[tuple[str, ...]], *, max_prompt_tokens: int,
                    max_response_tokens: int) -> SftObjective | PreferenceObjective:
     """SFT takes (prompt, response) examples, DPO/IPO (prompt, chosen, rejected)."""
+    if run.pairs == "on_policy":   # only the prompts are used: pairs are sampled from the policy every step
+        from ldpipe.onpolicy import make_onpolicy_objective
+
+        return make_onpolicy_objective(run, tokenizer, examples, max_prompt_tokens=max_prompt_tokens,
+                                       max_response_tokens=max_response_tokens)
     width = 2 if run.algo == "sft" else 3
     bad = next((i for i, e in enumerate(examples) if len(e) != width), None)
     if bad is not None:
@@ -204,37 +226,46 @@ class _Recorder:
     steps_per_epoch: int
     total_steps: int
     log: Log
-    rows: list[dict] = field(default_factory=list)
-    flushed: int = 0
+    flushed_step: int = 0                             # train_metrics rows 1..flushed_step are in shards
+    rows: list[dict] = field(default_factory=list)   # rows not flushed yet
+    last_row: dict | None = None
 
     def evaluate(self, model, probes: Sequence[EncodedProbe], step: int, dev: torch.device) -> pl.DataFrame:
         te = time.perf_counter()
         frame = _eval_frame(score_probes(model, probes, device=dev), run_id=self.run_id,
                             config_hash=self.config_hash, phase=self.phase, step=step,
                             epoch=step / self.steps_per_epoch)
-        self.store.write_shard("trajectories", frame, partition={"run_id": self.run_id}, name=f"step-{step:07d}",
-                               schema=TRAJECTORY_SCHEMA)
+        self.store.write_shard("trajectories", frame, partition={"run_id": self.run_id},
+                               name=resume.step_name(step), schema=TRAJECTORY_SCHEMA)
         means = frame.group_by("response_type").agg(pl.col("logp_sum").mean()).sort("response_type")
         brief = ", ".join(f"{t}={v:.1f}" for t, v in means.iter_rows())
         self.log(f"[{self.run_id}] eval step {step}/{self.total_steps} ({time.perf_counter() - te:.1f}s): {brief}")
         return frame
 
     def add(self, step: int, values: dict[str, float]) -> None:
-        self.rows.append({"run_id": self.run_id, "config_hash": self.config_hash, "phase": self.phase,
-                          "step": step, "epoch": step / self.steps_per_epoch,
-                          **{c: None for c in REWARD_COLUMNS}, **values})
+        self.last_row = {"run_id": self.run_id, "config_hash": self.config_hash, "phase": self.phase,
+                         "step": step, "epoch": step / self.steps_per_epoch,
+                         **{c: None for c in REWARD_COLUMNS}, **values}
+        self.rows.append(self.last_row)
 
     def flush(self, step: int) -> None:
-        rows = self.rows[self.flushed:]
-        self.store.write_shard("train_metrics", pl.DataFrame(rows, schema=TRAIN_METRICS_SCHEMA),
-                               partition={"run_id": self.run_id}, name=f"steps-{self.flushed + 1:07d}-{step:07d}",
-                               schema=TRAIN_METRICS_SCHEMA)
-        self.flushed = len(self.rows)
-        last = self.rows[-1]
+        """One shard "steps-<first>-<last>" per flush: a resume checkpoint flushes first, so shard
+        boundaries fall on checkpoints and a resumed run drops whole shards."""
+        if not self.rows:
+            return
+        self.store.write_shard("train_metrics", pl.DataFrame(self.rows, schema=TRAIN_METRICS_SCHEMA),
+                               partition={"run_id": self.run_id},
+                               name=f"steps-{self.flushed_step + 1:07d}-{step:07d}", schema=TRAIN_METRICS_SCHEMA)
+        self.flushed_step, self.rows = step, []
+        last = self.last_row
         extra = f" margin {last['rewards_margin']:.2f} acc {last['rewards_accuracy']:.2f}" \
             if last["rewards_margin"] is not None else ""
         self.log(f"[{self.run_id}] step {step}/{self.total_steps} loss {last['loss']:.3f} "
                  f"grad_norm {last['grad_norm']:.1f} lr {last['lr']:.2e}{extra}")
+
+
+def _every(n: int | None, step: int) -> bool:
+    return bool(n) and step % n == 0
 
 
 def run_training(
@@ -257,11 +288,14 @@ def run_training(
     """Train the checkpoint at `model_path` with `run.algo`, tracking `probes` in `store`.
 
     `examples`: (prompt, response) for SFT, (prompt, chosen, rejected) for DPO/IPO. The final
-    checkpoint goes to `out_dir/final` with metadata {run_id, config_hash, algo, steps, step_offset, ...}.
+    checkpoint goes to `out_dir/final` with metadata {run_id, config_hash, algo, steps, step_offset, ...};
+    resume checkpoints to `out_dir/resume/`, model snapshots (`run.snapshot_every`) to
+    `out_dir/checkpoints/step-NNNNNNN`. A resume checkpoint with the same `config_hash` is continued.
     """
     if not examples:
         raise ValueError(f"run {run_id}: no training examples")
     t0 = time.perf_counter()
+    out_dir = Path(out_dir)
     seed_everything(run.seed)
     dev = resolve_device(device)
     model, tokenizer = load_model_and_tokenizer(model_path, device=dev)
@@ -272,31 +306,98 @@ def run_training(
                                max_response_tokens=max_response_tokens)
     steps_per_epoch = math.ceil(objective.n / run.batch_size)
     total_steps = max(1, round(run.epochs * steps_per_epoch))
+    checkpoint_every = run.eval_every if run.checkpoint_every is None else run.checkpoint_every
     opt = make_optimizer(run, model.parameters())
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / (run.warmup_steps + 1)))
-    # A fresh run starts clean: stale shards of an earlier, longer run must not mix in.
-    for table in ("trajectories", "train_metrics"):
-        store.delete_partition(table, {"run_id": run_id})
-
-    objective.prepare(model, list(itertools.islice(batch_schedule(objective.n, run.batch_size, run.seed),
-                                                   steps_per_epoch)), dev)
     rec = _Recorder(store, run_id, config_hash, run.algo, steps_per_epoch, total_steps, log)
-    first = last = rec.evaluate(model, probes, 0, dev)
-    evals = 1
-    schedule = itertools.islice(batch_schedule(objective.n, run.batch_size, run.seed), total_steps)
-    for step, idx in enumerate(schedule, start=1):
+    identity = {"run_id": run_id, "config_hash": config_hash, "total_steps": total_steps, "n_examples": objective.n}
+
+    def first_epoch() -> list[list[int]]:
+        return list(itertools.islice(batch_schedule(objective.n, run.batch_size, run.seed), steps_per_epoch))
+
+    def snapshot(step: int) -> None:
+        save_checkpoint(model, tokenizer, resume.snapshot_path(out_dir, step),
+                        metadata={"step": step, "run_id": run_id, "config_hash": config_hash, "algo": run.algo,
+                                  "step_offset": step_offset})
+
+    ckpt, removed = _resumable(out_dir, store, identity, log)
+    if ckpt is None:
+        # A fresh run starts clean: stale shards and snapshots of an earlier, longer run must not mix in.
+        for table in ("trajectories", "train_metrics"):
+            store.delete_partition(table, {"run_id": run_id})
+        resume.clear(out_dir, snapshots=True)
+        objective.prepare(model, first_epoch(), dev)
+        first = last = rec.evaluate(model, probes, 0, dev)
+        if run.snapshot_every:
+            snapshot(0)
+        start, evals = 0, 1
+    else:
+        start, state = ckpt.step, ckpt.load()
+        log(f"resuming {run_id} from step {start}/{total_steps} (checkpoint {ckpt.path}); "
+            f"shards written after step {start} removed: {removed}")
+        resume.drop_snapshots_after(out_dir, start)
+        if state["objective"] is not None and hasattr(objective, "load_state_dict"):
+            objective.load_state_dict({k: v.to(dev) if isinstance(v, torch.Tensor) else v
+                                       for k, v in state["objective"].items()})
+        else:   # the objective's prepared state comes from the starting model, still loaded here
+            objective.prepare(model, first_epoch(), dev)
+        model.load_state_dict(state["model"])     # copies into the parameters, on `dev`
+        opt.load_state_dict(state["optimizer"])   # moves its state to the parameters' device
+        sched.load_state_dict(state["scheduler"])
+        resume.set_rng_state(state["rng"])
+        rec.flushed_step = start
+        first = last = pl.read_parquet(store.shard_path("trajectories", {"run_id": run_id}, resume.step_name(0)))
+        evals = int(ckpt.meta["evals"])
+    # The data position is the step: the schedule is re-derived from the seed and fast-forwarded.
+    schedule = itertools.islice(batch_schedule(objective.n, run.batch_size, run.seed), start, total_steps)
+    for step, idx in enumerate(schedule, start=start + 1):
         values = _train_step(model, opt, sched, objective, idx, run.max_grad_norm, dev)
         if not math.isfinite(values["loss"]):
             raise FloatingPointError(f"run {run_id}: loss became {values['loss']} at step {step}; "
                                      f"lower lr ({run.lr})")
         rec.add(step, values)
-        if step % run.eval_every == 0 or step == total_steps:
+        do_eval = _every(run.eval_every, step) or step == total_steps
+        do_checkpoint = _every(checkpoint_every, step) and step < total_steps
+        if do_eval or do_checkpoint:
             rec.flush(step)
+        if do_eval:
             last = rec.evaluate(model, probes, step, dev)
             evals += 1
+        if run.snapshot_every and (_every(run.snapshot_every, step) or step == total_steps):
+            snapshot(step)
+        if do_checkpoint:   # last: everything up to `step` is in the store before the checkpoint says so
+            state_fn = getattr(objective, "state_dict", None)
+            path = resume.save(out_dir, step, meta={**identity, "evals": evals}, model=model, optimizer=opt,
+                               scheduler=sched, objective_state=state_fn() if state_fn else None)
+            log(f"[{run_id}] resume checkpoint at step {step}: {path}")
     meta = {**(checkpoint_metadata or {}), "run_id": run_id, "config_hash": config_hash, "algo": run.algo,
             "steps": total_steps, "step_offset": step_offset}
-    ckpt = save_checkpoint(model, tokenizer, out_dir / "final", metadata=meta)
-    return TrainResult(run_id=run_id, checkpoint=ckpt, steps=total_steps, step_offset=step_offset, evals=evals,
-                       wall_s=time.perf_counter() - t0, device=str(dev), final_loss=rec.rows[-1]["loss"],
-                       first_eval=first, last_eval=last, final_metrics=dict(rec.rows[-1]))
+    final = save_checkpoint(model, tokenizer, out_dir / "final", metadata=meta)
+    resume.clear(out_dir)   # finished: a rerun trains from scratch (and rewrites every shard)
+    return TrainResult(run_id=run_id, checkpoint=final, steps=total_steps, step_offset=step_offset, evals=evals,
+                       wall_s=time.perf_counter() - t0, device=str(dev), final_loss=rec.last_row["loss"],
+                       first_eval=first, last_eval=last, final_metrics=dict(rec.last_row),
+                       resumed_from=None if ckpt is None else start)
+
+
+def _resumable(out_dir: Path, store: Store, identity: dict,
+               log: Log) -> tuple[resume.Checkpoint | None, dict[str, int]]:
+    """The newest resume checkpoint this call may continue, or None (with the reason logged), and the
+    number of shards removed per table because they were written after it."""
+    ckpt = resume.latest(out_dir)
+    if ckpt is None:
+        return None, {}
+    run_id = identity["run_id"]
+    differs = {k: (ckpt.meta.get(k), v) for k, v in identity.items() if ckpt.meta.get(k) != v}
+    if differs:
+        why = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in differs.items())
+        log(f"[{run_id}] not resuming from {ckpt.path} ({why}): starting fresh")
+        return None, {}
+    # Rows after the checkpoint are redone; a fresh start would delete them anyway, so drop them first.
+    removed = resume.truncate_store(store, run_id, ckpt.step)
+    # The store may have been wiped or moved since: continuing would leave steps without rows.
+    problem = resume.store_problem(store, run_id, ckpt.step)
+    if problem:
+        log(f"[{run_id}] not resuming from {ckpt.path}: {problem}; starting fresh")
+        return None, removed
+    return ckpt, removed
