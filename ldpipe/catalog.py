@@ -18,12 +18,22 @@ import duckdb
 import polars as pl
 
 from ldpipe.errors import DataValidationError, LdpipeError
-from ldpipe.schema import TRAIN_METRICS_SCHEMA, TRAJECTORY_SCHEMA
-from ldpipe.store import Store
+from ldpipe.schema import ONPOLICY_PAIRS_TABLE_SCHEMA, TRAIN_METRICS_SCHEMA, TRAJECTORY_SCHEMA
+from ldpipe.schema import GENERATION_BORROWING_SCHEMA, GENERATION_STATS_SCHEMA, WIN_RATE_JUDGMENT_SCHEMA
+from ldpipe.schema import AKG_SCHEMA, INFLUENCE_AGREEMENT_SCHEMA, INFLUENCE_HEATMAP_SCHEMA, INFLUENCE_SCHEMA
+from ldpipe.store import Store, remove_stale_temps
 
 KNOWN_TABLES: dict[str, dict[str, pl.DataType]] = {
     "trajectories": TRAJECTORY_SCHEMA,
     "train_metrics": TRAIN_METRICS_SCHEMA,
+    "onpolicy_pairs": ONPOLICY_PAIRS_TABLE_SCHEMA,
+    "generation_stats": GENERATION_STATS_SCHEMA,
+    "generation_borrowing": GENERATION_BORROWING_SCHEMA,
+    "win_rate_judgments": WIN_RATE_JUDGMENT_SCHEMA,
+    "influence": INFLUENCE_SCHEMA,
+    "influence_agreement": INFLUENCE_AGREEMENT_SCHEMA,
+    "akg": AKG_SCHEMA,
+    "influence_heatmap": INFLUENCE_HEATMAP_SCHEMA,
 }
 
 # Statement types that cannot change the database, files, settings or extensions.
@@ -62,6 +72,8 @@ def refresh_catalog(catalog_path: Path, store_root: Path, sql_dir: Path | None) 
     catalog_path = Path(catalog_path).resolve()
     store = Store(store_root)
     catalog_path.parent.mkdir(parents=True, exist_ok=True)
+    # Tidy what killed writers left: shard temps and earlier refreshes' catalog temps (never read as data).
+    cleaned = store.clean_temp() + remove_stale_temps(catalog_path.parent.glob(f"{catalog_path.name}.tmp-*"))
     tmp = catalog_path.with_name(f"{catalog_path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex}")
     try:
         con = duckdb.connect(str(tmp))
@@ -73,7 +85,7 @@ def refresh_catalog(catalog_path: Path, store_root: Path, sql_dir: Path | None) 
     finally:
         tmp.unlink(missing_ok=True)
         Path(f"{tmp}.wal").unlink(missing_ok=True)
-    return {"views": views, "tables": counts, "path": str(catalog_path)}
+    return {"views": views, "tables": counts, "path": str(catalog_path), "temp_files_removed": cleaned}
 
 
 def _build(con: duckdb.DuckDBPyConnection, store: Store, sql_dir: Path | None) -> tuple[list[str], dict[str, int]]:

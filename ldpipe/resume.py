@@ -160,18 +160,19 @@ def truncate_store(store: Store, run_id: str, step: int) -> dict[str, int]:
         if m and int(m.group(1)) > step:
             p.unlink(missing_ok=True)
             removed["trajectories"] += 1
-    d = _partition_dir(store, "train_metrics", run_id)
-    for p in sorted(d.glob("*.parquet")) if d.is_dir() else []:
-        m = _METRICS_SHARD.match(p.name)
-        if not m or int(m.group(2)) <= step:
-            continue
-        first = int(m.group(1))
-        if first <= step:
-            kept = pl.read_parquet(p).filter(pl.col("step") <= step)
-            store.write_shard("train_metrics", kept, partition={"run_id": run_id},
-                              name=f"steps-{first:07d}-{step:07d}")
-        p.unlink(missing_ok=True)
-        removed["train_metrics"] += 1
+    # step-range shards ("steps-<first>-<last>"): train_metrics, and on-policy runs' sampled pairs
+    for table in ("train_metrics", "onpolicy_pairs"):
+        d = _partition_dir(store, table, run_id)
+        for p in sorted(d.glob("*.parquet")) if d.is_dir() else []:
+            m = _METRICS_SHARD.match(p.name)
+            if not m or int(m.group(2)) <= step:
+                continue
+            first = int(m.group(1))
+            if first <= step:
+                kept = pl.read_parquet(p).filter(pl.col("step") <= step)
+                store.write_shard(table, kept, partition={"run_id": run_id}, name=f"steps-{first:07d}-{step:07d}")
+            p.unlink(missing_ok=True)
+            removed[table] = removed.get(table, 0) + 1
     return removed
 
 

@@ -183,6 +183,21 @@ INFLUENCE_HEATMAP_SCHEMA: dict[str, pl.DataType] = {
 }
 
 
+# On-policy DPO/IPO: the pair sampled and ranked for each batch prompt at each optimizer step.
+ONPOLICY_PAIRS_TABLE_SCHEMA: dict[str, pl.DataType] = {
+    "run_id": pl.String,
+    "config_hash": pl.String,
+    "step": pl.Int64,            # the optimizer step these samples were drawn for (before its update)
+    "prompt_index": pl.Int64,    # index into the run's training prompts
+    "prompt": pl.String,
+    "chosen": pl.String,         # best-scored sample (null when every sample tied)
+    "rejected": pl.String,       # worst-scored sample
+    "chosen_score": pl.Float64,
+    "rejected_score": pl.Float64,
+    "score_mean": pl.Float64,    # mean score of the prompt's samples
+    "tied": pl.Boolean,          # no pair: best and worst scored the same
+}
+
 # Canonical response types. Users may declare more in assets/ YAML.
 CORE_RESPONSE_TYPES = (
     "chosen",            # y+

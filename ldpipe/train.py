@@ -34,7 +34,7 @@ import torch
 from ldpipe import resume
 from ldpipe.losses import dpo_loss, ipo_loss, sft_loss
 from ldpipe.models import load_model_and_tokenizer, resolve_device, save_checkpoint
-from ldpipe.schema import TRAIN_METRICS_SCHEMA, TRAJECTORY_SCHEMA
+from ldpipe.schema import ONPOLICY_PAIRS_TABLE_SCHEMA, TRAIN_METRICS_SCHEMA, TRAJECTORY_SCHEMA
 from ldpipe.scoring import EncodedProbe, batch_logps, encode_pair, score_probes
 from ldpipe.spec import RunSpec
 from ldpipe.store import Store
@@ -229,6 +229,7 @@ class _Recorder:
     flushed_step: int = 0                             # train_metrics rows 1..flushed_step are in shards
     rows: list[dict] = field(default_factory=list)   # rows not flushed yet
     last_row: dict | None = None
+    pairs: Callable[[], pl.DataFrame] | None = None   # on-policy objectives: their sampled pairs so far
 
     def evaluate(self, model, probes: Sequence[EncodedProbe], step: int, dev: torch.device) -> pl.DataFrame:
         te = time.perf_counter()
@@ -253,9 +254,14 @@ class _Recorder:
         boundaries fall on checkpoints and a resumed run drops whole shards."""
         if not self.rows:
             return
+        name = f"steps-{self.flushed_step + 1:07d}-{step:07d}"
         self.store.write_shard("train_metrics", pl.DataFrame(self.rows, schema=TRAIN_METRICS_SCHEMA),
-                               partition={"run_id": self.run_id},
-                               name=f"steps-{self.flushed_step + 1:07d}-{step:07d}", schema=TRAIN_METRICS_SCHEMA)
+                               partition={"run_id": self.run_id}, name=name, schema=TRAIN_METRICS_SCHEMA)
+        if self.pairs is not None:   # on-policy: the sampled pairs of the same steps, under the same shard name
+            pairs = self.pairs().filter((pl.col("step") > self.flushed_step) & (pl.col("step") <= step))
+            frame = pairs.with_columns(pl.lit(self.run_id).alias("run_id"), pl.lit(self.config_hash).alias("config_hash"))
+            self.store.write_shard("onpolicy_pairs", frame.select(list(ONPOLICY_PAIRS_TABLE_SCHEMA)),
+                                   partition={"run_id": self.run_id}, name=name, schema=ONPOLICY_PAIRS_TABLE_SCHEMA)
         self.flushed_step, self.rows = step, []
         last = self.last_row
         extra = f" margin {last['rewards_margin']:.2f} acc {last['rewards_accuracy']:.2f}" \
@@ -309,7 +315,8 @@ def run_training(
     checkpoint_every = run.eval_every if run.checkpoint_every is None else run.checkpoint_every
     opt = make_optimizer(run, model.parameters())
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / (run.warmup_steps + 1)))
-    rec = _Recorder(store, run_id, config_hash, run.algo, steps_per_epoch, total_steps, log)
+    rec = _Recorder(store, run_id, config_hash, run.algo, steps_per_epoch, total_steps, log,
+                    pairs=getattr(objective, "pairs_frame", None))
     identity = {"run_id": run_id, "config_hash": config_hash, "total_steps": total_steps, "n_examples": objective.n}
 
     def first_epoch() -> list[list[int]]:
@@ -323,7 +330,7 @@ def run_training(
     ckpt, removed = _resumable(out_dir, store, identity, log)
     if ckpt is None:
         # A fresh run starts clean: stale shards and snapshots of an earlier, longer run must not mix in.
-        for table in ("trajectories", "train_metrics"):
+        for table in ("trajectories", "train_metrics", "onpolicy_pairs"):
             store.delete_partition(table, {"run_id": run_id})
         resume.clear(out_dir, snapshots=True)
         objective.prepare(model, first_epoch(), dev)

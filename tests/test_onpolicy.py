@@ -103,6 +103,11 @@ def test_on_policy_run_trains_on_fresh_ranked_pairs(world):
     tied = hist.group_by("step").agg(pl.col("tied").mean()).sort("step")["tied"].to_list()
     assert metrics["onpolicy_tied_share"].to_list() == pytest.approx(tied)
     assert metrics["onpolicy_score_mean"].null_count() == 0 and (metrics["onpolicy_score_mean"] < 0).all()
+    # the sampled pairs are in the store (table onpolicy_pairs), exactly once per (step, prompt)
+    stored = Store(files.paths.store).read("onpolicy_pairs", run_id=spec.run_id(spec.run("op"))).sort("step",
+                                                                                                     "prompt_index")
+    assert stored.drop("run_id", "config_hash").equals(hist.sort("step", "prompt_index"))
+    assert stored["config_hash"].unique().to_list() == [info["config_hash"]]
     traj = Store(files.paths.store).read("trajectories", run_id=spec.run_id(spec.run("op")))
     assert sorted(traj["step"].unique().to_list()) == [0, 2, 3]
     assert traj.filter(pl.col("step") == 3)["logp_sum"].to_list() != traj.filter(pl.col("step") == 0)["logp_sum"]\
