@@ -13,9 +13,14 @@ Differences from the reference implementation (learning-dynamics.md §3), on pur
 """
 from __future__ import annotations
 
+import hashlib
+import json
+import math
 import random
-from collections.abc import Callable, Sequence
+import re
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 import polars as pl
@@ -25,6 +30,7 @@ from ldpipe.schema import CORE_RESPONSE_TYPES, PREFERENCE_SCHEMA, PROBE_SCHEMA, 
 
 REPHRASE_TYPES = ("chosen_gptsemantic", "chosen_gptformat", "reject_gptsemantic", "reject_gptformat")
 MODEL_TYPES = ("chosen_initial", "chosen_selfr")
+MODEL_STAGE_TYPES = (*MODEL_TYPES, "random_tokens")   # built by the model-probe stage (need the base model)
 OFFLINE_TYPES = ("chosen", "rejected", *REPHRASE_TYPES, "irr_train", "irr_test", "irr_hum", "random_permute",
                  "random_nonhum", "random_tokens")
 _REPHRASE_COLUMNS = ("example_id", "response_type", "response", "provenance")
@@ -167,6 +173,21 @@ class _TokenSampler:
 
 # ----------------------------------------------------------------------------- builder
 
+def select_indices(n_total: int, n: int, selection: str, seed: int) -> list[int]:
+    """Which of `n_total` rows become probe prompts: the first `n` (the reference) or a seeded random `n`,
+    kept in table order so "first" and "random" differ only in which rows are taken."""
+    n = min(n, n_total)
+    if selection == "first":
+        return list(range(n))
+    return sorted(random.Random(f"{seed}:selection").sample(range(n_total), n))
+
+
+def random_token_rows(chosen: Sequence[str], tokenizer: Any, seed: int) -> list[tuple[str, str]]:
+    """y_rnd as uniformly random token ids of `tokenizer`, as many as each y+ has, decoded; seeded per type."""
+    sampler, r = _TokenSampler(tokenizer), random.Random(f"{seed}:random_tokens")
+    return [(sampler.sample_like(y, r), f"uniform_tokens:seed={seed}") for y in chosen]
+
+
 def build_probe_set(preferences: pl.DataFrame, recipe: ProbeRecipe, *, rephrases: pl.DataFrame | None = None,
                     tokenizer: Any = None,
                     human_sentence: Callable[[random.Random, int], str] | None = None) -> ProbeBuild:
@@ -180,10 +201,7 @@ def build_probe_set(preferences: pl.DataFrame, recipe: ProbeRecipe, *, rephrases
     if train.height < recipe.n_examples:
         raise DataValidationError("preferences", f"the train split has {train.height} example(s) but the recipe "
                                   f"asks for n_examples={recipe.n_examples}", field="split")
-    if recipe.selection == "first":
-        picked = list(range(recipe.n_examples))
-    else:  # sample, then keep table order so "first" and "random" differ only in which rows are taken
-        picked = sorted(random.Random(f"{recipe.seed}:selection").sample(range(train.height), recipe.n_examples))
+    picked = select_indices(train.height, recipe.n_examples, recipe.selection, recipe.seed)
     probe = train.select(pl.all().gather(picked))
     ids: list[str] = probe["example_id"].to_list()
     prompts: list[str] = probe["prompt"].to_list()
@@ -262,14 +280,121 @@ def build_probe_set(preferences: pl.DataFrame, recipe: ProbeRecipe, *, rephrases
         if tokenizer is None:
             skipped["random_tokens"] = "no tokenizer given (needs the model's vocabulary)"
         else:
-            sampler, r = _TokenSampler(tokenizer), rng("random_tokens")
-            built["random_tokens"] = [(sampler.sample_like(y, r), f"uniform_tokens:seed={recipe.seed}")
-                                      for y in chosen]
+            built["random_tokens"] = random_token_rows(chosen, tokenizer, recipe.seed)
 
     records = [(ids[u], t, prompts[u], resp, prov)
                for t, rows in built.items() for u, (resp, prov) in enumerate(rows)]
     probes = pl.DataFrame(records, schema=PROBE_SCHEMA, orient="row").sort("example_id", "response_type")
     return ProbeBuild(probes=probes, skipped={t: skipped[t] for t in types if t in skipped})
+
+
+# ----------------------------------------------------------------------------- user-declared types
+
+_PLACEHOLDER = re.compile(r"{(source|chosen|rejected|prompt)}")
+
+
+def custom_type_inputs(ct: Any) -> list[str]:
+    """The response types a custom type reads (its source, plus chosen/rejected named in a template)."""
+    needed = [ct.source]
+    if ct.transform == "template":
+        needed += [f for f in ("chosen", "rejected") if "{" + f + "}" in ct.text and f not in needed]
+    return needed
+
+
+def build_custom_type(ct: Any, pool: Mapping[str, pl.DataFrame], *, seed: int) -> tuple[pl.DataFrame | None, str]:
+    """Rows of the user-declared type `ct` (a `spec.CustomTypeSpec`) made from the rows in `pool`
+    ({type: PROBE_SCHEMA rows}); or (None, why) when an input type is absent. Deterministic: the only random
+    transform (shuffle_words) draws from `random.Random(f"{seed}:custom:{name}")`."""
+    inputs: dict[str, dict[str, tuple[str, str]]] = {}
+    for t in custom_type_inputs(ct):
+        frame = pool.get(t)
+        if frame is None or frame.is_empty():
+            return None, f"its input type {t!r} was not built"
+        inputs[t] = {i: (pr, y) for i, pr, y in frame.select("example_id", "prompt", "response").iter_rows()}
+    ids = sorted(inputs[ct.source])
+    for t, rows in inputs.items():
+        gap = next((i for i in ids if i not in rows), None)
+        if gap is not None:
+            return None, f"its input type {t!r} has no row for probe example {gap!r}"
+    rng = random.Random(f"{seed}:custom:{ct.name}")
+    records = []
+    for i in ids:
+        prompt, src = inputs[ct.source][i]
+        if ct.transform == "shuffle_words":
+            out, how = shuffle_words(src, rng), f"shuffle:seed={seed}"
+        elif ct.transform == "reverse_words":
+            out, how = _lead(src) + " ".join(reversed(_words(src))), "reverse_words"
+        elif ct.transform == "truncate":
+            words = _words(src)
+            keep = ct.words if ct.words is not None else max(1, math.ceil(ct.fraction * len(words)))
+            out, how = _lead(src) + " ".join(words[:keep]), f"truncate:{ct.words or ct.fraction}"
+        elif ct.transform == "template":
+            values = {"source": src, "prompt": prompt, **{t: rows[i][1] for t, rows in inputs.items()}}
+            # placeholders give the stripped texts; the result takes the source's leading whitespace
+            body = _PLACEHOLDER.sub(lambda m: values[m.group(1)].strip(), ct.text)
+            out, how = _lead(src) + body.strip(), "template"
+        else:  # the spec admits only the four above
+            raise SpecError(f"custom type {ct.name!r}: unknown transform {ct.transform!r}")
+        records.append((i, ct.name, prompt, out, f"custom:{ct.name}:{how}:from={ct.source}"))
+    return pl.DataFrame(records, schema=PROBE_SCHEMA, orient="row"), ""
+
+
+# ----------------------------------------------------------------------------- per-type cache
+
+def content_hash(obj: Any) -> str:
+    """sha256 of a canonical JSON rendering (dicts sorted); 16 hex digits."""
+    blob = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def file_hash(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
+def frame_hash(df: pl.DataFrame) -> str:
+    """Content hash of a frame's rows (order-sensitive), independent of how Parquet encodes them."""
+    return content_hash([df.columns, df.rows()])
+
+
+class TypeCache:
+    """Content-addressed store of one response type's rows: `<dir>/<type>-<key>.parquet`, where the key hashes
+    everything the rows depend on (recipe, inputs' hashes, builder version). A type whose key is present is
+    reused, so adding a type builds only that type and a rerun builds nothing."""
+
+    def __init__(self, directory: Path):
+        self.dir = Path(directory)
+
+    def path(self, t: str, key: str) -> Path:
+        return self.dir / f"{t}-{key}.parquet"
+
+    def get(self, t: str, key: str) -> pl.DataFrame | None:
+        p = self.path(t, key)
+        if not p.is_file():
+            return None
+        try:
+            df = pl.read_parquet(p)
+        except Exception:  # a damaged entry is rebuilt, not trusted
+            return None
+        return df if list(df.columns) == list(PROBE_SCHEMA) else None
+
+    def get_info(self, t: str, key: str) -> dict:
+        """The build report stored with an entry (e.g. an LLM type's stripped-preamble count); {} if none."""
+        p = self.path(t, key).with_suffix(".json")
+        try:
+            return json.loads(p.read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def put(self, t: str, key: str, df: pl.DataFrame, info: dict | None = None) -> None:
+        from ldpipe.atomic import write_json, write_parquet
+
+        if info:   # the report first: an entry is only used once its Parquet file exists
+            write_json(info, self.path(t, key).with_suffix(".json"))
+        write_parquet(df.select(list(PROBE_SCHEMA)), self.path(t, key))
 
 
 # ----------------------------------------------------------------------------- checks
@@ -298,10 +423,13 @@ def check_probe_set(probes: pl.DataFrame, types: Sequence[str]) -> dict:
     shuffle_pairs = pairs("random_permute", "chosen") + pairs("random_nonhum", "irr_test")
     shuffle_failures = sum(not _is_permutation(x, y) for x, y in shuffle_pairs)
     rephrase_pairs = [p for t in REPHRASE_TYPES for p in pairs(t, "chosen" if t.startswith("chosen") else "rejected")]
-    lengths = (probes.with_columns(pl.col("response").str.strip_chars().str.split(" ").list.len().alias("w"))
+    lengths = (probes.with_columns(pl.col("response").str.strip_chars().str.split(" ").list.len().alias("w"),
+                                   pl.col("response").str.len_chars().alias("c"),
+                                   (pl.col("response").str.strip_chars() == "").fill_null(True).alias("e"))
                .group_by("response_type")
                .agg(pl.col("w").mean().alias("mean"), pl.col("w").min().alias("min"), pl.col("w").max().alias("max"),
-                    pl.len().alias("rows"))
+                    pl.col("c").mean().alias("chars_mean"), pl.col("c").max().alias("chars_max"),
+                    pl.col("e").sum().alias("empty"), pl.len().alias("rows"))
                .sort("response_type"))
     return {
         "n_examples": len(ids),
@@ -316,11 +444,25 @@ def check_probe_set(probes: pl.DataFrame, types: Sequence[str]) -> dict:
         "shuffle_failures": shuffle_failures,
         "irr_train_equals_chosen": sum(x == y for x, y in pairs("irr_train", "chosen")),
         "rephrases_identical_to_source": sum(x == y for x, y in rephrase_pairs),
+        "selfr_identical_to_chosen": sum(x == y for x, y in pairs("chosen_selfr", "chosen")),
         "empty_responses": int(probes["response"].str.strip_chars().eq("").fill_null(True).sum()),
+        "empty_by_type": {r["response_type"]: int(r["empty"]) for r in lengths.iter_rows(named=True) if r["empty"]},
         "length_words": {r["response_type"]: {"mean": round(r["mean"], 2), "min": r["min"], "max": r["max"],
                                               "rows": r["rows"]} for r in lengths.iter_rows(named=True)},
+        "length_chars": {r["response_type"]: {"mean": round(r["chars_mean"], 1), "max": r["chars_max"]}
+                         for r in lengths.iter_rows(named=True)},
     }
 
 
+def length_table(report: dict) -> pl.DataFrame:
+    """Per-type length statistics of a `check_probe_set` report, as a table for metadata."""
+    words, chars, empty = report.get("length_words", {}), report.get("length_chars", {}), report.get("empty_by_type", {})
+    return pl.DataFrame([{"response_type": t, "rows": w["rows"], "words_mean": float(w["mean"]), "words_min": w["min"],
+                          "words_max": w["max"], "chars_mean": float(chars.get(t, {}).get("mean", 0.0)),
+                          "empty": empty.get(t, 0)} for t, w in sorted(words.items())])
+
+
 __all__ = ["ProbeRecipe", "ProbeBuild", "build_probe_set", "check_probe_set", "shuffle_words", "OFFLINE_TYPES",
-           "REPHRASE_TYPES", "MODEL_TYPES"]
+           "REPHRASE_TYPES", "MODEL_TYPES", "MODEL_STAGE_TYPES", "select_indices", "random_token_rows",
+           "build_custom_type", "custom_type_inputs", "TypeCache", "content_hash", "file_hash", "frame_hash",
+           "length_table"]

@@ -381,18 +381,19 @@ class InfluenceSpec(_Strict):
     enabled: bool = True
     runs: tuple[str, ...] | None = None      # None: every declared run
     checkpoints: tuple[Literal["start", "snapshots", "final"], ...] = ("start", "snapshots", "final")
-    max_snapshots: int = Field(3, ge=0)      # evenly spaced among <run_dir>/checkpoints/step-*
+    max_snapshots: int = Field(1, ge=0)      # evenly spaced among <run_dir>/checkpoints/step-* (always the last)
     n_train: int = Field(6, gt=0)            # training examples (rows of the matrix)
     n_probe_prompts: int = Field(3, gt=0)    # probe prompts observed (every type of each)
     observed_types: tuple[str, ...] | None = None   # None: every probe type
     methods: tuple[Literal["exact", "projected", "naive", "naive_optimizer"], ...] = (
         "exact", "projected", "naive", "naive_optimizer")
-    rank: int = Field(32, gt=0)              # projected: per-side rank of the factored projection
+    rank: int = Field(128, gt=0)             # projected: per-side rank of the factored projection
     n_naive: int = Field(2, gt=0)            # training examples validated by a real one-step update
     n_akg: int = Field(2, gt=0)              # training examples given an A-K-G decomposition
     heatmap_types: tuple[str, ...] | None = None    # trained-on types of the heat map (None: every probe type)
     min_spearman: float = Field(0.9, ge=-1, le=1)   # asset check: projected vs exact
     seed: int = 0
+    threads: int = Field(1, gt=0)            # torch CPU threads while these run (1: safest on a shared small CPU)
 
 
 class ExperimentSpec(_Strict):
@@ -402,7 +403,7 @@ class ExperimentSpec(_Strict):
     probes: ProbeSpec = ProbeSpec()
     model: ModelSpec = ModelSpec()
     runs: tuple[RunSpec, ...] = ()
-    generation: GenerationSpec = GenerationSpec()   # squeezing / borrowing / win-rate analyses
+    generation_analysis: GenerationSpec = GenerationSpec()   # squeezing / borrowing / win-rate analyses
     influence: InfluenceSpec = InfluenceSpec()      # eNTK influence matrix, A-K-G, heat map
 
     @field_validator("name")
@@ -439,10 +440,10 @@ class ExperimentSpec(_Strict):
     @model_validator(mode="after")
     def _win_rate_runs_exist(self) -> "ExperimentSpec":
         runs = {r.name for r in self.runs}
-        for pair in self.generation.win_rate.pairs:
+        for pair in self.generation_analysis.win_rate.pairs:
             for ref in pair:
                 if ref != "base" and ref.split("@")[0] not in runs:
-                    raise ValueError(f"generation.win_rate.pairs: {ref!r} names no run of this experiment; "
+                    raise ValueError(f"generation_analysis.win_rate.pairs: {ref!r} names no run of this experiment; "
                                      f"runs: {sorted(runs)} (or 'base')")
         return self
 

@@ -62,7 +62,9 @@ def test_materialize_tiny_experiment_end_to_end(tiny_project):
 
     paths = Paths.default()
     traj = pl.read_parquet(paths.store / "trajectories" / "**" / "*.parquet")
-    probes = pl.read_parquet(paths.datasets / "tiny" / "probes.parquet")
+    from ldpipe import pipeline  # the whole probe set: probes.parquet + the model-made rows
+
+    probes = pipeline.load_probes_file(pipeline.files_for(specs[0], paths))
     assert sorted(traj["run_id"].unique().to_list()) == ["tiny.dpo", "tiny.sft"]
     assert dict(traj.group_by("run_id").agg(pl.col("phase").unique().first()).iter_rows()) == {
         "tiny.sft": "sft", "tiny.dpo": "dpo"}

@@ -50,3 +50,27 @@ def test_llm_types_built_through_endpoint_and_cached(tmp_path, monkeypatch):
     for f in (files.paths.home).rglob("*"):
         if f.is_file():
             assert b"sk-test-secret-123" not in f.read_bytes(), f
+
+
+def test_rerun_builds_no_type_and_adding_a_type_builds_only_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("FAKE_KEY", "sk-test")
+    with FakeOpenAI() as srv:
+        llm = {"model": "fake-model", "base_url": srv.base_url, "api_key_env": "FAKE_KEY",
+               "types": ["chosen_gptsemantic"]}
+        spec, files = _local_project(tmp_path, llm)
+        first = pipeline.build_probes(spec, files, log=lambda m: None)
+        assert "chosen_gptsemantic" in first["cache"]["built"] and first["written"]
+        calls = srv.n_requests
+        assert calls == 4    # one rephrase per probe prompt (their chosen texts all differ)
+        before = files.probes.read_bytes()
+        again = pipeline.build_probes(spec, files, log=lambda m: None)
+        # a rerun: zero LLM calls (not even cache look-ups through the client), no type rebuilt, same bytes
+        assert srv.n_requests == calls and again["cache"]["built"] == [] and not again["written"]
+        assert files.probes.read_bytes() == before
+        assert again["llm"]["chosen_gptsemantic"]["made"] == 4   # its report survives in the cache
+        # one more LLM type: only it is built, with one call per prompt; the rest is reused
+        spec2, _ = _local_project(tmp_path, {**llm, "types": ["chosen_gptsemantic", "irr_hum"]})
+        grown = pipeline.build_probes(spec2, files, log=lambda m: None)
+        assert grown["cache"]["built"] == ["irr_hum"] and srv.n_requests == calls + 4
+        assert "chosen_gptsemantic" in grown["cache"]["reused"] and "chosen" in grown["cache"]["reused"]
+        assert grown["written"]

@@ -1,16 +1,47 @@
-"""Probe-set assets of one experiment: <exp>/dataset -> <exp>/probe_set."""
+"""Probe-set assets of one experiment: <exp>/dataset -> <exp>/probe_set -> <exp>/model_probes.
+
+`probe_set` holds every type that needs no model; `model_probes` (after the base model) adds y_init, y_selfr,
+uniformly random tokens and custom types made from them. Training runs depend on both (`probe_keys`) and read
+their union (`pipeline.load_probes_file`). Neither asset is partitioned: each type's rows are cached under a
+content hash of their inputs (see pipeline.py), so adding a type builds only that type and a rerun builds none,
+while `ldpipe run` can still materialize the whole graph in one call.
+"""
 
 import dagster as dg
+import polars as pl
 
 from ldpipe import pipeline
 from ldpipe.defs.common import md_table
-from ldpipe.defs.resources import LdpipeHome
+from ldpipe.defs.resources import Compute, LdpipeHome
 from ldpipe.spec import ExperimentSpec
 
 
 def probe_keys(spec: ExperimentSpec) -> list[dg.AssetKey]:
     """The probe assets a training run reads (its probe set)."""
-    return [dg.AssetKey([spec.name, "probe_set"])]
+    return [dg.AssetKey([spec.name, "probe_set"]), dg.AssetKey([spec.name, "model_probes"])]
+
+
+def _preview(probes: pl.DataFrame) -> str:
+    """The first row of every response type."""
+    if probes.is_empty():
+        return "(no rows)"
+    first = (probes.group_by("response_type", maintain_order=True).first()
+             .select("response_type", "example_id", "response", "provenance").sort("response_type"))
+    return md_table(first, 60)
+
+
+def _lengths(checks: dict) -> str:
+    from ldpipe.probes import length_table
+
+    table = length_table(checks)
+    return md_table(table, 60) if not table.is_empty() else "(no rows)"
+
+
+def _cache_meta(info: dict) -> dict:
+    cache = info.get("cache", {})
+    return {"types_built": dg.MetadataValue.json(cache.get("built", [])),
+            "types_reused": dg.MetadataValue.json(cache.get("reused", [])),
+            "file_rewritten": bool(info.get("written", True))}
 
 
 def probe_assets(spec: ExperimentSpec) -> list:
@@ -36,20 +67,22 @@ def probe_assets(spec: ExperimentSpec) -> list:
 
     @dg.asset(key=k("probe_set"), group_name=exp, deps=[k("dataset")], kinds={"parquet"},
               check_specs=probe_checks,
-              description="Long table: one row per (probe prompt, response type) with provenance.")
+              description="Long table: one row per (probe prompt, response type) with provenance; every type "
+                          "that needs no model (dataset, templates/LLM rephrases, draws, custom types).")
     def probe_set(context: dg.AssetExecutionContext, ldpipe_home: LdpipeHome) -> dg.MaterializeResult:
         files = pipeline.files_for(spec, ldpipe_home.paths())
         info = pipeline.build_probes(spec, files, log=context.log.info)
-        probes = pipeline.load_probes_file(files)
+        probes = pl.read_parquet(info["path"])   # this stage's rows only (the model stage may be stale)
         checks = info["checks"]
-        preview = (probes.group_by("response_type", maintain_order=True).first()
-                   .select("response_type", "example_id", "response", "provenance").sort("response_type"))
         gaps = checks.get("missing", [])
         quality = {
             "shuffle_failures": checks.get("shuffle_failures", 0),
             "irr_train_equals_chosen": checks.get("irr_train_equals_chosen", 0),
             "rephrases_identical_to_source": checks.get("rephrases_identical_to_source", 0),
+            "duplicates": checks.get("duplicates", 0),
+            "prompt_mismatch": checks.get("prompt_mismatch", 0),
         }
+        stripped = {t: r.get("preambles_stripped", 0) for t, r in info.get("llm", {}).items()}
         return dg.MaterializeResult(
             metadata={
                 "path": dg.MetadataValue.path(info["path"]),
@@ -58,15 +91,64 @@ def probe_assets(spec: ExperimentSpec) -> list:
                 "types": dg.MetadataValue.json(info["types"]),
                 "skipped_types": dg.MetadataValue.json(info["skipped"]),
                 "llm": dg.MetadataValue.json(info.get("llm", {})),
-                "length_stats": dg.MetadataValue.json(checks.get("length_stats", {})),
-                "preview_per_type": dg.MetadataValue.md(md_table(preview, 40)),
+                "preambles_stripped": dg.MetadataValue.json(stripped),
+                "length_stats": dg.MetadataValue.json(checks.get("length_words", {})),
+                "length_per_type": dg.MetadataValue.md(_lengths(checks)),
+                "preview_per_type": dg.MetadataValue.md(_preview(probes)),
+                **_cache_meta(info),
             },
             check_results=[
                 dg.AssetCheckResult(check_name="every_type_for_every_prompt", passed=len(gaps) == 0,
                                     metadata={"gaps": len(gaps), "first_gaps": dg.MetadataValue.json(gaps[:20])}),
                 dg.AssetCheckResult(check_name="perturbations_valid", passed=not any(quality.values()),
-                                    metadata=quality),
+                                    metadata={**quality, "preambles_stripped": sum(stripped.values())}),
             ],
         )
 
-    return [dataset, probe_set]
+    model_checks = [
+        dg.AssetCheckSpec("model_types_for_every_prompt", asset=k("model_probes"),
+                          description="Every probe prompt has every type of the whole probe set, model-made ones "
+                                      "included (gaps listed)."),
+        dg.AssetCheckSpec("model_types_informative", asset=k("model_probes"),
+                          description="Measured (WARN): empty model outputs and self-rephrases that copy y+ "
+                                      "verbatim; a small base model may produce either."),
+    ]
+
+    @dg.asset(key=k("model_probes"), group_name=exp, deps=[k("probe_set"), k("base_model")], pool="gpu",
+              kinds={"parquet", "pytorch"}, check_specs=model_checks,
+              description="Model-made probe rows: y_init (the base model's reply), y_selfr (its rephrase of y+), "
+                          "uniformly random tokens of its vocabulary, and custom types made from them.")
+    def model_probes(context: dg.AssetExecutionContext, ldpipe_home: LdpipeHome,
+                     compute: Compute) -> dg.MaterializeResult:
+        files = pipeline.files_for(spec, ldpipe_home.paths())
+        info = pipeline.build_model_probes(spec, files, device=compute.device, log=context.log.info)
+        rows = pl.read_parquet(info["path"])
+        checks = info["checks"]
+        gaps = checks.get("missing", [])
+        empty = {t: n for t, n in checks.get("empty_by_type", {}).items() if t in info["types"]}
+        identical = checks.get("selfr_identical_to_chosen", 0)
+        own = {t: v for t, v in checks.get("length_words", {}).items() if t in info["types"]}
+        return dg.MaterializeResult(
+            metadata={
+                "path": dg.MetadataValue.path(info["path"]),
+                "dagster/row_count": info["rows"],
+                "types": dg.MetadataValue.json(info["types"]),
+                "skipped_types": dg.MetadataValue.json(info["skipped"]),
+                "generation": dg.MetadataValue.json(info["generation"]),
+                "model": info["model"],
+                "length_stats": dg.MetadataValue.json(own),
+                "length_per_type": dg.MetadataValue.md(_lengths(checks)),   # the whole probe set
+                "preview_per_type": dg.MetadataValue.md(_preview(rows)),
+                **_cache_meta(info),
+            },
+            check_results=[
+                dg.AssetCheckResult(check_name="model_types_for_every_prompt", passed=len(gaps) == 0,
+                                    metadata={"gaps": len(gaps), "first_gaps": dg.MetadataValue.json(gaps[:20])}),
+                dg.AssetCheckResult(check_name="model_types_informative", severity=dg.AssetCheckSeverity.WARN,
+                                    passed=not empty and identical == 0,
+                                    metadata={"empty_by_type": dg.MetadataValue.json(empty),
+                                              "selfr_identical_to_chosen": identical}),
+            ],
+        )
+
+    return [dataset, probe_set, model_probes]
