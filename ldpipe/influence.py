@@ -25,13 +25,17 @@ Three ways to get K (R2, R3, R9):
   LayerNorm parameters are skipped (see `projection_coverage`);
 - naive_one_step: the validator - really take the step, re-score, restore the weights.
 `agreement` compares two of them (Spearman, relative error, sign agreement); `akg_decomposition`
-splits one entry into the paper's A·K·G factors at one observed position (tiny models).
+splits one entry into the paper's A·K·G factors at one observed position (tiny models: it forms
+the V x P Jacobian); `akg_factors` gives the same factors' summaries at every observed position
+from one Jacobian-vector product (any model size), with the realised change of a real SGD step.
+`naive_optimizer_step` is the validator with the run's real optimizer (Adam/RMSprop, clipping).
 """
 from __future__ import annotations
 
 import hashlib
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Sequence, Union
+from typing import Callable, Sequence, Union
 
 import numpy as np
 import torch
@@ -629,3 +633,124 @@ def akg_decomposition(model: nn.Module, update: Union[Pair, Update], observed: P
     if full_k:
         out["K"] = [k.cpu() for k in K]
     return out
+
+
+# --------------------------------------------------------------------------- real optimizer step, A·K·G at scale
+
+@contextmanager
+def _weights_restored(model: nn.Module, tensors: Sequence[torch.Tensor]):
+    """Weights, .grad fields and train/eval mode restored bit-exactly on exit (eval mode inside)."""
+    saved = [p.detach().clone() for p in tensors]
+    grads = [None if p.grad is None else p.grad.detach().clone() for p in tensors]
+    with _EvalMode(model):
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for p, s, g in zip(tensors, saved, grads):
+                    p.copy_(s)
+                    p.grad = g
+
+
+def naive_optimizer_step(model: nn.Module, loss_fn: Callable[[nn.Module], torch.Tensor], probe_pairs: Sequence[Pair],
+                         *, optimizer_factory: Callable[[list[torch.Tensor]], torch.optim.Optimizer],
+                         max_grad_norm: float | None = None, params: Sequence[str] | None = None
+                         ) -> tuple[torch.Tensor, dict]:
+    """[M] Delta log pi of every probe after ONE real optimizer step on `loss_fn(model)`; weights restored.
+
+    The step is exactly what training does: backward, clip_grad_norm_(max_grad_norm), optimizer.step()
+    with a FRESH optimizer from `optimizer_factory` (a checkpoint stores no optimizer state, so for
+    Adam this is its first step, ~lr * sign(g) per parameter: the real-optimizer side of the SGD
+    approximation that exact_entk makes). Returns (delta, {"grad_norm", "clip_factor"}).
+    """
+    _check_pairs(probe_pairs, "probe_pairs")
+    tensors = [p for _, p in _select(model, params)]
+    with _weights_restored(model, tensors):
+        with torch.no_grad():
+            before = batch_logps(model, probe_pairs)[0].double()
+        for p in tensors:
+            p.grad = None
+        loss = loss_fn(model)
+        if loss.dim() != 0:
+            raise LdpipeError(f"naive_optimizer_step: loss_fn must return a scalar, got shape {tuple(loss.shape)}")
+        loss.backward()
+        max_norm = float(max_grad_norm) if max_grad_norm is not None else float("inf")
+        norm = float(torch.nn.utils.clip_grad_norm_(tensors, max_norm))
+        optimizer_factory(tensors).step()
+        with torch.no_grad():
+            after = batch_logps(model, probe_pairs)[0].double()
+    clip = min(1.0, max_norm / norm) if norm > 0 else 1.0
+    return (after - before).float().cpu(), {"grad_norm": norm, "clip_factor": clip}
+
+
+def position_logps(model: nn.Module, pair: Pair) -> torch.Tensor:
+    """[len(response)] fp32 log pi of each response token (no gradient)."""
+    _check_pairs([pair], "pair")
+    with torch.no_grad(), _EvalMode(model):
+        z = _response_logits(model, pair)
+        y = torch.tensor(pair[1], device=z.device)
+        return torch.log_softmax(z, dim=-1).gather(1, y[:, None]).squeeze(1).cpu()
+
+
+@contextmanager
+def _eager_attention(model: nn.Module):
+    """HF models' fused SDPA attention has no double backward; the eager path (same math) does."""
+    cfg = getattr(model, "config", None)
+    old = getattr(cfg, "_attn_implementation", None) if cfg is not None else None
+    if old is None or old == "eager":
+        yield
+        return
+    cfg._attn_implementation = "eager"
+    try:
+        yield
+    finally:
+        cfg._attn_implementation = old
+
+
+def akg_factors(model: nn.Module, update: Union[Pair, Update], observed: Pair, *, lr: float,
+                params: Sequence[str] | None = None) -> dict:
+    """A·K·G summaries at EVERY observed position, from one Jacobian-vector product (no V x P Jacobian).
+
+    With d the update direction (sum_k c_k grad log pi(pair_k)) and J_o the Jacobian of the observed
+    logits, the eNTK term is KG = sum_k sum_l K_k[l] G_k[l] = -J_o d, so one JVP gives it at all
+    positions. Per observed position t (token y_t), as [L] tensors:
+      pi_token = pi(y_t); kg_token = KG[y_t]; kg_expect = pi . KG (the A = I - 1 pi^T correction);
+      kg_norm = ||KG||; predicted = -lr * (kg_token - kg_expect)  (= [A (-lr KG)]_{y_t});
+      realised = the change of log pi(y_t) after the real SGD step theta += lr * d (weights restored).
+    g_norm: the Frobenius norm of all G_k = c_k (pi_u - e_{y_u}) (how far the update's own predictions
+    are from its targets). predicted.sum() equals lr * exact_entk[update, observed].
+    """
+    updates = _as_updates([update])
+    _check_pairs([observed], "observed")
+    selected = _select(model, params)
+    tensors = [p for _, p in selected]
+    d = _directions(model, updates, params, None, 1.0)[0]
+    d_parts = list(torch.split(d, [p.numel() for p in tensors]))
+    y = torch.tensor(observed[1], device=d.device)
+    with _EvalMode(model), _eager_attention(model):
+        z = _response_logits(model, observed)
+        # J d by double backward: v -> J^T v is linear in v, so d/dv <J^T v, d> = J d.
+        v = torch.zeros_like(z, requires_grad=True)
+        jt_v = torch.autograd.grad(z, tensors, grad_outputs=v, create_graph=True, allow_unused=True)
+        dot = sum((g.float() * dp.view_as(g)).sum() for g, dp in zip(jt_v, d_parts) if g is not None)
+        jd = torch.autograd.grad(dot, v)[0].detach()
+        pi = torch.softmax(z.detach(), dim=-1)
+        g_sq = 0.0
+        for pair, c in updates[0].terms:
+            with torch.no_grad():
+                z_u = _response_logits(model, pair)
+            onehot = torch.nn.functional.one_hot(torch.tensor(pair[1], device=z_u.device), z_u.size(1)).float()
+            g_sq += float(((c * (torch.softmax(z_u, dim=-1) - onehot)) ** 2).sum())
+    kg = -jd
+    kg_token = kg.gather(1, y[:, None]).squeeze(1)
+    kg_expect = (pi * kg).sum(1)
+    before = position_logps(model, observed)
+    with _weights_restored(model, tensors):
+        with torch.no_grad():
+            for p, dp in zip(tensors, d_parts):
+                p.add_(dp.view_as(p).to(p.dtype), alpha=float(lr))
+        after = position_logps(model, observed)
+    return {"observed_token": y.cpu(), "pi_token": pi.gather(1, y[:, None]).squeeze(1).cpu(),
+            "kg_token": kg_token.cpu(), "kg_expect": kg_expect.cpu(), "kg_norm": kg.norm(dim=1).cpu(),
+            "g_norm": g_sq ** 0.5, "predicted": (-float(lr) * (kg_token - kg_expect)).cpu(),
+            "realised": (after.double() - before.double()).float()}

@@ -67,6 +67,10 @@ def build_defs(specs: list[ExperimentSpec]) -> dg.Definitions:
     for spec in specs:
         assets.extend(experiment_assets(spec))
         # Analyses (each module: `<name>_assets(spec) -> list`, downstream of the catalog) go here.
+        from ldpipe.defs.generation import generation_assets
+        assets.extend(generation_assets(spec))
+        from ldpipe.defs.influence import influence_assets
+        assets.extend(influence_assets(spec))
     assets.append(catalog_asset(specs))
     jobs = [dg.define_asset_job("all_experiments", selection=dg.AssetSelection.all(),
                                 description="Materialize every declared experiment end to end.")]

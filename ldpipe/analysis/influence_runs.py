@@ -1,0 +1,530 @@
+"""Influence analyses of a declared run (issue 5): the eNTK matrix, its agreement checks, A-K-G, the heat map.
+
+The math lives in `ldpipe.influence`; this module maps a run onto it:
+- checkpoints: the run's start (base model or parent's final), snapshots at
+  <run_dir>/checkpoints/step-XXXXXXX (evenly thinned to `max_snapshots`), and <run_dir>/final;
+- updates: the run's loss at the checkpoint as coefficients on per-sequence gradients
+  (SFT: 1 * g; DPO: beta*sigma(-beta*m) on g+ and -g-, m against the run's reference = its start
+  checkpoint; cDPO/IPO likewise), the influence-notes R5 unit;
+- step size: lr_eff = lr_t * clip_t / batch_size, read from the run's train_metrics (the step that
+  follows the checkpoint, or the last step for the final one): a batch-mean loss gives one example
+  1/B of the step, and the recorded clip factor scales all of it.
+- Adam/RMSprop: a checkpoint keeps no optimizer state, so exact/projected use the SGD direction
+  (no preconditioner). `naive_optimizer` measures what that costs: one REAL step of the run's
+  optimizer (fresh state, lr_t, per-example loss/B, clipped at max_grad_norm) against the SGD
+  prediction (Spearman is the meaningful number; a fresh Adam step is ~lr*sign(g), so its scale differs).
+- accumulation (TracIn-style): sum over checkpoints of lr_eff_t x influence_t (`accumulate`).
+"""
+from __future__ import annotations
+
+import io
+import random
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import polars as pl
+import torch
+
+from ldpipe.errors import LdpipeError
+from ldpipe.influence import (Update, agreement, akg_factors, exact_entk, naive_one_step, naive_optimizer_step,
+                              per_sequence_gradients, projected_entk)
+from ldpipe.schema import AKG_SCHEMA, INFLUENCE_AGREEMENT_SCHEMA, INFLUENCE_HEATMAP_SCHEMA, INFLUENCE_SCHEMA
+from ldpipe.spec import EXTEND_SUPERVISE, ExperimentSpec, InfluenceSpec, RunSpec
+
+Log = Callable[[str], None]
+Pair = tuple[list[int], list[int]]
+KEY = ["run_id", "checkpoint", "checkpoint_step", "train_example_id", "train_response_type",
+       "observed_example_id", "observed_response_type"]
+
+
+# --------------------------------------------------------------------------- what to analyse
+
+def influence_runs(spec: ExperimentSpec) -> list[RunSpec]:
+    """The runs the influence section selects (none when disabled)."""
+    inf = spec.influence
+    if not inf.enabled:
+        return []
+    return [r for r in spec.runs if inf.runs is None or r.name in inf.runs]
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    name: str          # "start" | "step-0000040" | "final"
+    step: int          # the run's local optimizer step
+    path: Path | str
+
+
+def run_checkpoints(spec: ExperimentSpec, run: RunSpec, files, inf: InfluenceSpec | None = None) -> list[Checkpoint]:
+    from ldpipe.models import read_metadata
+    from ldpipe.pipeline import start_point
+
+    inf = inf or spec.influence
+    final = files.run_dir(run) / "final"
+    meta = read_metadata(final) if (final / "config.json").is_file() else {}
+    if "steps" not in meta:
+        raise LdpipeError(f"run {spec.run_id(run)}: final checkpoint {final} is missing: "
+                          f"materialize {spec.name}/run_{run.name} first")
+    out: list[Checkpoint] = []
+    if "start" in inf.checkpoints:
+        out.append(Checkpoint("start", 0, start_point(spec, run, files).path))
+    if "snapshots" in inf.checkpoints and inf.max_snapshots:
+        snaps = []
+        for d in sorted((files.run_dir(run) / "checkpoints").glob("step-*")):
+            tail = d.name[len("step-"):]
+            if tail.isdigit() and (d / "config.json").is_file() and 0 < int(tail) < int(meta["steps"]):
+                snaps.append(Checkpoint(d.name, int(tail), d))
+        if len(snaps) > inf.max_snapshots:  # evenly thinned, always keeping the last
+            idx = np.linspace(len(snaps) - 1, 0, inf.max_snapshots).round().astype(int)
+            snaps = [snaps[i] for i in sorted(set(idx.tolist()))]
+        out.extend(snaps)
+    if "final" in inf.checkpoints:
+        out.append(Checkpoint("final", int(meta["steps"]), final))
+    return out
+
+
+def step_scales(spec: ExperimentSpec, run: RunSpec, files, steps: list[int]) -> dict[int, float]:
+    """lr_eff per checkpoint step: lr * clip_factor / batch_size of the step taken FROM that checkpoint."""
+    from ldpipe.store import Store
+
+    metrics = Store(files.paths.store).read("train_metrics", run_id=spec.run_id(run))
+    out = {}
+    for s in steps:
+        if metrics.is_empty():
+            lr, clip = run.lr, 1.0  # no metrics recorded: the declared peak lr, unclipped
+        else:
+            after = metrics.filter(pl.col("step") == s + 1)
+            row = (after if not after.is_empty() else metrics.sort("step").tail(1)).row(0, named=True)
+            lr, clip = float(row["lr"]), float(row["clip_factor"])
+        out[s] = lr * clip / run.batch_size
+    return out
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One training example of a run (DPO/IPO: `response` is y+, `rejected` y-)."""
+    example_id: str
+    response_type: str
+    prompt: str
+    response: str
+    rejected: str | None = None
+
+
+def training_units(spec: ExperimentSpec, run: RunSpec, files) -> list[Unit]:
+    """The run's training examples with ids, as pipeline._training_examples forms them."""
+    from ldpipe.pipeline import load_preferences_file, load_probes_file
+
+    train = load_preferences_file(files).filter(pl.col("split") == "train").sort("example_id")
+    if run.n_train:
+        train = train.head(run.n_train)
+    rows = train.select("example_id", "prompt", "chosen", "rejected").rows()
+    if run.algo != "sft":
+        return [Unit(e, run.algo, p, c, r) for e, p, c, r in rows]
+    if run.supervise == EXTEND_SUPERVISE:
+        return [u for e, p, c, r in rows for u in (Unit(e, "chosen", p, c), Unit(e, "rejected", p, r))]
+    if run.supervise in ("chosen", "rejected"):
+        col = 2 if run.supervise == "chosen" else 3
+        return [Unit(row[0], run.supervise, row[1], row[col]) for row in rows]
+    sel = load_probes_file(files).filter(pl.col("response_type") == run.supervise)
+    return [Unit(e, run.supervise, p, y) for e, p, y in sel.select("example_id", "prompt", "response").rows()]
+
+
+def observed_probes(spec: ExperimentSpec, files, inf: InfluenceSpec | None = None,
+                    types: tuple[str, ...] | None = None) -> pl.DataFrame:
+    """Probe rows of `n_probe_prompts` seeded-random probe prompts (every type, or `types`)."""
+    from ldpipe.pipeline import load_probes_file
+
+    inf = inf or spec.influence
+    probes = load_probes_file(files)
+    ids = sorted(probes["example_id"].unique().to_list())
+    ids = sorted(random.Random(inf.seed).sample(ids, min(inf.n_probe_prompts, len(ids))))
+    out = probes.filter(pl.col("example_id").is_in(ids))
+    if types:
+        missing = sorted(set(types) - set(out["response_type"].unique().to_list()))
+        if missing:
+            raise LdpipeError(f"influence: response type(s) {missing} are not in the probe set of {spec.name!r}")
+        out = out.filter(pl.col("response_type").is_in(list(types)))
+    return out.sort("example_id", "response_type")
+
+
+def select_units(units: list[Unit], prefer_ids: list[str], n: int, seed: int) -> list[Unit]:
+    """`n` units: those on the observed prompts first (so self-influence is in the matrix), then seeded random."""
+    first = [u for u in units if u.example_id in set(prefer_ids)]
+    rest = [u for u in units if u.example_id not in set(prefer_ids)]
+    random.Random(seed).shuffle(rest)
+    return (first + rest)[:n]
+
+
+# --------------------------------------------------------------------------- loss -> update coefficients
+
+class _RunLoss:
+    """The run's per-example loss at a checkpoint, as an Update (coefficients) and as a differentiable loss."""
+
+    def __init__(self, run: RunSpec, pairs: list[tuple[Pair, Pair | None]], ref: torch.Tensor | None):
+        self.run, self.pairs, self.ref = run, pairs, ref  # ref: [n, 2] reference log pi (chosen, rejected)
+
+    @staticmethod
+    def reference(run: RunSpec, model, pairs: list[tuple[Pair, Pair | None]]) -> torch.Tensor | None:
+        if run.algo == "sft":
+            return None
+        from ldpipe.scoring import batch_logps
+
+        with torch.no_grad():
+            return torch.stack([batch_logps(model, [c, r])[0] for c, r in pairs]).double()
+
+    def _margins(self, model) -> list[float]:
+        from ldpipe.scoring import batch_logps
+
+        with torch.no_grad():
+            pol = torch.stack([batch_logps(model, [c, r])[0] for c, r in self.pairs]).double()
+        return ((pol[:, 0] - self.ref[:, 0]) - (pol[:, 1] - self.ref[:, 1])).tolist()
+
+    def updates(self, model) -> list[Update]:
+        if self.run.algo == "sft":
+            return [Update(((c, 1.0),)) for c, _ in self.pairs]
+        out = []
+        b, eps = self.run.beta, self.run.label_smoothing
+        for (c, r), m in zip(self.pairs, self._margins(model)):
+            if self.run.algo == "ipo":
+                k = 1.0 / b - 2.0 * m
+            else:  # -dL/dm of -(1-eps) log s(bm) - eps log s(-bm)
+                k = b * ((1 - eps) / (1 + np.exp(b * m)) - eps / (1 + np.exp(-b * m)))
+            out.append(Update(((c, float(k)), (r, -float(k)))))
+        return out
+
+    def loss_fn(self, i: int):
+        from ldpipe.losses import dpo_loss, ipo_loss
+        from ldpipe.scoring import batch_logps
+
+        c, r = self.pairs[i]
+        B = self.run.batch_size  # one example's share of a batch-mean loss
+
+        def fn(model):
+            if self.run.algo == "sft":
+                return -batch_logps(model, [c])[0].sum() / B
+            lp = batch_logps(model, [c, r])[0]
+            rc, rr = self.ref[i, 0:1].float(), self.ref[i, 1:2].float()
+            if self.run.algo == "ipo":
+                return ipo_loss(lp[:1], lp[1:], rc, rr, self.run.beta)[0] / B
+            return dpo_loss(lp[:1], lp[1:], rc, rr, self.run.beta, self.run.label_smoothing)[0] / B
+        return fn
+
+
+def _encode_units(tok, spec: ExperimentSpec, units: list[Unit]) -> list[tuple[Pair, Pair | None]]:
+    from ldpipe.scoring import encode_pair
+
+    kw = {"max_prompt_tokens": spec.probes.max_prompt_tokens, "max_response_tokens": spec.probes.max_response_tokens}
+    out = []
+    for u in units:
+        c = encode_pair(tok, u.prompt, u.response, **kw)
+        out.append((c, encode_pair(tok, u.prompt, u.rejected, **kw) if u.rejected is not None else None))
+    return out
+
+
+def _encode_observed(tok, spec: ExperimentSpec, probes: pl.DataFrame) -> tuple[list[Pair], list[tuple[str, str]]]:
+    from ldpipe.scoring import encode_probes
+
+    enc = encode_probes(tok, probes, max_prompt_tokens=spec.probes.max_prompt_tokens,
+                        max_response_tokens=spec.probes.max_response_tokens, source="influence probes")
+    pairs, labels = [], []
+    for e in enc:
+        for t, r in zip(e.response_types, e.response_ids):
+            pairs.append((e.prompt_ids, r))
+            labels.append((e.example_id, t))
+    return pairs, labels
+
+
+@contextmanager
+def _threads(n: int):
+    """torch intra-op threads for the duration (2 contended threads can be many times slower than 1)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+class _RunContext:
+    """Everything shared by a run's analyses: checkpoints, step sizes, units, observed probes, reference."""
+
+    def __init__(self, spec: ExperimentSpec, run: RunSpec, files, device: str):
+        from ldpipe.models import load_model_and_tokenizer, resolve_device
+
+        self.spec, self.run, self.files, self.inf = spec, run, files, spec.influence
+        self.dev = resolve_device(device)
+        self.run_id = spec.run_id(run)
+        self.checkpoints = run_checkpoints(spec, run, files)
+        self.lr_eff = step_scales(spec, run, files, [c.step for c in self.checkpoints])
+        self.probes = observed_probes(spec, files, types=self.inf.observed_types)
+        prompts = self.probes["example_id"].unique(maintain_order=True).to_list()
+        self.units = select_units(training_units(spec, run, files), prompts, self.inf.n_train, self.inf.seed)
+        if not self.units:
+            raise LdpipeError(f"run {self.run_id}: no training examples to analyse")
+        self._load = load_model_and_tokenizer
+        from ldpipe.pipeline import start_point
+
+        self.start_path = start_point(spec, run, files).path
+        self._ref = None
+
+    def load(self, ckpt: Checkpoint):
+        model, tok = self._load(ckpt.path, device=self.dev)
+        return model, tok
+
+    def run_loss(self, tok, pairs) -> _RunLoss:
+        if self.run.algo != "sft" and self._ref is None:
+            ref_model, _ = self._load(self.start_path, device=self.dev)  # the run's DPO/IPO reference
+            self._ref = _RunLoss.reference(self.run, ref_model, pairs)
+            del ref_model
+        return _RunLoss(self.run, pairs, self._ref)
+
+
+# --------------------------------------------------------------------------- the matrix
+
+def compute_influence(spec: ExperimentSpec, run: RunSpec, files, *, device: str = "cpu",
+                      log: Log = print) -> tuple[pl.DataFrame, dict]:
+    """INFLUENCE_SCHEMA rows for every selected checkpoint and method, and timings {method: seconds}."""
+    with _threads(spec.influence.threads):
+        return _compute_influence(spec, run, files, device=device, log=log)
+
+
+def _compute_influence(spec, run, files, *, device, log):
+    ctx = _RunContext(spec, run, files, device)
+    inf = ctx.inf
+    rows: list[dict] = []
+    seconds: dict[str, float] = {m: 0.0 for m in inf.methods}
+    for ckpt in ctx.checkpoints:
+        model, tok = ctx.load(ckpt)
+        units_enc = _encode_units(tok, spec, ctx.units)
+        obs_pairs, labels = _encode_observed(tok, spec, ctx.probes)
+        rl = ctx.run_loss(tok, units_enc)
+        updates = rl.updates(model)
+        eta = ctx.lr_eff[ckpt.step]
+
+        def emit(method: str, i: int, values, entk=None):
+            u = ctx.units[i]
+            for j, (eid, typ) in enumerate(labels):
+                rows.append({"run_id": ctx.run_id, "checkpoint": ckpt.name, "checkpoint_step": ckpt.step,
+                             "method": method, "train_example_id": u.example_id,
+                             "train_response_type": u.response_type, "observed_example_id": eid,
+                             "observed_response_type": typ, "entk": None if entk is None else float(entk[j]),
+                             "lr_eff": eta, "value": float(values[j])})
+
+        for method in inf.methods:
+            t0 = time.perf_counter()
+            if method in ("exact", "projected"):
+                K = (exact_entk(model, updates, obs_pairs, block=16) if method == "exact"
+                     else projected_entk(model, updates, obs_pairs, rank=inf.rank, seed=inf.seed))
+                for i in range(len(updates)):
+                    emit(method, i, eta * K[i], K[i])
+            elif method == "naive":
+                for i in range(min(inf.n_naive, len(updates))):
+                    emit(method, i, naive_one_step(model, updates, obs_pairs, lr=eta, i=i))
+            else:  # naive_optimizer
+                from ldpipe.train import make_optimizer
+
+                lr_t = eta * run.batch_size  # the loss below already carries 1/B; clipping is the real one
+                for i in range(min(inf.n_naive, len(updates))):
+                    delta, _ = naive_optimizer_step(
+                        model, rl.loss_fn(i), obs_pairs, max_grad_norm=run.max_grad_norm,
+                        optimizer_factory=lambda ps: _fresh_optimizer(make_optimizer, run, ps, lr_t))
+                    emit(method, i, delta)
+            seconds[method] += time.perf_counter() - t0
+        log(f"[{ctx.run_id}] influence at {ckpt.name} (step {ckpt.step}, lr_eff {eta:.3g}): "
+            f"{len(updates)} updates x {len(obs_pairs)} probes")
+        del model
+    return pl.DataFrame(rows, schema=INFLUENCE_SCHEMA), {k: round(v, 3) for k, v in seconds.items()}
+
+
+def _fresh_optimizer(make_optimizer, run: RunSpec, params, lr: float) -> torch.optim.Optimizer:
+    opt = make_optimizer(run, params)
+    for g in opt.param_groups:
+        g["lr"] = lr
+    return opt
+
+
+def agreement_table(influence: pl.DataFrame) -> pl.DataFrame:
+    """INFLUENCE_AGREEMENT_SCHEMA: each estimate against `exact` on the entries both have, per checkpoint."""
+    out = []
+    exact = influence.filter(pl.col("method") == "exact")
+    for est in ("projected", "naive", "naive_optimizer"):
+        other = influence.filter(pl.col("method") == est)
+        if other.is_empty() or exact.is_empty():
+            continue
+        j = other.join(exact, on=KEY, suffix="_ref")
+        for (run_id, ckpt, step), part in j.group_by(["run_id", "checkpoint", "checkpoint_step"],
+                                                      maintain_order=True):
+            if part.height < 2:
+                continue
+            a = agreement(torch.tensor(part["value"].to_numpy()), torch.tensor(part["value_ref"].to_numpy()))
+            out.append({"run_id": run_id, "checkpoint": ckpt, "checkpoint_step": step, "estimate": est,
+                        "reference": "exact", **a})
+    return pl.DataFrame(out, schema=INFLUENCE_AGREEMENT_SCHEMA).sort("run_id", "checkpoint_step", "estimate")
+
+
+def accumulate(influence: pl.DataFrame) -> pl.DataFrame:
+    """TracIn-style: per method and (update, observed) pair, the sum over checkpoints of lr_eff_t x influence_t."""
+    keys = [c for c in KEY if c not in ("checkpoint", "checkpoint_step")]
+    return (influence.group_by(["method", *keys]).agg(pl.col("value").sum().alias("accumulated"),
+                                                       pl.len().alias("n_checkpoints"))
+            .sort(["method", *keys]))
+
+
+# --------------------------------------------------------------------------- A-K-G
+
+def compute_akg(spec: ExperimentSpec, run: RunSpec, files, *, device: str = "cpu", log: Log = print) -> pl.DataFrame:
+    """AKG_SCHEMA rows: for the first `n_akg` training examples, every position of (a) the example's own
+    response(s) and (b) one other observed probe prompt's chosen response, at every selected checkpoint."""
+    with _threads(spec.influence.threads):
+        return _compute_akg(spec, run, files, device=device, log=log)
+
+
+def _compute_akg(spec, run, files, *, device, log):
+    ctx = _RunContext(spec, run, files, device)
+    rows = []
+    units = ctx.units[: ctx.inf.n_akg]
+    for ckpt in ctx.checkpoints:
+        model, tok = ctx.load(ckpt)
+        units_enc = _encode_units(tok, spec, ctx.units)
+        updates = ctx.run_loss(tok, units_enc).updates(model)[: len(units)]
+        obs_pairs, labels = _encode_observed(tok, spec, ctx.probes)
+        eta = ctx.lr_eff[ckpt.step]
+        for u, (c, r), upd in zip(units, units_enc, updates):
+            targets = [(u.example_id, "chosen" if run.algo != "sft" else u.response_type, c)]
+            if r is not None:
+                targets.append((u.example_id, "rejected", r))
+            other = next(((e, t, p) for p, (e, t) in zip(obs_pairs, labels) if e != u.example_id and t == "chosen"),
+                         None)
+            if other is not None:
+                targets.append(other)
+            for eid, typ, pair in targets:
+                f = akg_factors(model, upd, pair, lr=eta)
+                for t in range(len(pair[1])):
+                    rows.append({"run_id": ctx.run_id, "checkpoint": ckpt.name, "checkpoint_step": ckpt.step,
+                                 "train_example_id": u.example_id, "train_response_type": u.response_type,
+                                 "observed_example_id": eid, "observed_response_type": typ, "position": t,
+                                 "observed_token": int(f["observed_token"][t]), "lr_eff": eta,
+                                 "pi_token": float(f["pi_token"][t]), "kg_token": float(f["kg_token"][t]),
+                                 "kg_expect": float(f["kg_expect"][t]), "kg_norm": float(f["kg_norm"][t]),
+                                 "g_norm": float(f["g_norm"]), "predicted_delta": float(f["predicted"][t]),
+                                 "realised_delta": float(f["realised"][t])})
+        log(f"[{ctx.run_id}] A-K-G at {ckpt.name}: {len(units)} updates")
+        del model
+    return pl.DataFrame(rows, schema=AKG_SCHEMA)
+
+
+# --------------------------------------------------------------------------- heat map
+
+def compute_heatmap(spec: ExperimentSpec, run: RunSpec, files, *, device: str = "cpu",
+                    log: Log = print) -> pl.DataFrame:
+    """INFLUENCE_HEATMAP_SCHEMA rows from the eNTK of per-sequence gradients of each trained-on type.
+
+    Updates: SFT on each trained-on type of each observed probe prompt (direction g(x_u, y_T)), and a
+    DPO step on (chosen, rejected) of the prompt (beta of the run, margin against the run's start
+    checkpoint). One gradient per probe sequence serves every column: K = G G^T.
+    """
+    with _threads(spec.influence.threads):
+        return _compute_heatmap(spec, run, files, device=device, log=log)
+
+
+def _compute_heatmap(spec, run, files, *, device, log):
+    from ldpipe.scoring import batch_logps
+
+    ctx = _RunContext(spec, run, files, device)
+    inf = ctx.inf
+    probes = observed_probes(spec, files)  # every type: trained-on and observed types are subsets
+    types = sorted(probes["response_type"].unique().to_list())
+    trained = list(inf.heatmap_types or types)
+    missing = sorted(set(trained) - set(types))
+    if missing:
+        raise LdpipeError(f"influence.heatmap_types {missing} are not in the probe set of {spec.name!r}")
+    observed = list(inf.observed_types or types)
+    has_dpo = {"chosen", "rejected"} <= set(types)
+    ref = None
+    per_ckpt = []
+    for ckpt in ctx.checkpoints:
+        model, tok = ctx.load(ckpt)
+        pairs, labels = _encode_observed(tok, spec, probes)
+        idx = {lab: k for k, lab in enumerate(labels)}
+        G = per_sequence_gradients(model, pairs)
+        gram = (G @ G.T).double().cpu()
+        del G
+        prompts = sorted({e for e, _ in labels})
+        dirs: dict[tuple[str, str], torch.Tensor] = {}
+        for e in prompts:
+            for t in trained:
+                if (e, t) in idx:
+                    dirs[(e, t)] = gram[idx[(e, t)]]
+        if has_dpo:
+            cr = [(pairs[idx[(e, "chosen")]], pairs[idx[(e, "rejected")]]) for e in prompts]
+            with torch.no_grad():
+                pol = torch.stack([batch_logps(model, [c, r])[0] for c, r in cr]).double()
+            if ref is None:  # the run's start checkpoint is the reference
+                ref_model = model if ckpt.name == "start" else ctx.load(Checkpoint("start", 0, ctx.start_path))[0]
+                with torch.no_grad():
+                    ref = torch.stack([batch_logps(ref_model, [c, r])[0] for c, r in cr]).double()
+            margin = (pol[:, 0] - ref[:, 0]) - (pol[:, 1] - ref[:, 1])
+            coef = run.beta / (1 + torch.exp(run.beta * margin))
+            for k, e in enumerate(prompts):
+                dirs[(e, "dpo")] = coef[k] * (gram[idx[(e, "chosen")]] - gram[idx[(e, "rejected")]])
+        eta = ctx.lr_eff[ckpt.step]
+        acc: dict[tuple[str, str, str], list[float]] = {}
+        for (e, t), row in dirs.items():
+            for (eo, to), j in idx.items():
+                if to in observed:
+                    scope = "same_prompt" if eo == e else "other_prompt"
+                    acc.setdefault((t, to, scope), []).append(float(row[j]))
+        for (t, to, scope), vals in acc.items():
+            m = float(np.mean(vals))
+            per_ckpt.append({"run_id": ctx.run_id, "checkpoint": ckpt.name, "checkpoint_step": ckpt.step,
+                             "trained_type": t, "observed_type": to, "scope": scope, "entk_mean": m,
+                             "value": eta * m, "n": len(vals)})
+        log(f"[{ctx.run_id}] heat map at {ckpt.name}: {len(dirs)} updates x {len(pairs)} probes")
+        del model
+    df = pl.DataFrame(per_ckpt, schema=INFLUENCE_HEATMAP_SCHEMA)
+    total = (df.group_by("run_id", "trained_type", "observed_type", "scope")
+             .agg(pl.col("value").sum(), pl.col("n").first())
+             .with_columns(pl.lit("accumulated").alias("checkpoint"), pl.lit(None, pl.Int64).alias("checkpoint_step"),
+                           pl.lit(None, pl.Float64).alias("entk_mean")))
+    return pl.concat([df, total.select(list(INFLUENCE_HEATMAP_SCHEMA))]).sort(
+        "run_id", "checkpoint_step", "trained_type", "observed_type", "scope", nulls_last=True)
+
+
+def plot_heatmap(df: pl.DataFrame, *, title: str, checkpoint: str = "accumulated") -> bytes:
+    """PNG: rows observed types, columns trained-on types (+ dpo); one panel per scope; diverging colours at 0."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import TwoSlopeNorm
+
+    part = df.filter(pl.col("checkpoint") == checkpoint)
+    if part.is_empty():
+        raise LdpipeError(f"plot_heatmap: no rows for checkpoint {checkpoint!r}")
+    cols = sorted(t for t in part["trained_type"].unique().to_list() if t != "dpo")
+    cols += ["dpo"] if "dpo" in part["trained_type"].to_list() else []
+    rows_ = sorted(part["observed_type"].unique().to_list())
+    scopes = [s for s in ("same_prompt", "other_prompt") if s in part["scope"].to_list()]
+    fig, axes = plt.subplots(1, len(scopes), figsize=(1.0 + 0.55 * len(cols) * len(scopes) + 2, 0.4 * len(rows_) + 2.5),
+                             dpi=100, squeeze=False)
+    for ax, scope in zip(axes[0], scopes):
+        mat = np.full((len(rows_), len(cols)), np.nan)
+        for t, o, v in part.filter(pl.col("scope") == scope).select("trained_type", "observed_type", "value").rows():
+            mat[rows_.index(o), cols.index(t)] = v
+        lim = float(np.nanmax(np.abs(mat))) if np.isfinite(mat).any() else 1.0
+        im = ax.imshow(mat, cmap="RdBu_r", norm=TwoSlopeNorm(0.0, -lim or -1.0, lim or 1.0), aspect="auto")
+        ax.set_xticks(range(len(cols)), cols, rotation=60, ha="right", fontsize=7)
+        ax.set_yticks(range(len(rows_)), rows_, fontsize=7)
+        ax.set_xlabel("trained on (SFT type, or DPO)")
+        ax.set_title(scope.replace("_", " "), fontsize=9)
+        fig.colorbar(im, ax=ax, fraction=0.046, label="Δ log π (nats, per update)")
+    axes[0][0].set_ylabel("observed response type")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()

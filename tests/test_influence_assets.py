@@ -1,0 +1,149 @@
+"""Influence assets end to end on the tiny project: a real SFT run and a DPO run chained after it,
+the catalog, then <exp>/influence_matrix, influence_agreement, akg and influence_heatmap."""
+import dagster as dg
+import polars as pl
+import pytest
+
+from ldpipe.catalog import query
+from ldpipe.defs.experiments import build_defs
+from ldpipe.defs.resources import Compute, LdpipeHome
+from ldpipe.errors import SpecError
+from ldpipe.paths import Paths
+from ldpipe.spec import load_experiments, parse_experiment
+
+INFLUENCE_YAML = """  - {name: dpo, algo: dpo, start_from: sft, epochs: 0.5, batch_size: 8, lr: 1.0e-3, eval_every: 2}
+influence: {n_train: 3, n_probe_prompts: 2, n_naive: 2, n_akg: 1, seed: 0,
+            heatmap_types: [chosen, rejected, irr_train]}
+"""
+
+
+def test_influence_section_is_validated():
+    base = {"name": "x", "runs": [{"name": "sft"}]}
+    spec = parse_experiment(base, source="t")
+    assert spec.influence.enabled and spec.influence.methods[0] == "exact"
+    with pytest.raises(SpecError, match="influence.runs"):
+        parse_experiment({**base, "influence": {"runs": ["nope"]}}, source="t")
+    with pytest.raises(SpecError, match="influence.rnk"):
+        parse_experiment({**base, "influence": {"rnk": 3}}, source="t")
+    defs = build_defs([parse_experiment({**base, "influence": {"enabled": False}}, source="t")])
+    keys = {k.to_user_string() for a in defs.assets for k in a.keys}
+    assert "x/run_sft" in keys and not any("influence" in k for k in keys)
+
+
+@pytest.mark.slow
+def test_materialize_influence_assets(tiny_project):
+    decl = tiny_project / "assets" / "tiny.yaml"
+    decl.write_text(decl.read_text() + INFLUENCE_YAML)
+    defs = build_defs(load_experiments(tiny_project / "assets"))
+    mine = [dg.AssetKey(["tiny", n]) for n in ("influence_matrix", "influence_agreement", "akg", "influence_heatmap")]
+    matrix_def = next(a for a in defs.assets if mine[0] in a.keys)
+    assert dg.AssetKey("catalog") in matrix_def.asset_deps[mine[0]]
+    result = dg.materialize(list(defs.assets), selection=dg.AssetSelection.assets(*mine).upstream(),
+                            resources={"ldpipe_home": LdpipeHome(), "compute": Compute(device="cpu")},
+                            instance=dg.DagsterInstance.ephemeral())
+    assert result.success
+    mats = {m.asset_key: m.materialization for m in result.get_asset_materialization_events()}
+    assert set(mine) <= set(mats)
+    cat = Paths.default().catalog
+
+    inf = query(cat, "select * from influence")
+    assert set(inf["run_id"].unique()) == {"tiny.sft", "tiny.dpo"}
+    assert set(inf["method"].unique()) == {"exact", "projected", "naive", "naive_optimizer"}
+    assert set(inf["checkpoint"].unique()) == {"start", "final"}
+    assert inf["value"].is_finite().all()
+    # known answer: SFT on (x, y+) raises its own log pi(y+|x) to first order (exact: ||g||^2 > 0)
+    own = inf.filter((pl.col("run_id") == "tiny.sft") & (pl.col("method") == "exact")
+                     & (pl.col("observed_example_id") == pl.col("train_example_id"))
+                     & (pl.col("observed_response_type") == "chosen"))
+    assert own.height >= 2 and (own["entk"] > 0).all() and (own["value"] > 0).all()
+    # DPO's update raises chosen relative to rejected on its own prompt
+    dpo = inf.filter((pl.col("run_id") == "tiny.dpo") & (pl.col("method") == "exact")
+                     & (pl.col("observed_example_id") == pl.col("train_example_id")))
+    gap = dpo.pivot("observed_response_type", index=["checkpoint", "train_example_id"], values="entk")
+    assert gap.height >= 2 and (gap["chosen"] > gap["rejected"]).all()
+
+    agree = query(cat, "select * from influence_agreement")
+    proj = agree.filter(pl.col("estimate") == "projected")
+    assert proj.height == 4 and (proj["spearman"] > 0.9).all()
+    naive = agree.filter(pl.col("estimate") == "naive")
+    assert naive.height == 4 and (naive["spearman"] > 0.9).all() and (naive["relative_error"] < 0.2).all()
+    checks = {c.check_name: c for c in result.get_asset_check_evaluations()}
+    assert checks["projected_agrees_with_exact"].passed
+    low = checks["projected_agrees_with_exact"].metadata["min_spearman"].value
+    assert low == pytest.approx(proj["spearman"].min())
+
+    # accumulation over the 2 checkpoints is the sum of the per-checkpoint influences
+    acc = query(cat, "select * from influence_accumulated where method = 'exact'")
+    per = (inf.filter(pl.col("method") == "exact")
+           .group_by("run_id", "train_example_id", "train_response_type", "observed_example_id",
+                     "observed_response_type").agg(pl.col("value").sum().alias("want")))
+    j = acc.join(per, on=["run_id", "train_example_id", "train_response_type", "observed_example_id",
+                          "observed_response_type"])
+    assert j.height == per.height and (acc["n_checkpoints"] == 2).all()
+    assert ((j["accumulated"] - j["want"]).abs() <= 1e-9 + 1e-9 * j["want"].abs()).all()
+
+    # A-K-G: its predicted sum over tokens is lr_eff x the exact eNTK entry of the same pair
+    pairs = query(cat, "select * from influence_akg_pairs")
+    assert pairs.height > 0
+    cmp = pairs.join(inf.filter(pl.col("method") == "exact"),
+                     on=["run_id", "checkpoint", "train_example_id", "train_response_type", "observed_example_id",
+                         "observed_response_type"])
+    assert cmp.height == pairs.height
+    assert ((cmp["predicted"] - cmp["value"]).abs() <= 1e-3 * cmp["value"].abs() + 1e-7).all()
+    assert (pairs["realised"].sign() == pairs["predicted"].sign()).mean() >= 0.8
+
+    heat = query(cat, "select * from influence_heatmap")
+    assert set(heat["trained_type"].unique()) == {"chosen", "rejected", "irr_train", "dpo"}
+    # self-influence on the same prompt is positive: SFT on a type raises that type
+    diag = heat.filter((pl.col("checkpoint") != "accumulated") & (pl.col("scope") == "same_prompt")
+                       & (pl.col("trained_type") == pl.col("observed_type")))
+    assert diag.height > 0 and (diag["entk_mean"] > 0).all()
+    accum = heat.filter(pl.col("checkpoint") == "accumulated").select(
+        "run_id", "trained_type", "observed_type", "scope", "value")
+    summed = (heat.filter(pl.col("checkpoint") != "accumulated")
+              .group_by("run_id", "trained_type", "observed_type", "scope").agg(pl.col("value").sum().alias("s")))
+    j2 = accum.join(summed, on=["run_id", "trained_type", "observed_type", "scope"])
+    assert j2.height == accum.height and ((j2["value"] - j2["s"]).abs() < 1e-9 + 1e-9 * j2["s"].abs()).all()
+    md = mats[dg.AssetKey(["tiny", "influence_heatmap"])].metadata["heatmap_sft"].value
+    assert "data:image/png;base64," in md
+    assert query(cat, "select count(*) as n from influence_by_type")["n"][0] > 0
+
+
+def test_checkpoints_and_step_sizes_of_a_run(tmp_path):
+    """start / evenly thinned snapshots / final, and lr_eff = lr * clip / batch of the step taken from each."""
+    import json
+
+    from ldpipe.analysis.influence_runs import run_checkpoints, step_scales
+    from ldpipe.pipeline import ExperimentFiles
+    from ldpipe.schema import TRAIN_METRICS_SCHEMA
+    from ldpipe.store import Store
+
+    spec = parse_experiment({"name": "x", "runs": [{"name": "sft", "batch_size": 4, "lr": 1.0e-3}],
+                             "influence": {"max_snapshots": 2}}, source="t")
+    files = ExperimentFiles(Paths(tmp_path).ensure(), "x")
+    run = spec.run("sft")
+
+    def ckpt(path, meta=None):
+        path.mkdir(parents=True)
+        (path / "config.json").write_text("{}")
+        (path / "ldpipe.json").write_text(json.dumps(meta or {}))
+
+    with pytest.raises(Exception, match="materialize x/run_sft"):
+        run_checkpoints(spec, run, files)
+    ckpt(files.base_model(spec))
+    ckpt(files.run_dir(run) / "final", {"steps": 10, "config_hash": "h"})
+    for s in (2, 4, 6, 8):
+        ckpt(files.run_dir(run) / "checkpoints" / f"step-{s:07d}")
+    (files.run_dir(run) / "checkpoints" / "step-0000005").mkdir()  # incomplete: no config.json
+    got = [(c.name, c.step) for c in run_checkpoints(spec, run, files)]
+    assert got == [("start", 0), ("step-0000002", 2), ("step-0000008", 8), ("final", 10)]
+
+    # no metrics yet: the declared lr, unclipped; then the recorded lr and clip of step s + 1 (last step for final)
+    assert step_scales(spec, run, files, [0]) == {0: pytest.approx(1e-3 / 4)}
+    rows = [{**dict.fromkeys(TRAIN_METRICS_SCHEMA), "run_id": "x.sft", "config_hash": "h", "phase": "sft", "step": s, "epoch": 0.0, "loss": 1.0,
+             "grad_norm": 1.0, "clip_factor": 0.5 if s == 10 else 1.0, "lr": 1e-4 * s} for s in range(1, 11)]
+    Store(files.paths.store).write_shard("train_metrics", pl.DataFrame(rows, schema=TRAIN_METRICS_SCHEMA), partition={"run_id": "x.sft"},
+                                         name="m", schema=TRAIN_METRICS_SCHEMA)
+    scales = step_scales(spec, run, files, [0, 8, 10])
+    assert scales[0] == pytest.approx(1e-4 / 4) and scales[8] == pytest.approx(9e-4 / 4)
+    assert scales[10] == pytest.approx(1e-3 * 0.5 / 4)
