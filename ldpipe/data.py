@@ -53,6 +53,11 @@ OnInvalid = Literal["error", "skip"]
 ROW = "_row"  # internal column: the 1-based row number used in error messages
 
 _TEXT_SUFFIXES = {".jsonl": "json", ".json": "json", ".csv": "csv"}
+# Longest text accepted in any prompt/response field. Scoring and training keep only the last
+# max_prompt_tokens / first max_response_tokens tokens (documented truncation), so longer text could
+# not be used anyway; a field this long almost always means a mis-parsed file (a whole document in one
+# cell, a missing closing quote), which is better named than silently cut.
+MAX_TEXT_CHARS = 100_000
 _LOCAL_FIELDS = ("prompt", "chosen", "rejected", "example_id", "split")
 
 
@@ -288,6 +293,10 @@ def _read_reference(path: Path, limit: int | None, id_prefix: str | None) -> tup
         nulls = raw.filter(pl.col(k).is_null())
         if nulls.height:
             raise DataValidationError(str(path), "missing value", row=nulls[ROW][0], field=k)
+        long = raw.filter(pl.col(k).str.len_chars() > MAX_TEXT_CHARS)
+        if long.height:
+            raise DataValidationError(str(path), f"text of {len(long[k][0]):,} characters is longer than the limit "
+                                                 f"of {MAX_TEXT_CHARS:,} (a mis-parsed file?)", row=long[ROW][0], field=k)
     prefix = id_prefix or path.stem.split(".")[0]
     df = raw.with_row_index("_i").with_columns(
         (pl.lit(f"{prefix}-") + pl.col("_i").cast(pl.String)).alias("example_id"))
@@ -319,6 +328,9 @@ def validate_preferences(df: pl.DataFrame, source: str, *, on_invalid: OnInvalid
               for c in ("example_id", "split", "prompt", "chosen", "rejected")]
     checks += [(c, pl.col(c).str.strip_chars() == "", f"empty {c}") for c in ("example_id", "split", "prompt")]
     checks += [(c, pl.col(c) == "", "empty response") for c in ("chosen", "rejected")]
+    checks += [(c, pl.col(c).str.len_chars() > MAX_TEXT_CHARS, f"text longer than {MAX_TEXT_CHARS:,} characters "
+                "(a mis-parsed file?); shorten it: tokens past max_prompt_tokens/max_response_tokens are cut anyway")
+               for c in ("prompt", "chosen", "rejected")]
     bad = pl.concat([
         df.with_row_index("_pos").filter(mask).select("_pos", ROW, "source", "example_id",
                                                       pl.lit(c).alias("_field"), pl.lit(msg).alias("_msg"))
@@ -520,8 +532,27 @@ def _lines(path: Path) -> Iterator[tuple[int, str]]:
             except UnicodeDecodeError as e:
                 raise DataValidationError(
                     str(path), f"invalid UTF-8 byte 0x{raw[e.start]:02x} at byte offset {offset + e.start} "
-                               f"(byte {e.start + 1} of line {n}); the file must be UTF-8", row=n) from None
+                               f"(byte {e.start + 1} of line {n}); the file must be UTF-8", row=n,
+                    field=_json_field_at(raw, e.start)) from None
             offset += len(raw)
+
+
+def _json_field_at(raw: bytes, start: int) -> str | None:
+    """The top-level key of a JSON-object line whose value holds the bad byte at `start` (None if not JSON).
+
+    Decoding with surrogateescape keeps every byte, so the line still parses and the bad byte shows up
+    as a lone surrogate in exactly one value."""
+    try:
+        rec = json.loads(raw.decode("utf-8", "surrogateescape"))
+    except ValueError:
+        return None
+    if not isinstance(rec, dict):
+        return None
+    bad = chr(0xDC00 + raw[start])
+    for key, value in rec.items():
+        if bad in json.dumps(value, ensure_ascii=False) or bad in key:
+            return key
+    return None
 
 
 _JSON_TYPE = {str: "a string", int: "an integer", list: "a list"}

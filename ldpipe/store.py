@@ -24,6 +24,10 @@ from ldpipe.schema import conform
 SHARD_SUFFIX = ".parquet"
 _TMP_MARK = ".tmp-"                        # "<name>.parquet.tmp-<pid>-<uuid>": never matches *.parquet
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")   # table names become SQL view names
+# A temp file whose writer process is gone is removed once it is this old. The grace covers a writer in
+# another PID namespace (a container sharing the directory), whose live PID looks dead from here.
+DEAD_WRITER_GRACE_S = 60.0
+_TMP_PID = re.compile(r"\.tmp-(\d+)-[0-9a-f]+(?:\.wal)?$")
 
 
 def _check_ident(value: str, what: str) -> str:
@@ -159,20 +163,12 @@ class Store:
         self._prune_empty_dirs(d)
         return removed
 
-    def clean_temp(self, older_than_s: float = 3600) -> int:
-        """Delete temp files left by crashed writers. The age guard spares files being written right now."""
+    def clean_temp(self, older_than_s: float = 3600, dead_after_s: float = DEAD_WRITER_GRACE_S) -> int:
+        """Delete temp files left by crashed writers; returns how many. See `remove_stale_temps`."""
         if not self.root.is_dir():
             return 0
-        cutoff = time.time() - older_than_s
-        removed = 0
-        for p in self.root.rglob(f"*{SHARD_SUFFIX}{_TMP_MARK}*"):
-            try:
-                if p.is_file() and p.stat().st_mtime <= cutoff:
-                    p.unlink()
-                    removed += 1
-            except FileNotFoundError:   # its writer finished (renamed it) meanwhile
-                pass
-        return removed
+        return remove_stale_temps(self.root.rglob(f"*{SHARD_SUFFIX}{_TMP_MARK}*"), older_than_s=older_than_s,
+                                  dead_after_s=dead_after_s)
 
     def _prune_empty_dirs(self, top: Path) -> None:
         if not top.is_dir():
@@ -184,6 +180,42 @@ class Store:
                     os.rmdir(dirpath)
                 except OSError:
                     pass
+
+
+def writer_alive(path: Path) -> bool | None:
+    """Whether the process named in a temp file's name ("...tmp-<pid>-<hex>") still runs; None: cannot tell."""
+    m = _TMP_PID.search(path.name)
+    if not m:
+        return None
+    pid = int(m.group(1))
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)             # signal 0: existence check only
+    except ProcessLookupError:
+        return False
+    except OSError:                 # e.g. EPERM: it exists under another user
+        return True
+    return True
+
+
+def remove_stale_temps(paths, *, older_than_s: float = 3600, dead_after_s: float = DEAD_WRITER_GRACE_S) -> int:
+    """Delete the temp files among `paths` that no writer will finish: older than `older_than_s`, or older
+    than `dead_after_s` with their writer's PID gone. A live writer's file is never touched (a reused PID only
+    delays the cleanup). Temp names never match a reader's glob, so this is tidying, not a correctness need."""
+    now = time.time()
+    removed = 0
+    for p in paths:
+        try:
+            age = now - p.stat().st_mtime
+            if not p.is_file():
+                continue
+            if age >= older_than_s or (age >= dead_after_s and writer_alive(p) is False):
+                p.unlink()
+                removed += 1
+        except FileNotFoundError:   # its writer finished (renamed it) meanwhile
+            pass
+    return removed
 
 
 def _match(col: str, value: object) -> pl.Expr:
