@@ -538,8 +538,11 @@ def build_base_model(spec: ExperimentSpec, files: ExperimentFiles, *, device: st
 
     m = spec.model
     if m.kind == "pretrained":
-        path = _resolve(m.name_or_path) if Path(m.name_or_path).expanduser().exists() else m.name_or_path
-        model, _ = load_model_and_tokenizer(path, local_files_only=not m.allow_download)
+        path = _pretrained_source(spec)
+        try:
+            model, _ = load_model_and_tokenizer(path, local_files_only=not m.allow_download)
+        except LdpipeError as e:
+            raise LdpipeError(f"experiment {spec.name!r}, model.name_or_path {m.name_or_path!r}: {e}") from None
         return {"path": str(path), "parameters": count_parameters(model), "cached": True, "kind": m.kind}
     out = files.base_model(spec)
     meta_file = out / "ldpipe.json"
@@ -578,10 +581,20 @@ def _fmt(d: dict) -> str:
     return " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in d.items())
 
 
+def _pretrained_source(spec: ExperimentSpec) -> Path | str:
+    """A local checkpoint (relative paths resolve against the project directory first, then the working
+    directory), or the name as given: a hub id, or a missing path that the loader reports."""
+    name = spec.model.name_or_path
+    p = Path(name).expanduser()
+    for cand in ([p] if p.is_absolute() else [project_dir() / p, p]):
+        if cand.exists():
+            return cand.resolve()
+    return name
+
+
 def base_model_path(spec: ExperimentSpec, files: ExperimentFiles) -> Path | str:
     if spec.model.kind == "pretrained":
-        p = Path(spec.model.name_or_path).expanduser()
-        return _resolve(spec.model.name_or_path) if p.exists() else spec.model.name_or_path
+        return _pretrained_source(spec)
     path = files.base_model(spec)
     if not (path / "ldpipe.json").exists():
         raise LdpipeError(f"base model {path} is missing: materialize the base model first")

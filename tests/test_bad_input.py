@@ -62,7 +62,7 @@ DATA_KINDS = {
                               "reference_probes", "dataset",
                               ("probes.jsonl", "row 3", "field 'irr_test'", "got a JSON array")),
     "bad_model_path": ("pairs.jsonl", _jsonl(_pair(0), _pair(1)), "local",
-                       "base_model", ("no_such_model_dir", "does not exist")),
+                       "base_model", ("model.name_or_path", "no_such_model_dir", "does not exist")),
 }
 
 # kind -> (declaration body, needles: key path and problem)
