@@ -366,8 +366,8 @@ class WinRateSpec(_Strict):
 class GenerationSpec(_Strict):
     """Generation-based analyses (squeezing, borrowing, win rate): sizes kept small for a CPU."""
 
-    n_prompts: int = Field(8, gt=0)        # per split: probe (trained) prompts and held-out test prompts
-    max_new_tokens: int = Field(32, gt=0)  # greedy decoding, stops at EOS
+    n_prompts: int = Field(24, gt=0)       # per split: probe (trained) prompts and held-out test prompts
+    max_new_tokens: int = Field(48, gt=0)  # greedy decoding, stops at EOS
     batch_size: int = Field(16, gt=0)
     repeat_ngram: int = Field(3, gt=0)     # repeater rate: some word n-gram occurs >= 2 times in a generation
     borrow_ngram: int = Field(3, gt=0)     # borrowing: word n-grams compared with training answers

@@ -78,8 +78,8 @@ def build_defs(specs: list[ExperimentSpec]) -> dg.Definitions:
         jobs.append(dg.define_asset_job(f"{spec.name}_pipeline",
                                         selection=dg.AssetSelection.groups(spec.name) | dg.AssetSelection.keys(
                                             CATALOG_KEY), description=f"Experiment {spec.name} end to end."))
-    schedules: list = []
-    sensors: list = []
+    from ldpipe.defs.automation import automation
+    schedules, sensors = automation(specs)
     # Schedules and sensors (ldpipe.defs.automation) go here.
     return dg.Definitions(assets=assets, jobs=jobs, schedules=schedules, sensors=sensors)
 

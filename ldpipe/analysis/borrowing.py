@@ -1,0 +1,200 @@
+"""Hallucination "borrowing" in generations (learning-dynamics.md §8E): does the model answer prompt u with
+material from OTHER prompts' training answers?
+
+The probability side is the view sql/borrowing.sql (y_{j≠u} = irr_train rising with y+ during SFT). Here, per
+checkpoint, greedy generations for trained (probe) prompts and held-out prompts are scored:
+
+n-gram borrowing (any dataset). Words are lower-cased runs of [a-z0-9']; G is the set of distinct word n-grams of
+the generation. own = n-grams of the prompt and of the prompt's own chosen answer; other = n-grams of the chosen
+answer of some train-split prompt j ≠ u. borrowed = G ∩ other \\ own.
+    borrow_share = |borrowed| / |G|,  own_share = |G ∩ own| / |G|  (null when G is empty)
+So a generation that copies another prompt's answer (sharing no n-gram with its own) scores 1.0, one that
+copies its own answer scores 0.0. For a held-out prompt every train prompt is "other".
+
+Fact borrowing (built-in synthetic world only). Fact values are the `value` strings of the world's facts table
+(friend values are entity names). M = the distinct fact values mentioned in the generation (whole-word matches,
+longest first, no overlaps; the prompt's own entity name is not counted). A value is foreign when it is a fact
+value of another entity and none of the prompt entity's facts has it.
+    fact_borrow_share = |foreign ∩ M| / |M|  (null when M is empty);  correct_value: the asked fact's value ∈ M
+"""
+from __future__ import annotations
+
+import io
+from typing import Callable, Mapping, Sequence
+
+import polars as pl
+
+from ldpipe.analysis.squeezing import ngram_list, word_list
+from ldpipe.errors import DataValidationError
+from ldpipe.schema import GENERATION_BORROWING_SCHEMA
+
+Log = Callable[[str], None]
+
+
+def ngram_set(text: str, n: int) -> set[tuple[str, ...]]:
+    return set(ngram_list(word_list(text), n))
+
+
+class AnswerIndex:
+    """Which train prompts' chosen answers hold each word n-gram."""
+
+    def __init__(self, train_answers: Mapping[str, str], n: int = 3):
+        self.n = n
+        self.owners: dict[tuple[str, ...], set[str]] = {}
+        for eid, answer in train_answers.items():
+            for g in ngram_set(answer, n):
+                self.owners.setdefault(g, set()).add(eid)
+
+    def score(self, example_id: str, prompt: str, own_answer: str, generation: str) -> dict:
+        grams = ngram_set(generation, self.n)
+        own = ngram_set(prompt, self.n) | ngram_set(own_answer, self.n)
+        n_own = len(grams & own)
+        n_borrowed = sum(1 for g in grams - own if self.owners.get(g, set()) - {example_id})
+        total = len(grams)
+        return {"ngram": self.n, "n_ngrams": total, "n_own": n_own, "n_borrowed": n_borrowed,
+                "borrow_share": n_borrowed / total if total else None,
+                "own_share": n_own / total if total else None}
+
+
+class FactIndex:
+    """Fact values of a synthetic world by entity, and which example asks which (entity, value)."""
+
+    def __init__(self, facts: pl.DataFrame, example_facts: pl.DataFrame):
+        for col in ("entity", "value"):
+            if col not in facts.columns:
+                raise DataValidationError("synthetic facts table", f"missing column {col!r}", field=col)
+        self.values_of: dict[str, set[tuple[str, ...]]] = {}
+        for entity, value in facts.select("entity", "value").unique().iter_rows():
+            self.values_of.setdefault(entity, set()).add(tuple(word_list(value)))
+        self.all_values = sorted(set().union(*self.values_of.values()) if self.values_of else set(),
+                                 key=lambda v: (-len(v), v))
+        self.asked = {eid: (e, tuple(word_list(v))) for eid, e, v in
+                      example_facts.select("example_id", "entity", "value").iter_rows()}
+
+    def mentioned(self, text: str, exclude: tuple[str, ...] = ()) -> set[tuple[str, ...]]:
+        """Distinct fact values occurring as whole words in `text`, longest first, non-overlapping."""
+        words = word_list(text)
+        used = [False] * len(words)
+        found: set[tuple[str, ...]] = set()
+        for v in self.all_values:
+            k = len(v)
+            for i in range(len(words) - k + 1):
+                if tuple(words[i:i + k]) == v and not any(used[i:i + k]):
+                    for j in range(i, i + k):
+                        used[j] = True
+                    if v != exclude:
+                        found.add(v)
+        return found
+
+    def score(self, example_id: str, generation: str) -> dict:
+        if example_id not in self.asked:
+            return {"n_fact_values": None, "n_foreign_values": None, "fact_borrow_share": None,
+                    "correct_value": None}
+        entity, value = self.asked[example_id]
+        own = self.values_of.get(entity, set())
+        m = self.mentioned(generation, exclude=tuple(word_list(entity)))
+        foreign = {v for v in m if v not in own}
+        return {"n_fact_values": len(m), "n_foreign_values": len(foreign),
+                "fact_borrow_share": len(foreign) / len(m) if m else None, "correct_value": value in m}
+
+
+def score_generations(prompts: pl.DataFrame, generations: Sequence[str], answers: AnswerIndex,
+                      facts: FactIndex | None) -> list[dict]:
+    """One row per prompt (columns example_id, split, prompt, chosen) with its generation's borrowing scores."""
+    rows = []
+    for (eid, split, prompt, chosen), gen in zip(prompts.select("example_id", "split", "prompt", "chosen").iter_rows(),
+                                                 generations):
+        row = {"example_id": eid, "split": split, "generation": gen, **answers.score(eid, prompt, chosen, gen)}
+        row.update(facts.score(eid, gen) if facts is not None else
+                   {"n_fact_values": None, "n_foreign_values": None, "fact_borrow_share": None, "correct_value": None})
+        rows.append(row)
+    return rows
+
+
+def run_borrowing(spec, files, store, *, device: str = "auto", log: Log = print) -> pl.DataFrame:
+    """generation_borrowing rows for every run and checkpoint; one shard per run (rewritten on rerun)."""
+    from ldpipe.analysis.checkpoints import run_checkpoints
+    from ldpipe.analysis.squeezing import generation_prompts
+    from ldpipe.generate import GenerationConfig, generate
+    from ldpipe.models import load_model_and_tokenizer, resolve_device
+    from ldpipe.pipeline import load_preferences_file, load_probes_file
+
+    g = spec.generation_analysis
+    dev = resolve_device(device)
+    prefs, probes = load_preferences_file(files), load_probes_file(files)
+    prompts = generation_prompts(prefs, probes, g.n_prompts)
+    train = prefs.filter(pl.col("split") == "train")
+    answers = AnswerIndex(dict(train.select("example_id", "chosen").iter_rows()), g.borrow_ngram)
+    facts = None
+    if spec.dataset.kind == "synthetic":
+        from ldpipe.synthetic import SyntheticWorld
+
+        world = SyntheticWorld.load(files.world)
+        facts = FactIndex(world.facts, world.example_facts())
+    cfg = GenerationConfig(max_new_tokens=g.max_new_tokens, batch_size=g.batch_size,
+                           max_prompt_tokens=spec.probes.max_prompt_tokens)
+    memo: dict[str, list[dict]] = {}
+    frames = []
+    for run in spec.runs:
+        rows = []
+        for ck in run_checkpoints(spec, run, files, snapshots=g.snapshots):
+            key = str(ck.path)
+            if key not in memo:
+                model, tok = load_model_and_tokenizer(ck.path, device=dev,
+                                                      local_files_only=not spec.model.allow_download)
+                gens = generate(model, tok, prompts["prompt"].to_list(), cfg, device=dev)
+                memo[key] = score_generations(prompts, gens, answers, facts)
+            rows += [{"run_id": ck.run_id, "checkpoint": ck.label, "step": ck.step, **r} for r in memo[key]]
+        df = pl.DataFrame(rows, schema_overrides=GENERATION_BORROWING_SCHEMA, infer_schema_length=None)
+        df = df.select(list(GENERATION_BORROWING_SCHEMA)).cast(GENERATION_BORROWING_SCHEMA)
+        store.write_shard("generation_borrowing", df, partition={"run_id": spec.run_id(run)},
+                          name="generation_borrowing", schema=GENERATION_BORROWING_SCHEMA)
+        frames.append(df)
+    out = pl.concat(frames) if frames else pl.DataFrame(schema=GENERATION_BORROWING_SCHEMA)
+    log(f"[{spec.name}] borrowing: {out.height} generations scored")
+    return out
+
+
+def summarize(rows: pl.DataFrame) -> pl.DataFrame:
+    """Mean shares per (run_id, checkpoint, step, split)."""
+    return (rows.group_by("run_id", "checkpoint", "step", "split")
+            .agg(pl.len().alias("n"), pl.col("borrow_share").mean(), pl.col("own_share").mean(),
+                 pl.col("fact_borrow_share").mean(), pl.col("correct_value").cast(pl.Float64).mean().alias(
+                     "correct_rate"))
+            .sort("run_id", "step", "split"))
+
+
+def plot_borrowing(curves: pl.DataFrame, summary: pl.DataFrame, *, title: str) -> bytes:
+    """PNG: (left) change of log π(y_{j≠u}) per run from the borrowing view; (right) mean borrow share per
+    checkpoint step, solid for trained prompts, dashed for held-out ones."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), dpi=100)
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    runs = sorted(set(curves["run_id"].to_list()) | set(summary["run_id"].to_list()))
+    for i, rid in enumerate(runs):
+        c = colours[i % len(colours)]
+        part = curves.filter(pl.col("run_id") == rid).sort("step")
+        if not part.is_empty():
+            axes[0].plot(part["step"], part["delta_irr_train"], "-", color=c, label=f"{rid} y_j≠u")
+            axes[0].plot(part["step"], part["delta_irr_hum"], ":", color=c, label=f"{rid} y_hum")
+        for split, style in (("train", "o-"), ("test", "s--")):
+            s = summary.filter((pl.col("run_id") == rid) & (pl.col("split") == split)).sort("step")
+            if not s.is_empty():
+                y = s["fact_borrow_share"] if s["fact_borrow_share"].null_count() < s.height else s["borrow_share"]
+                axes[1].plot(s["step"], y, style, color=c, label=f"{rid} {split}")
+    axes[0].axhline(0, color="black", linewidth=0.5)
+    axes[0].set(xlabel="optimizer step", ylabel="change since step 0 (nats)", title="other prompts' answers")
+    axes[1].set(xlabel="checkpoint step", ylabel="share", ylim=(-0.05, 1.05),
+                title="borrowed share in generations (fact values if known, else n-grams)")
+    for ax in axes:
+        ax.legend(fontsize=6)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()

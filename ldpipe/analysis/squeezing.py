@@ -1,0 +1,183 @@
+"""Squeezing statistics at a run's checkpoints (learning-dynamics.md §2, §8F).
+
+The view sql/squeezing.sql follows log π(y*) against log π(y+) over training from the trajectories. This module
+adds what needs the model itself, per checkpoint (start, snapshots, final; see analysis/checkpoints.py):
+
+- peakiness of the next-token distributions along the probe set's chosen responses y+ (teacher-forced, EOS
+  included): mean over all pooled response positions t of max_v π(v | x, y+_<t) and of the entropy
+  -Σ_v π log π (nats). Squeezing makes π peakier: max-prob up, entropy down.
+- repeater rate of greedy generations (probe prompts and held-out prompts): a generation "repeats" when some
+  word n-gram (n = `repeat_ngram`, words = lower-cased runs of [a-z0-9']) occurs at least twice in it; the rate
+  is the share of generations that repeat (generations shorter than n words count as not repeating).
+"""
+from __future__ import annotations
+
+import io
+import re
+from collections import Counter
+from typing import Callable, Sequence
+
+import polars as pl
+import torch
+
+from ldpipe.schema import GENERATION_STATS_SCHEMA
+
+_WORD = re.compile(r"[a-z0-9']+")
+Log = Callable[[str], None]
+
+
+def word_list(text: str) -> list[str]:
+    return _WORD.findall(text.lower())
+
+
+def ngram_list(words: Sequence[str], n: int) -> list[tuple[str, ...]]:
+    if n < 1:
+        raise ValueError(f"n-gram size must be >= 1, got {n}")
+    return [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
+
+
+def has_repeat(text: str, n: int = 3) -> bool:
+    """Some word n-gram occurs at least twice in `text`."""
+    counts = Counter(ngram_list(word_list(text), n))
+    return any(c >= 2 for c in counts.values())
+
+
+def repeater_stats(generations: Sequence[str], n: int = 3) -> dict:
+    """repeater_rate, mean_distinct_ngrams (distinct/total n-grams over generations with >= n words),
+    mean_gen_words, n_generations."""
+    if not generations:
+        return {"n_generations": 0, "repeater_rate": None, "mean_distinct_ngrams": None, "mean_gen_words": None}
+    distinct = []
+    for g in generations:
+        grams = ngram_list(word_list(g), n)
+        if grams:
+            distinct.append(len(set(grams)) / len(grams))
+    return {"n_generations": len(generations),
+            "repeater_rate": sum(has_repeat(g, n) for g in generations) / len(generations),
+            "mean_distinct_ngrams": sum(distinct) / len(distinct) if distinct else None,
+            "mean_gen_words": sum(len(word_list(g)) for g in generations) / len(generations)}
+
+
+@torch.no_grad()
+def peakiness(model, pairs: Sequence[tuple[list[int], list[int]]], device=None) -> dict:
+    """Teacher-forced next-token statistics over the response positions of (prompt_ids, response_ids) pairs,
+    pooled over all positions: n_positions, mean_max_prob, mean_entropy, mean_logp_token."""
+    dev = torch.device(device) if device is not None else next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    n = 0
+    s_max = s_ent = s_lp = 0.0
+    try:
+        for p, r in pairs:
+            ids = torch.tensor([p + r], device=dev)
+            logits = model(input_ids=ids).logits[0, len(p) - 1: len(p) + len(r) - 1].float()
+            logp = torch.log_softmax(logits, dim=-1)
+            prob = logp.exp()
+            s_max += prob.max(dim=-1).values.sum().item()
+            s_ent += -(prob * logp).sum(dim=-1).sum().item()
+            s_lp += logp.gather(1, torch.tensor(r, device=dev)[:, None]).sum().item()
+            n += len(r)
+    finally:
+        model.train(was_training)
+    if n == 0:
+        return {"n_positions": 0, "mean_max_prob": None, "mean_entropy": None, "mean_logp_token": None}
+    return {"n_positions": n, "mean_max_prob": s_max / n, "mean_entropy": s_ent / n, "mean_logp_token": s_lp / n}
+
+
+def generation_prompts(prefs: pl.DataFrame, probes: pl.DataFrame, n: int) -> pl.DataFrame:
+    """The prompts generated from: up to n probe prompts (split "train": they are trained on) and the first n
+    held-out prompts (split "test"), with their own chosen answer. Columns example_id, split, prompt, chosen."""
+    probe_ids = sorted(probes["example_id"].unique().to_list())
+    trained = prefs.filter((pl.col("split") == "train") & pl.col("example_id").is_in(probe_ids))
+    if trained.is_empty():   # probe ids not in the preference table (e.g. reference probe files): use probes
+        trained = (probes.filter(pl.col("response_type") == "chosen")
+                   .select("example_id", pl.lit("train").alias("split"), "prompt", pl.col("response").alias("chosen")))
+    test = prefs.filter(pl.col("split") == "test")
+    cols = ["example_id", "split", "prompt", "chosen"]
+    return pl.concat([trained.select(cols).sort("example_id").head(n), test.select(cols).sort("example_id").head(n)])
+
+
+def checkpoint_stats(model, tokenizer, chosen_pairs, prompts: Sequence[str], *, gen_config, repeat_ngram: int,
+                     device=None) -> tuple[dict, list[str]]:
+    """Peakiness over `chosen_pairs` and repeater statistics of greedy generations for `prompts`."""
+    from ldpipe.generate import generate
+
+    gens = generate(model, tokenizer, list(prompts), gen_config, device=device)
+    return {**peakiness(model, chosen_pairs, device), **repeater_stats(gens, repeat_ngram),
+            "repeat_ngram": repeat_ngram}, gens
+
+
+def run_squeezing(spec, files, store, *, device: str = "auto", log: Log = print) -> pl.DataFrame:
+    """generation_stats rows for every run and checkpoint of `spec`; one shard per run (rewritten on rerun)."""
+    from ldpipe.analysis.checkpoints import run_checkpoints
+    from ldpipe.generate import GenerationConfig
+    from ldpipe.models import load_model_and_tokenizer, resolve_device
+    from ldpipe.pipeline import load_preferences_file, load_probes_file
+    from ldpipe.scoring import encode_pair
+
+    g = spec.generation_analysis
+    dev = resolve_device(device)
+    prefs, probes = load_preferences_file(files), load_probes_file(files)
+    chosen = probes.filter(pl.col("response_type") == "chosen").sort("example_id")
+    prompts = generation_prompts(prefs, probes, g.n_prompts)["prompt"].to_list()
+    cfg = GenerationConfig(max_new_tokens=g.max_new_tokens, batch_size=g.batch_size,
+                           max_prompt_tokens=spec.probes.max_prompt_tokens)
+    memo: dict[str, dict] = {}   # a chained run's start is its parent's final: compute once
+    frames = []
+    for run in spec.runs:
+        rows = []
+        for ck in run_checkpoints(spec, run, files, snapshots=g.snapshots):
+            key = str(ck.path)
+            if key not in memo:
+                model, tok = load_model_and_tokenizer(ck.path, device=dev,
+                                                      local_files_only=not spec.model.allow_download)
+                pairs = [encode_pair(tok, p, r, max_prompt_tokens=spec.probes.max_prompt_tokens,
+                                     max_response_tokens=spec.probes.max_response_tokens)
+                         for p, r in chosen.select("prompt", "response").iter_rows()]
+                memo[key], _ = checkpoint_stats(model, tok, pairs, prompts, gen_config=cfg,
+                                                repeat_ngram=g.repeat_ngram, device=dev)
+                memo[key]["n_prompts"] = len(pairs)
+                log(f"[{ck.run_id}] {ck.label}: max-prob {memo[key]['mean_max_prob']}, "
+                    f"repeater rate {memo[key]['repeater_rate']}")
+            rows.append({"run_id": ck.run_id, "checkpoint": ck.label, "step": ck.step, **memo[key]})
+        df = pl.DataFrame(rows).select(list(GENERATION_STATS_SCHEMA)).cast(GENERATION_STATS_SCHEMA)
+        store.write_shard("generation_stats", df, partition={"run_id": spec.run_id(run)}, name="generation_stats",
+                          schema=GENERATION_STATS_SCHEMA)
+        frames.append(df)
+    return pl.concat(frames) if frames else pl.DataFrame(schema=GENERATION_STATS_SCHEMA)
+
+
+def plot_squeezing(curves: pl.DataFrame, stats: pl.DataFrame, *, title: str) -> bytes:
+    """PNG: (left) change of mean log π(y+) (solid) and log π(y*) (dashed) per run from the squeezing view;
+    (middle) mean max-prob and (right) repeater rate per checkpoint step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(13, 4), dpi=100)
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    runs = sorted(set(curves["run_id"].to_list()) | set(stats["run_id"].to_list()))
+    for i, rid in enumerate(runs):
+        c = colours[i % len(colours)]
+        part = curves.filter(pl.col("run_id") == rid).sort("step")
+        if not part.is_empty():
+            axes[0].plot(part["step"], part["delta_chosen"], "-", color=c, label=f"{rid} y+")
+            axes[0].plot(part["step"], part["delta_argmax"], "--", color=c, label=f"{rid} y*")
+        s = stats.filter(pl.col("run_id") == rid).sort("step")
+        if not s.is_empty():
+            axes[1].plot(s["step"], s["mean_max_prob"], "o-", color=c, label=rid)
+            axes[2].plot(s["step"], s["repeater_rate"], "o-", color=c, label=rid)
+    axes[0].axhline(0, color="black", linewidth=0.5)
+    axes[0].set(xlabel="optimizer step", ylabel="change since step 0 (nats)", title="log π(y+) vs log π(y*)")
+    axes[1].set(xlabel="checkpoint step", ylabel="mean max_v π(v)", title="peakiness along y+")
+    axes[2].set(xlabel="checkpoint step", ylabel="share of generations", title="repeater rate (greedy)",
+                ylim=(-0.05, 1.05))
+    for ax in axes:
+        ax.legend(fontsize=6)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()

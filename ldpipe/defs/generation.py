@@ -1,0 +1,118 @@
+"""Generation-based analyses of one experiment, downstream of the catalog:
+<exp>/squeezing, <exp>/borrowing, <exp>/win_rate, and the toy <exp>/squeeze_toy (no upstream)."""
+
+import dagster as dg
+import polars as pl
+
+from ldpipe import pipeline
+from ldpipe.analysis.curves import save_plot
+from ldpipe.catalog import query
+from ldpipe.defs.common import CATALOG_KEY, md_table, png_markdown
+from ldpipe.defs.resources import Compute, LdpipeHome
+from ldpipe.spec import ExperimentSpec
+from ldpipe.store import Store
+
+TOY_CHECK = "negative_gradient_on_valley_squeezes_into_argmax"
+
+
+def _runs_sql(spec: ExperimentSpec) -> str:
+    return ", ".join(f"'{spec.run_id(r)}'" for r in spec.runs) or "''"
+
+
+def generation_assets(spec: ExperimentSpec) -> list:
+    exp = spec.name
+    k = lambda *parts: dg.AssetKey([exp, *parts])  # noqa: E731
+
+    @dg.asset(key=k("squeezing"), group_name=exp, deps=[CATALOG_KEY], pool="gpu", kinds={"pytorch", "duckdb"},
+              description="Squeezing: log π(y*) vs log π(y+) over training (view squeezing), and per checkpoint the "
+                          "peakiness of next-token distributions along y+ and the repeater rate of greedy "
+                          "generations (table generation_stats).")
+    def squeezing(context: dg.AssetExecutionContext, ldpipe_home: LdpipeHome,
+                  compute: Compute) -> dg.MaterializeResult:
+        from ldpipe.analysis.squeezing import plot_squeezing, run_squeezing
+
+        files = pipeline.files_for(spec, ldpipe_home.paths())
+        stats = run_squeezing(spec, files, Store(files.paths.store), device=compute.device, log=context.log.info)
+        pipeline.refresh(files, ldpipe_home.sql_path())
+        curves = query(files.paths.catalog, f"select * from squeezing where run_id in ({_runs_sql(spec)})")
+        png = save_plot(plot_squeezing(curves, stats, title=f"{exp}: squeezing"), files.paths.plots /
+                        f"{exp}.squeezing.png")
+        meta = {"dagster/row_count": stats.height, "plot": png_markdown(str(png), "squeezing"),
+                "plot_path": dg.MetadataValue.path(str(png)),
+                "checkpoints": dg.MetadataValue.md(md_table(stats.select(
+                    "run_id", "checkpoint", "step", "mean_max_prob", "mean_entropy", "repeater_rate",
+                    "mean_gen_words"), 60))}
+        if not curves.is_empty():
+            last = curves.filter(pl.col("step") == pl.col("step").max().over("run_id"))
+            meta["final_change"] = dg.MetadataValue.md(md_table(
+                last.select("run_id", "phase", "step", "delta_chosen", "delta_argmax", "argmax_gap"), 40))
+        return dg.MaterializeResult(metadata=meta)
+
+    @dg.asset(key=k("borrowing"), group_name=exp, deps=[CATALOG_KEY], pool="gpu", kinds={"pytorch", "duckdb"},
+              description="Hallucination borrowing: the y_j≠u curve (view borrowing) and, per checkpoint, the share "
+                          "of generated n-grams / fact values that belong to other prompts' answers "
+                          "(table generation_borrowing).")
+    def borrowing(context: dg.AssetExecutionContext, ldpipe_home: LdpipeHome,
+                  compute: Compute) -> dg.MaterializeResult:
+        from ldpipe.analysis.borrowing import plot_borrowing, run_borrowing, summarize
+
+        files = pipeline.files_for(spec, ldpipe_home.paths())
+        rows = run_borrowing(spec, files, Store(files.paths.store), device=compute.device, log=context.log.info)
+        pipeline.refresh(files, ldpipe_home.sql_path())
+        curves = query(files.paths.catalog, f"select * from borrowing where run_id in ({_runs_sql(spec)})")
+        summary = summarize(rows)
+        png = save_plot(plot_borrowing(curves, summary, title=f"{exp}: hallucination borrowing"),
+                        files.paths.plots / f"{exp}.borrowing.png")
+        meta = {"dagster/row_count": rows.height, "plot": png_markdown(str(png), "borrowing"),
+                "plot_path": dg.MetadataValue.path(str(png)),
+                "by_checkpoint": dg.MetadataValue.md(md_table(summary, 80)),
+                "examples": dg.MetadataValue.md(md_table(rows.filter(pl.col("checkpoint") == "final").select(
+                    "run_id", "example_id", "split", "generation", "borrow_share", "fact_borrow_share"), 12))}
+        return dg.MaterializeResult(metadata=meta)
+
+    @dg.asset(key=k("win_rate"), group_name=exp, deps=[CATALOG_KEY], pool="gpu", kinds={"pytorch", "openai"},
+              description="LLM-judge win rate between declared checkpoint pairs (both A/B orders; ties and "
+                          "unparsable verdicts counted; view win_rate). Skipped, with the reason, when "
+                          "generation_analysis.win_rate.judge is not declared.")
+    def win_rate(context: dg.AssetExecutionContext, ldpipe_home: LdpipeHome,
+                 compute: Compute) -> dg.MaterializeResult:
+        from ldpipe.analysis.winrate import run_win_rate
+
+        files = pipeline.files_for(spec, ldpipe_home.paths())
+        info = run_win_rate(spec, files, Store(files.paths.store), device=compute.device, log=context.log.info)
+        if "skipped" in info:
+            context.log.info(f"win rate skipped: {info['skipped']}")
+            return dg.MaterializeResult(metadata={"skipped": info["skipped"]})
+        pipeline.refresh(files, ldpipe_home.sql_path())
+        table = query(files.paths.catalog, f"select * from win_rate where experiment = '{exp}'")
+        return dg.MaterializeResult(metadata={
+            "judge_model": info["judge_model"], "calls": dg.MetadataValue.json(info["calls"]),
+            "win_rates": dg.MetadataValue.md(md_table(table, 40)), "dagster/row_count": table.height})
+
+    @dg.asset(key=k("squeeze_toy"), group_name=exp, kinds={"numpy"},
+              check_specs=[dg.AssetCheckSpec(TOY_CHECK, asset=k("squeeze_toy"),
+                                             description="Measured: after one negative-gradient step on a valley "
+                                                         "class of a peaky softmax (panel D0), does only the "
+                                                         "argmax y* gain probability?")],
+              description="The paper's squeezing toy (one softmax step, learning-dynamics.md §9): π before vs after "
+                          "per panel; panel D0 is the negative gradient on a valley class.")
+    def squeeze_toy(context: dg.AssetExecutionContext, ldpipe_home: LdpipeHome) -> dg.MaterializeResult:
+        from ldpipe.analysis.squeeze_toy import plot_panel, run_panel, summary
+
+        paths = ldpipe_home.paths()
+        rows = summary()
+        meta: dict = {"panels": dg.MetadataValue.md(md_table(pl.DataFrame(rows).select(
+            "panel", "description", "minus_class", "plus_class", "y_star", "delta_pi_star", "frac_others_fall",
+            "only_argmax_rises", "n_rise"), 10))}
+        for panel in ("B", "C", "D0"):
+            png = save_plot(plot_panel(run_panel(panel)), paths.plots / f"{exp}.squeeze_toy.{panel}.png")
+            meta[f"plot_{panel}"] = png_markdown(str(png), f"squeeze toy panel {panel}")
+        d0 = next(r for r in rows if r["panel"] == "D0")
+        check = dg.AssetCheckResult(
+            check_name=TOY_CHECK, passed=bool(d0["only_argmax_rises"]), severity=dg.AssetCheckSeverity.WARN,
+            metadata={"only_argmax_rises": bool(d0["only_argmax_rises"]), "n_rise": int(d0["n_rise"]),
+                      "delta_pi_star": float(d0["delta_pi_star"]), "frac_others_fall": float(d0["frac_others_fall"]),
+                      "pi0_minus": float(d0["pi0_minus"])})
+        return dg.MaterializeResult(metadata=meta, check_results=[check])
+
+    return [squeezing, borrowing, win_rate, squeeze_toy]
