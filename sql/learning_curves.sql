@@ -9,6 +9,9 @@
 --                sums depend strongly on response length)
 --   mean_logp_per_token  mean of logp_sum / n_tokens
 --   mean_argmax  mean teacher-forced log pi(y*) = sum_t log max_v pi(v | x, y_<t)
+--   mean_A_o, mean_p_e, mean_energy, mean_except_argmax   means over probe prompts of the per-sequence
+--                metrics A_o, p_e, energy, except_argmax (ldpipe.schema TRAJECTORY_SCHEMA; null for shards
+--                written before these columns existed)
 select
     run_id,
     phase,
@@ -20,7 +23,11 @@ select
     stddev_samp(logp_sum) as std_logp,
     avg(logp_sum - logp_first) as mean_delta,
     avg(logp_mean) as mean_logp_per_token,
-    avg(argmax_logp_sum) as mean_argmax
+    avg(argmax_logp_sum) as mean_argmax,
+    avg(A_o) as mean_A_o,
+    avg(p_e) as mean_p_e,
+    avg(energy) as mean_energy,
+    avg(except_argmax) as mean_except_argmax
 from (
     select *,
         first_value(logp_sum) over (

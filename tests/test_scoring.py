@@ -1,6 +1,8 @@
 """The fast prefix-shared scorer against the naive one-at-a-time reference, and the training helper."""
 from __future__ import annotations
 
+import logging
+import math
 import random
 
 import polars as pl
@@ -11,6 +13,8 @@ from ldpipe.errors import DataValidationError, LdpipeError
 from ldpipe.models import TinyModelConfig, build_model, train_tokenizer
 from ldpipe.schema import PROBE_SCHEMA
 from ldpipe.scoring import (
+    METRIC_SCHEMA,
+    SCORE_SCHEMA,
     EncodedProbe,
     batch_logps,
     encode_pair,
@@ -107,16 +111,34 @@ def test_encoding_truncates_prompt_end_and_response_start(tokenizer, probes, enc
 
 def test_fast_scorer_matches_naive(model, encoded, naive):
     fast = score_probes(model, encoded)
-    assert fast.columns == ["example_id", "response_type", "logp_sum", "n_tokens", "logp_mean", "argmax_logp_sum"]
-    assert fast.dtypes == [pl.String, pl.String, pl.Float64, pl.Int64, pl.Float64, pl.Float64]
+    assert fast.columns == ["example_id", "response_type", "logp_sum", "n_tokens", "logp_mean", "argmax_logp_sum",
+                            "A_o", "p_e", "energy", "except_argmax"]
+    assert fast.schema == naive.schema == pl.Schema(SCORE_SCHEMA)
+    assert fast.dtypes == [pl.String, pl.String, pl.Float64, pl.Int64, pl.Float64] + [pl.Float64] * 5
     assert fast.select("example_id", "response_type").equals(naive.select("example_id", "response_type"))
     assert fast["n_tokens"].to_list() == naive["n_tokens"].to_list()
     assert fast["n_tokens"].to_list() == [len(r) for ep in encoded for r in ep.response_ids]
-    for col in ("logp_sum", "argmax_logp_sum", "logp_mean"):
+    for col in ("logp_sum", "argmax_logp_sum", "logp_mean", *METRIC_SCHEMA):
         assert (fast[col] - naive[col]).abs().max() < 1e-4, col
+        assert fast[col].is_finite().all() and naive[col].is_finite().all(), col
+    for col in ("p_e", "energy", "except_argmax"):
+        assert fast[col].std() > 1e-3, f"{col} must vary across responses for the comparison to mean anything"
     # The sharpened model tells responses apart by far more than the tolerance.
     assert naive["logp_sum"].std() > 1.0
     assert (fast["logp_mean"] - fast["logp_sum"] / fast["n_tokens"]).abs().max() < 1e-12
+
+
+def test_flat_distributions_match_naive(tokenizer, encoded):
+    """Near-uniform predictions (an untrained model, weights scaled down): log Z must not be derived
+    from 1 - (non-argmax mass), which cancels when that mass is close to 1."""
+    flat = build_model(TinyModelConfig(hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64,
+                                       max_position_embeddings=64), len(tokenizer))
+    with torch.no_grad():
+        flat.get_output_embeddings().weight.mul_(0.1)
+    fast, naive = score_probes(flat, encoded), score_naive(flat, encoded)
+    assert (fast["argmax_logp_sum"] - fast["logp_sum"]).max() < 1.0, "the fixture must be near-uniform"
+    for col in ("logp_sum", "argmax_logp_sum", *METRIC_SCHEMA):
+        assert (fast[col] - naive[col]).abs().max() < 1e-4, col
 
 
 def test_argmax_bounds_logp(model, encoded):
@@ -139,8 +161,8 @@ def test_batching_does_not_change_scores(model, encoded, naive, max_batch_tokens
     if max_batch_tokens == 1:
         assert len(calls) == total  # one response per forward
     if max_batch_tokens == 1_000_000:
-        assert len(calls) == 1  # every prompt (left-padded) and response in one forward
-    for col in ("logp_sum", "argmax_logp_sum"):
+        assert len(calls) < total / 4  # one prompt forward, a few length buckets
+    for col in ("logp_sum", "argmax_logp_sum", *METRIC_SCHEMA):
         assert (fast[col] - naive[col]).abs().max() < 1e-4
 
 
@@ -189,3 +211,165 @@ def test_bounds_and_bad_input(model, tokenizer, probes):
         .otherwise(pl.col("prompt")).alias("prompt"))
     with pytest.raises(DataValidationError, match="different prompt"):
         encode_probes(tokenizer, changed)
+
+
+# --------------------------------------------------------------------------- per-sequence metrics
+
+def _brute_metrics(logit_rows: list[list[float]], labels: list[int]) -> dict[str, float]:
+    """The §7 formulas by brute force in Python float64, straight from the definitions."""
+    V = len(logit_rows[0])
+    norms, pes, energies, except_ = [], [], [], 0.0
+    for row, y in zip(logit_rows, labels):
+        m = max(row)
+        w = [math.exp(x - m) for x in row]
+        z = math.fsum(w)
+        pi = [x / z for x in w]
+        top = max(range(V), key=lambda v: pi[v])
+        norms.append(math.sqrt(math.fsum(p * p for p in pi)))
+        pes.append(math.sqrt(math.fsum((p - (v == y)) ** 2 for v, p in enumerate(pi))))
+        energies.append(1.0 - pi[y])
+        except_ += math.log(math.fsum(w[v] for v in range(V) if v != top) / z)  # log(1 - max pi), no cancellation
+    n = len(labels)
+    return {"A_o": math.sqrt(V * (sum(norms) / n) ** 2 + V - 2), "p_e": sum(pes) / n,
+            "energy": sum(energies) / n, "except_argmax": except_}
+
+
+def test_token_stats_hand_computed_and_stable_at_max_prob_one():
+    from ldpipe.scoring import _reduce_stats, _token_stats
+
+    rows = [[2.0, 1.0, 0.5, -1.0],   # generic
+            [0.0, 0.0, 0.0, 0.0],    # uniform, a four-way tie for the argmax
+            [5.0, 5.0, 1.0, 0.0],    # two-way tie, label on the second
+            [40.0, 0.0, 0.0, 0.0],   # max pi = 1 - 6e-18: 1 - max pi is 0 in fp32 and fp64
+            [300.0, 0.0, 0.0, 0.0]]  # exp underflows for every other token
+    labels = [1, 3, 1, 0, 1]
+    head = torch.nn.Linear(4, 4, bias=False)
+    with torch.no_grad():
+        head.weight.copy_(torch.eye(4))
+    stats = _token_stats(head, torch.tensor(rows), torch.tensor(labels))
+    assert torch.isfinite(stats).all()
+    # The reference's log(1 - max pi) breaks on the last two rows: the naive form is -inf there.
+    assert torch.isinf(torch.log1p(-stats[3:, 1].exp())).all()
+    for i, (row, y) in enumerate(zip(rows, labels)):
+        b = _brute_metrics([row], [y])
+        lse = max(row) + math.log(math.fsum(math.exp(x - max(row)) for x in row))
+        assert stats[i, 0].item() == pytest.approx(row[y] - lse, abs=1e-5)
+        assert stats[i, 1].item() == pytest.approx(max(row) - lse, abs=1e-5)
+        assert stats[i, 3].item() == pytest.approx(b["p_e"], abs=1e-6)
+        assert stats[i, 4].item() == pytest.approx(b["energy"], abs=1e-6)
+        assert stats[i, 5].item() == pytest.approx(b["except_argmax"], rel=1e-5, abs=1e-5)
+    assert stats[3, 5].item() == pytest.approx(math.log(3) - 40, rel=1e-6)
+    assert stats[4, 5].item() == pytest.approx(math.log(3) - 300, rel=1e-6)
+    assert stats[4, 3].item() == pytest.approx(math.sqrt(2), abs=1e-6)  # pi = e_0, label 1
+    sums = _reduce_stats(stats, torch.tensor([0, 0, 1, 1, 1]), 2)
+    assert sums.dtype == torch.float64 and sums[1, 5].item() == pytest.approx(
+        sum(_brute_metrics([r], [y])["except_argmax"] for r, y in zip(rows[2:], labels[2:])), rel=1e-6)
+
+
+def test_metrics_match_brute_force_per_sequence(model, encoded):
+    few = encoded[:2]
+    fast = score_probes(model, few)
+    k = 0
+    with torch.no_grad():
+        for ep in few:
+            P = len(ep.prompt_ids)
+            for r in ep.response_ids:
+                logits = model(input_ids=torch.tensor([ep.prompt_ids + r])).logits[0].double()
+                b = _brute_metrics(logits[P - 1: P - 1 + len(r)].tolist(), r)
+                row = fast.row(k, named=True)
+                for col, want in b.items():
+                    assert row[col] == pytest.approx(want, rel=1e-5, abs=1e-5), (ep.example_id, col)
+                k += 1
+    assert k == len(fast)
+    V = model.get_output_embeddings().out_features
+    # ||pi|| lies in [1/sqrt(V), 1], so A_o lies in [sqrt(V - 1), sqrt(2V - 2)].
+    assert fast["A_o"].min() >= math.sqrt(V - 1) - 1e-6 and fast["A_o"].max() <= math.sqrt(2 * V - 2) + 1e-6
+    assert (fast["energy"].is_between(0, 1)).all() and (fast["except_argmax"] <= 0).all()
+
+
+def test_no_nan_when_the_model_is_certain(model, encoded):
+    """A head scaled far up puts max pi at 1.0 in fp32 at many positions; every metric stays finite."""
+    import copy
+
+    sharp = copy.deepcopy(model)
+    with torch.no_grad():
+        sharp.get_output_embeddings().weight.mul_(40.0)
+    ep = encoded[0]
+    P = len(ep.prompt_ids)
+    r = max(ep.response_ids, key=len)
+    with torch.no_grad():
+        logits = sharp(input_ids=torch.tensor([ep.prompt_ids + r])).logits[0].float()
+    lmax = torch.log_softmax(logits, dim=-1)[P - 1:].max(-1).values
+    assert torch.isinf(torch.log1p(-lmax.exp())).any(), "the fixture must reach max pi == 1.0 in fp32"
+    fast, naive = score_probes(sharp, encoded), score_naive(sharp, encoded)
+    for col in SCORE_SCHEMA:
+        if fast.schema[col] == pl.Float64:
+            assert fast[col].is_finite().all() and naive[col].is_finite().all(), col
+    for col in METRIC_SCHEMA:
+        rel = ((fast[col] - naive[col]).abs() / (1.0 + naive[col].abs())).max()
+        assert rel < 1e-4, col
+
+
+# --------------------------------------------------------------------------- out-of-memory back-off
+
+def _fail_above(model, max_tokens: int | None, exc_factory):
+    """Fault injection on the real model: its transformer raises an OOM when a forward holds more
+    than max_tokens input tokens (always, if None). Returns the hook handle and the sizes it saw."""
+    seen: list[int] = []
+
+    def hook(module, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        seen.append(ids.numel())
+        if max_tokens is None or ids.numel() > max_tokens:
+            raise exc_factory()
+
+    return model.base_model.register_forward_pre_hook(hook, with_kwargs=True), seen
+
+
+@pytest.mark.parametrize("exc_factory", [
+    lambda: torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+    lambda: RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory: "
+                         "you tried to allocate 8589934592 bytes. Error code 12 (Cannot allocate memory)"),
+    lambda: RuntimeError("MPS backend out of memory (MPS allocated: 9.00 GB)"),
+], ids=["cuda", "cpu", "message"])
+def test_out_of_memory_halves_the_batch_and_retries(model, encoded, naive, caplog, exc_factory):
+    unfaulted = score_probes(model, encoded, max_batch_tokens=4096)
+    handle, seen = _fail_above(model, 40, exc_factory)
+    try:
+        with caplog.at_level(logging.WARNING, logger="ldpipe.scoring"):
+            calls: list[tuple[int, int]] = []
+            faulted = score_probes(model, encoded, max_batch_tokens=4096, progress=lambda d, t: calls.append((d, t)))
+    finally:
+        handle.remove()
+    assert max(seen) > 40, "the first batch must have been too big"
+    assert calls[-1] == (len(naive), len(naive))
+    assert faulted.select("example_id", "response_type").equals(unfaulted.select("example_id", "response_type"))
+    for col in ("logp_sum", "argmax_logp_sum", *METRIC_SCHEMA):
+        assert (faulted[col] - unfaulted[col]).abs().max() < 1e-4, col
+        assert (faulted[col] - naive[col]).abs().max() < 1e-4, col
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings and all("out of memory" in w and "max_batch_tokens" in w for w in warnings)
+    assert "max_batch_tokens in force: 4096" in warnings[0]
+    assert len(warnings) >= 2, "4096 -> ... must take several halvings to get under 40 tokens"
+
+
+def test_out_of_memory_at_one_response_is_a_clear_error(model, encoded):
+    handle, seen = _fail_above(model, None, lambda: torch.OutOfMemoryError("CUDA out of memory"))
+    try:
+        with pytest.raises(LdpipeError, match=r"out of memory.*one response per forward.*example '.+'.*"
+                                              r"max_batch_tokens in force: \d+, started at 512.*"
+                                              r"probes\.max_prompt_tokens") as info:
+            score_probes(model, encoded, max_batch_tokens=512)
+    finally:
+        handle.remove()
+    assert isinstance(info.value.__cause__, torch.OutOfMemoryError)
+    assert len(seen) < 20, "halving must stop once a forward holds one prompt or one response"
+
+    # Errors other than out-of-memory are not retried.
+    handle, seen = _fail_above(model, None, lambda: RuntimeError("shape mismatch"))
+    try:
+        with pytest.raises(RuntimeError, match="shape mismatch"):
+            score_probes(model, encoded)
+    finally:
+        handle.remove()
+    assert len(seen) == 1
