@@ -12,6 +12,13 @@
 --   mean_A_o, mean_p_e, mean_energy, mean_except_argmax   means over probe prompts of the per-sequence
 --                metrics A_o, p_e, energy, except_argmax (ldpipe.schema TRAJECTORY_SCHEMA; null for shards
 --                written before these columns existed)
+with firsts as (
+    -- each probe's log-prob at its first evaluation in the run (a hash aggregate: much cheaper than a
+    -- window over all rows; `ldpipe bench sql` compares the two)
+    select run_id, example_id, response_type, arg_min(logp_sum, step) as logp_first
+    from trajectories
+    group by run_id, example_id, response_type
+)
 select
     run_id,
     phase,
@@ -28,12 +35,7 @@ select
     avg(p_e) as mean_p_e,
     avg(energy) as mean_energy,
     avg(except_argmax) as mean_except_argmax
-from (
-    select *,
-        first_value(logp_sum) over (
-            partition by run_id, example_id, response_type order by step
-        ) as logp_first
-    from trajectories
-)
+from trajectories
+join firsts using (run_id, example_id, response_type)
 group by run_id, phase, step, response_type
 order by run_id, step, response_type

@@ -11,7 +11,7 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from ldpipe.catalog import check_readonly_statement, connect_readonly, query, refresh_catalog
+from ldpipe.catalog import KNOWN_TABLES, check_readonly_statement, connect_readonly, query, refresh_catalog
 from ldpipe.errors import DataValidationError, LdpipeError
 from ldpipe.schema import TRAJECTORY_SCHEMA
 from ldpipe.sqlcli import add_sql_arguments, run_sql
@@ -30,7 +30,7 @@ def traj(run: str, step: int) -> pl.DataFrame:
     rows = [
         {"run_id": run, "config_hash": "h", "phase": "sft", "step": step, "epoch": step / 4,
          "example_id": ex, "response_type": rt, "logp_sum": lp * 3, "n_tokens": 3, "logp_mean": lp,
-         "argmax_logp_sum": -1.0}
+         "argmax_logp_sum": -1.0, "A_o": 1.0, "p_e": 0.5, "energy": 0.4, "except_argmax": -0.1}
         for ex, base in (("e1", -2.0), ("e2", -4.0))
         for rt, lp in (("chosen", base + 0.1 * step), ("rejected", base - 0.2 * step))
     ]
@@ -59,8 +59,9 @@ def test_refresh_creates_views_over_shards_and_sql_files(project: dict[str, Path
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     info = refresh(project)
     assert info["path"] == str(project["catalog"].resolve())
-    assert info["tables"] == {"trajectories": 6, "train_metrics": 0}
-    assert set(info["views"]) == {"trajectories", "train_metrics", "learning_curve", "loss_curve"}
+    # every known table gets a view (empty ones typed); only trajectories has shards here
+    assert info["tables"] == {"trajectories": 6, **{t: 0 for t in KNOWN_TABLES if t != "trajectories"}}
+    assert set(info["views"]) == {*KNOWN_TABLES, "learning_curve", "loss_curve"}
     assert sorted(project["catalog"].parent.iterdir()) == [project["catalog"]]    # no temp or .wal left
 
     curve = query(project["catalog"], "select * from learning_curve")
@@ -93,7 +94,8 @@ def test_empty_known_table_gives_an_empty_typed_view(project: dict[str, Path]) -
     assert types == {"run_id": "VARCHAR", "config_hash": "VARCHAR", "phase": "VARCHAR", "step": "BIGINT",
                      "epoch": "DOUBLE", "loss": "DOUBLE", "grad_norm": "DOUBLE", "clip_factor": "DOUBLE",
                      "lr": "DOUBLE", "rewards_chosen": "DOUBLE", "rewards_rejected": "DOUBLE",
-                     "rewards_accuracy": "DOUBLE", "rewards_margin": "DOUBLE"}
+                     "rewards_accuracy": "DOUBLE", "rewards_margin": "DOUBLE", "onpolicy_score_mean": "DOUBLE",
+                     "onpolicy_tied_share": "DOUBLE"}
     assert query(project["catalog"], "select * from loss_curve").height == 0      # the sql view bound
     # Known tables keep their declared types once shards exist, too.
     traj_types = dict(query(project["catalog"], "describe trajectories").select("column_name", "column_type").rows())
