@@ -1,16 +1,50 @@
-"""Training assets of one experiment: <exp>/base_model -> <exp>/run_<name> (pool "gpu")."""
+"""Training assets of one experiment: <exp>/base_model -> <exp>/run_<name> (pool "gpu") -> <exp>/paper_directions.
+
+A run asset trains out of process: it launches `python -m ldpipe.worker train --pipes` through Dagster Pipes
+(`PipesSubprocessClient`), which streams the trainer's logs, metadata and measured checks back. Why a subprocess:
+torch training holds the CPU/GPU and the GIL for minutes; in the step process it would starve heartbeats, a crash
+(OOM, segfault) would take the step process down with it, and a terminated run could leave it running. Through
+Pipes, a terminated run interrupts the step, the client sends SIGINT to the worker, and the worker also stops by
+itself if the launching process dies.
+"""
+
+import json
+import sys
+import tempfile
+from enum import Enum
+from pathlib import Path
 
 import dagster as dg
+from dagster._core.errors import DagsterPipesExecutionError  # not re-exported at the top level in 1.13
 
 from ldpipe import pipeline
+from ldpipe.analysis.directions import (collateral_pairs, compare_collateral, evaluate_run, run_checks,
+                                        run_trajectory, type_deltas)
+from ldpipe.defs.common import md_table
 from ldpipe.defs.probes import probe_keys
 from ldpipe.defs.resources import Compute, LdpipeHome
-from ldpipe.spec import ExperimentSpec, RunSpec
+from ldpipe.errors import SpecError
+from ldpipe.spec import ExperimentSpec, RunSpec, apply_run_overrides
+from ldpipe.store import Store
+from ldpipe.worker import ERROR_FILE_ENV
+
+# How long the worker gets to stop after SIGINT before the step gives up waiting.
+TERMINATION_TIMEOUT_S = 30
+
+
+class Preset(str, Enum):
+    smoke = "smoke"
+    full = "full"
 
 
 class RunOverrides(dg.Config):
-    """Launch-time overrides of a declared run (e.g. a quick smoke run from the launchpad)."""
+    """Launch-time overrides of a declared run (e.g. a quick smoke run from the launchpad).
 
+    `preset`: "smoke" caps the run at a few steps (spec.RUN_PRESETS), "full" runs the declaration as written;
+    any other field set here is applied after the preset.
+    """
+
+    preset: Preset | None = None
     epochs: float | None = None
     lr: float | None = None
     eval_every: int | None = None
@@ -18,8 +52,13 @@ class RunOverrides(dg.Config):
     seed: int | None = None
 
     def apply(self, run: RunSpec) -> RunSpec:
-        changes = {k: v for k, v in self.model_dump().items() if v is not None}
-        return run.model_copy(update=changes) if changes else run
+        return apply_run_overrides(run, self.model_dump(mode="json"))
+
+
+def preset_run_config(spec: ExperimentSpec, preset: str) -> dict:
+    """Run config that launches every run asset of `spec` with `preset` (for the launchpad, `dg launch
+    --config-json`, a schedule or a sensor)."""
+    return {"ops": {f"{spec.name}__run_{r.name}": {"config": {"preset": preset}} for r in spec.runs}}
 
 
 def training_assets(spec: ExperimentSpec) -> list:
@@ -39,38 +78,16 @@ def training_assets(spec: ExperimentSpec) -> list:
                 meta[key] = float(info[key])
         return dg.MaterializeResult(metadata=meta)
 
-    return [base_model, *[_run_asset(spec, run) for run in spec.runs]]
-
-
-def _run_check(run: RunSpec) -> tuple[str, str]:
-    """Name and description of a run's measured (WARN-only) check."""
-    if run.algo == "sft":
-        return "sft_raises_supervised_target", (f"Measured: does SFT raise log π of the supervised type(s) "
-                                                f"({run.supervise}) on the probe prompts?")
-    return (f"{run.algo}_widens_chosen_rejected_gap",
-            f"Measured: does {run.algo.upper()} raise log π(y+) − log π(y−) on the probe prompts?")
-
-
-def _run_check_result(run: RunSpec, name: str, deltas: dict[str, float]) -> dg.AssetCheckResult:
-    if run.algo == "sft":
-        got = [deltas.get(t) for t in run.supervised_types]
-        measured = min(got) if None not in got else None
-        what = run.supervise
-    else:
-        c, r = deltas.get("chosen"), deltas.get("rejected")
-        measured = c - r if c is not None and r is not None else None
-        what = "chosen - rejected"
-    return dg.AssetCheckResult(
-        check_name=name, passed=measured is not None and measured > 0, severity=dg.AssetCheckSeverity.WARN,
-        metadata={"measured_delta": float(measured) if measured is not None else float("nan"),
-                  "response_type": what})
+    out = [base_model, *[_run_asset(spec, run) for run in spec.runs]]
+    if spec.runs:
+        out.append(_paper_directions_asset(spec))
+    return out
 
 
 def _run_asset(spec: ExperimentSpec, declared: RunSpec):
     exp = spec.name
     key = dg.AssetKey([exp, f"run_{declared.name}"])
-    check_name, check_desc = _run_check(declared)
-    check = dg.AssetCheckSpec(check_name, asset=key, description=check_desc)
+    checks = [dg.AssetCheckSpec(name, asset=key, description=desc) for name, desc in run_checks(declared)]
     # A chained run starts from its parent run's final checkpoint (and uses it as DPO reference).
     start = (dg.AssetKey([exp, f"run_{declared.start_from}"]) if declared.start_from
              else dg.AssetKey([exp, "base_model"]))
@@ -78,28 +95,82 @@ def _run_asset(spec: ExperimentSpec, declared: RunSpec):
 
     @dg.asset(key=key, group_name=exp, pool="gpu", kinds={"pytorch"},
               deps=[start, *probe_keys(spec)],
-              check_specs=[check], tags={"ldpipe/algo": declared.algo},
+              check_specs=checks, tags={"ldpipe/algo": declared.algo},
               description=f"{declared.algo.upper()} run '{declared.name}' from {origin} with probe tracking every "
-                          f"{declared.eval_every} steps; trajectories go to the Parquet store.")
+                          f"{declared.eval_every} steps; trajectories go to the Parquet store. Trains in a "
+                          f"subprocess (`python -m ldpipe.worker`) through Dagster Pipes.")
     def run_asset(context: dg.AssetExecutionContext, config: RunOverrides, ldpipe_home: LdpipeHome,
                   compute: Compute) -> dg.MaterializeResult:
-        run = config.apply(declared)
-        files = pipeline.files_for(spec, ldpipe_home.paths())
-        info = pipeline.train_run(spec, run, files, device=compute.device, log=context.log.info)
-        meta = {
-            "run_id": info["run_id"], "config_hash": info["config_hash"], "algo": info["algo"],
-            "checkpoint": dg.MetadataValue.path(info["checkpoint"]),
-            "steps": info["steps"], "evals": info["evals"], "wall_s": info["wall_s"],
-            "device": info["device"], "final_loss": info["final_loss"], "train_examples": info["train_examples"],
-            # steps of the runs before this one in its chain: add to `step` to put a chain on one axis
-            "step_offset": info["step_offset"],
-            "delta_logp_by_type": dg.MetadataValue.json(info["delta_by_type"]),
-        }
-        if info["start_from"]:
-            meta["start_from"] = info["start_from"]
-            meta["parent_config_hash"] = info["parent_config_hash"]
-        meta.update({f"final_{k}": float(v) for k, v in info["final_rewards"].items()})
-        return dg.MaterializeResult(metadata=meta,
-                                    check_results=[_run_check_result(run, check_name, info["delta_by_type"])])
+        try:
+            config.apply(declared)  # a bad override fails here, before a process starts
+        except SpecError as e:
+            raise dg.Failure(description=str(e)) from None
+        extras = {"spec": spec.model_dump(mode="json"), "run": declared.name, "overrides": config.model_dump(mode="json"),
+                  "home": str(ldpipe_home.paths().home), "device": compute.device}
+        client = dg.PipesSubprocessClient(termination_timeout_seconds=TERMINATION_TIMEOUT_S)
+        with tempfile.TemporaryDirectory(prefix="ldpipe-worker-") as tmp:
+            err_file = Path(tmp) / "error.json"
+            try:
+                invocation = client.run(context=context, extras=extras,
+                                        command=[sys.executable, "-m", "ldpipe.worker", "train", "--pipes"],
+                                        env={ERROR_FILE_ENV: str(err_file)})
+            except DagsterPipesExecutionError as e:
+                raise _trainer_failure(spec.run_id(declared), err_file, e) from None
+        return invocation.get_materialize_result()
 
     return run_asset
+
+
+def _trainer_failure(run_id: str, err_file: Path, exc: Exception) -> dg.Failure:
+    err = json.loads(err_file.read_text()) if err_file.exists() else {}
+    what = f"{err['type']}: {err['message']}" if err else f"{exc} (no error report: see the step's stderr)"
+    return dg.Failure(description=f"training run {run_id} failed: {what}",
+                      metadata={"error_type": err.get("type", "unknown"), "error": err.get("message", str(exc))})
+
+
+def _paper_directions_asset(spec: ExperimentSpec):
+    exp = spec.name
+    pairs = collateral_pairs(spec)
+    checks = []
+    if pairs:
+        desc = ("Measured (paper §4, extend-SFT): DPO started from extend-SFT (y+ and y-) loses less log π(y+) "
+                "and less on the mean over non-target types than DPO started from plain SFT. Pairs: "
+                + ", ".join(f"{p.name} vs {e.name}" for p, e in pairs))
+        checks.append(dg.AssetCheckSpec("extend_sft_reduces_collateral_decline",
+                                        asset=dg.AssetKey([exp, "paper_directions"]), description=desc))
+
+    @dg.asset(key=dg.AssetKey([exp, "paper_directions"]), group_name=exp, kinds={"polars"},
+              deps=[dg.AssetKey([exp, f"run_{r.name}"]) for r in spec.runs], check_specs=checks,
+              description="The paper's directions per run (SFT borrowing, DPO decline, squeezing) and plain- vs "
+                          "extend-SFT before DPO, measured on the stored trajectories; WARN checks, never tuned.")
+    def paper_directions(context: dg.AssetExecutionContext, ldpipe_home: LdpipeHome) -> dg.MaterializeResult:
+        store = Store(ldpipe_home.paths().store)
+        rows, deltas = [], {}
+        for run in spec.runs:
+            traj = run_trajectory(store, spec.run_id(run))
+            if not traj.is_empty():  # only the latest config's rows: a rerun with another hash replaces them
+                traj = traj.filter(traj["config_hash"] == traj.sort("step")["config_hash"][-1])
+            d = type_deltas(traj)
+            deltas[run.name] = {t: float(v) for t, v in d.select("response_type", "delta").iter_rows()}
+            for c in evaluate_run(run, traj):
+                rows.append({"run": run.name, "check": c.name, "passed": c.passed,
+                             "measured": json.dumps({k: v for k, v in c.metadata.items()
+                                                     if isinstance(v, (int, float, str))})})
+        meta: dict = {"runs_measured": sum(1 for v in deltas.values() if v)}
+        if rows:
+            import polars as pl
+
+            meta["verdicts"] = dg.MetadataValue.md(md_table(pl.DataFrame(rows), 100))
+        meta["delta_by_run"] = dg.MetadataValue.json(deltas)
+        results = []
+        if pairs:
+            outcome = compare_collateral([(p.name, deltas[p.name], e.name, deltas[e.name]) for p, e in pairs
+                                          if deltas[p.name] and deltas[e.name]])
+            context.log.info(f"extend_sft_reduces_collateral_decline: passed={outcome.passed} {outcome.metadata}")
+            results.append(dg.AssetCheckResult(
+                check_name=outcome.name, passed=outcome.passed, severity=dg.AssetCheckSeverity.WARN,
+                metadata={k: dg.MetadataValue.json(v) if isinstance(v, (list, dict)) else v
+                          for k, v in outcome.metadata.items()}))
+        return dg.MaterializeResult(metadata=meta, check_results=results)
+
+    return paper_directions

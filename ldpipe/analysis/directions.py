@@ -1,0 +1,208 @@
+"""The paper's qualitative directions, measured on a run's probe trajectories (no Dagster needed).
+
+Ren & Sutherland (ICLR 2025): SFT on y+ raises y+ and other prompts' answers y_j≠u (irr_train) and lowers
+irrelevant human text y_hum (irr_hum) and word shuffles; off-policy DPO lowers y- fastest and nearly every other
+type with it, while the argmax response y* (teacher-forced on y+) gains ("squeezing"); extend-SFT (SFT on y+ and
+y-) before DPO shrinks DPO's collateral decline. Each check here reports the measured deltas whether it passes or
+not: the thresholds are the paper's signs, never tuned to the data.
+
+A delta is the change of the mean over probe prompts of log π(y|x) (sum over response tokens) between a run's
+first evaluation (step 0, its start checkpoint) and its last.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import polars as pl
+
+from ldpipe.spec import EXTEND_SUPERVISE, ExperimentSpec, RunSpec
+from ldpipe.store import Store
+
+SFT_RISE = ("chosen", "irr_train")
+SFT_FALL = ("irr_hum", "random_permute", "random_nonhum")
+NEARLY_ALL = 0.8   # "nearly every type falls": at least this share of the probe types ends below its start
+
+
+@dataclass(frozen=True)
+class CheckOutcome:
+    """One measured check: JSON-able metadata so it travels through Dagster Pipes unchanged."""
+
+    name: str
+    passed: bool
+    metadata: dict = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------- which checks a run gets
+
+def run_checks(run: RunSpec) -> list[tuple[str, str]]:
+    """(name, description) of every measured (WARN) check a run asset reports; decided from the declaration."""
+    if run.algo == "sft":
+        out = [("sft_raises_supervised_target",
+                f"Measured: does SFT raise log π of the supervised type(s) ({run.supervise}) on the probe prompts?")]
+        if "chosen" in run.supervised_types:
+            out.append(("sft_paper_directions",
+                        "Measured (paper §3): SFT raises y+ (chosen) and y_j≠u (irr_train) and lowers y_hum "
+                        "(irr_hum) and the word shuffles (random_permute, random_nonhum). Metadata: every delta."))
+        return out
+    a, A = run.algo, run.algo.upper()
+    return [
+        (f"{a}_widens_chosen_rejected_gap", f"Measured: does {A} raise log π(y+) − log π(y−) on the probe prompts?"),
+        (f"{a}_rejected_falls_fastest", f"Measured (paper §4): under {A}, y- (rejected) has the largest decline "
+                                        "of all probe types."),
+        (f"{a}_nearly_every_type_falls", f"Measured (paper §4): under {A}, at least {NEARLY_ALL:.0%} of the probe "
+                                         "types end below their start. Metadata: the share that fell."),
+        (f"{a}_squeezing_argmax_rises", f"Measured (squeezing, paper §4): under {A}, mean log π(y*) (argmax "
+                                        "teacher-forced on y+) rises while log π(y+) falls."),
+    ]
+
+
+# ---------------------------------------------------------------- measurements
+
+def run_trajectory(store: Store, run_id: str, config_hash: str | None = None) -> pl.DataFrame:
+    """A run's trajectory rows (only those of `config_hash` when given: stale shards never mix in)."""
+    traj = store.read("trajectories", run_id=run_id)
+    if config_hash is not None and not traj.is_empty():
+        traj = traj.filter(pl.col("config_hash") == config_hash)
+    return traj
+
+
+def type_deltas(traj: pl.DataFrame) -> pl.DataFrame:
+    """Per response type: mean log π at the run's first and last evaluation, their difference, and the same
+    for the teacher-forced argmax y* (`argmax_start/end/delta`)."""
+    if traj.is_empty():
+        return pl.DataFrame(schema={"response_type": pl.String, "start": pl.Float64, "end": pl.Float64,
+                                    "delta": pl.Float64, "argmax_start": pl.Float64, "argmax_end": pl.Float64,
+                                    "argmax_delta": pl.Float64})
+    first, last = traj["step"].min(), traj["step"].max()
+    agg = lambda step, p: (traj.filter(pl.col("step") == step).group_by("response_type")  # noqa: E731
+                           .agg(pl.col("logp_sum").mean().alias(f"{p}"),
+                                pl.col("argmax_logp_sum").mean().alias(f"argmax_{p}")))
+    return (agg(first, "start").join(agg(last, "end"), on="response_type")
+            .with_columns((pl.col("end") - pl.col("start")).alias("delta"),
+                          (pl.col("argmax_end") - pl.col("argmax_start")).alias("argmax_delta"))
+            .select("response_type", "start", "end", "delta", "argmax_start", "argmax_end", "argmax_delta")
+            .sort("response_type"))
+
+
+def _deltas(d: pl.DataFrame, col: str = "delta") -> dict[str, float]:
+    return {t: round(float(v), 4) for t, v in d.select("response_type", col).iter_rows() if v is not None}
+
+
+def evaluate_run(run: RunSpec, traj: pl.DataFrame) -> list[CheckOutcome]:
+    """Every check of `run_checks(run)`, measured on the run's trajectories (failed, with a reason, if empty)."""
+    names = [n for n, _ in run_checks(run)]
+    d = type_deltas(traj)
+    if d.is_empty():
+        return [CheckOutcome(n, False, {"reason": "no trajectories for this run"}) for n in names]
+    deltas = _deltas(d)
+    by_name = {
+        "sft_raises_supervised_target": lambda: _target(run, deltas),
+        "sft_paper_directions": lambda: _sft_directions(deltas),
+        f"{run.algo}_widens_chosen_rejected_gap": lambda: _gap(deltas),
+        f"{run.algo}_rejected_falls_fastest": lambda: _rejected_fastest(deltas),
+        f"{run.algo}_nearly_every_type_falls": lambda: _nearly_all_fall(deltas),
+        f"{run.algo}_squeezing_argmax_rises": lambda: _squeezing(d),
+    }
+    return [CheckOutcome(n, *by_name[n]()) for n in names]
+
+
+def _nan(x: float | None) -> float:
+    return float("nan") if x is None else float(x)
+
+
+def _target(run: RunSpec, deltas: dict[str, float]) -> tuple[bool, dict]:
+    got = [deltas.get(t) for t in run.supervised_types]
+    measured = min(got) if None not in got else None
+    return measured is not None and measured > 0, {"measured_delta": _nan(measured), "response_type": run.supervise}
+
+
+def _gap(deltas: dict[str, float]) -> tuple[bool, dict]:
+    c, r = deltas.get("chosen"), deltas.get("rejected")
+    measured = c - r if c is not None and r is not None else None
+    return measured is not None and measured > 0, {"measured_delta": _nan(measured),
+                                                   "response_type": "chosen - rejected"}
+
+
+def _sft_directions(deltas: dict[str, float]) -> tuple[bool, dict]:
+    expected = {**{t: "rise" for t in SFT_RISE}, **{t: "fall" for t in SFT_FALL}}
+    present = {t: want for t, want in expected.items() if t in deltas}
+    wrong = sorted(t for t, want in present.items() if (deltas[t] > 0) != (want == "rise"))
+    meta = {f"delta_{t}": deltas[t] for t in present}
+    meta.update({"expected": expected, "violations": wrong, "missing_types": sorted(set(expected) - set(present)),
+                 "matched": f"{len(present) - len(wrong)}/{len(present)}", "delta_by_type": deltas})
+    return bool(present) and not wrong, meta
+
+
+def _rejected_fastest(deltas: dict[str, float]) -> tuple[bool, dict]:
+    fastest = min(deltas, key=deltas.get)
+    r = deltas.get("rejected")
+    others = [v for t, v in deltas.items() if t != "rejected"]
+    meta = {"delta_rejected": _nan(r), "fastest_type": fastest, "delta_fastest": deltas[fastest],
+            "runner_up_delta": min(others) if others else float("nan"), "delta_by_type": deltas}
+    return r is not None and fastest == "rejected" and r < 0, meta
+
+
+def _nearly_all_fall(deltas: dict[str, float]) -> tuple[bool, dict]:
+    fell = sorted(t for t, v in deltas.items() if v < 0)
+    share = len(fell) / len(deltas)
+    meta = {"share_fell": round(share, 4), "n_fell": len(fell), "n_types": len(deltas), "threshold": NEARLY_ALL,
+            "rose": sorted(set(deltas) - set(fell)), "delta_by_type": deltas}
+    return share >= NEARLY_ALL, meta
+
+
+def _squeezing(d: pl.DataFrame) -> tuple[bool, dict]:
+    row = d.filter(pl.col("response_type") == "chosen")
+    if row.is_empty():
+        return False, {"reason": "the probe set has no 'chosen' (y+) rows"}
+    r = row.row(0, named=True)
+    meta = {"delta_chosen": round(r["delta"], 4), "delta_argmax": round(_nan(r["argmax_delta"]), 4),
+            "argmax_start": round(_nan(r["argmax_start"]), 4), "argmax_end": round(_nan(r["argmax_end"]), 4)}
+    ok = r["argmax_delta"] is not None and r["argmax_delta"] > 0 and r["delta"] < 0
+    return ok, meta
+
+
+# ---------------------------------------------------------------- plain-SFT vs extend-SFT before DPO
+
+def collateral_pairs(spec: ExperimentSpec) -> list[tuple[RunSpec, RunSpec]]:
+    """(DPO after plain SFT on y+, DPO after extend-SFT on y+ and y-) pairs of the same algo, from start_from
+    chains. Each extend-DPO run is paired with the first plain one, preferring the same beta, lr and epochs."""
+    def parent_supervise(r: RunSpec) -> str | None:
+        p = spec.parent(r)
+        return p.supervise if p is not None and p.algo == "sft" else None
+
+    prefs = [r for r in spec.runs if r.algo != "sft"]
+    plain = [r for r in prefs if parent_supervise(r) == "chosen"]
+    extend = [r for r in prefs if parent_supervise(r) == EXTEND_SUPERVISE]
+    pairs = []
+    for e in extend:
+        same = [p for p in plain if p.algo == e.algo]
+        same.sort(key=lambda p: (p.beta, p.lr, p.epochs) != (e.beta, e.lr, e.epochs))
+        if same:
+            pairs.append((same[0], e))
+    return pairs
+
+
+def nontarget_mean(deltas: dict[str, float]) -> float:
+    """Mean delta over the types DPO does not train on (everything but chosen and rejected)."""
+    vals = [v for t, v in deltas.items() if t not in ("chosen", "rejected")]
+    return sum(vals) / len(vals) if vals else float("nan")
+
+
+def compare_collateral(pairs: list[tuple[str, dict[str, float], str, dict[str, float]]]) -> CheckOutcome:
+    """`extend_sft_reduces_collateral_decline`: for every (plain run, its deltas, extend run, its deltas), the
+    DPO after extend-SFT loses less y+ and less on the mean over non-target types than the DPO after SFT."""
+    rows, ok = [], bool(pairs)
+    for plain, dp, ext, de in pairs:
+        row = {"plain_run": plain, "extend_run": ext,
+               "delta_chosen_plain": _nan(dp.get("chosen")), "delta_chosen_extend": _nan(de.get("chosen")),
+               "nontarget_mean_plain": round(nontarget_mean(dp), 4),
+               "nontarget_mean_extend": round(nontarget_mean(de), 4)}
+        row["chosen_decline_smaller"] = row["delta_chosen_extend"] > row["delta_chosen_plain"]
+        row["nontarget_decline_smaller"] = row["nontarget_mean_extend"] > row["nontarget_mean_plain"]
+        ok = ok and row["chosen_decline_smaller"] and row["nontarget_decline_smaller"]
+        rows.append(row)
+    meta: dict = {"pairs": rows}
+    if len(rows) == 1:
+        meta.update({k: v for k, v in rows[0].items() if isinstance(v, float) and not math.isnan(v)})
+    return CheckOutcome("extend_sft_reduces_collateral_decline", ok, meta)
