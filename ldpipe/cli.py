@@ -31,11 +31,17 @@ def _cmd_run(args: argparse.Namespace) -> int:
         raise LdpipeError(f"no experiments declared in {declarations_dir()}")
     defs = build_defs(specs)
     assets = list(defs.assets or [])
+    run_config = None
+    if args.preset:
+        from ldpipe.defs.training import preset_run_config
+
+        run_config = {"ops": {k: v for s in specs for k, v in preset_run_config(s, args.preset)["ops"].items()}}
     t0 = time.perf_counter()
     with dg.DagsterInstance.get() as instance:
         result = dg.materialize(assets, instance=instance, resources={"ldpipe_home": LdpipeHome(),
                                                                       "compute": Compute(device=args.device)},
-                                tags={"ldpipe/launched_by": "ldpipe run"}, raise_on_error=False)
+                                run_config=run_config, tags={"ldpipe/launched_by": "ldpipe run"},
+                                raise_on_error=False)
     wall = time.perf_counter() - t0
     paths = Paths.default()
     print()
@@ -122,6 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="materialize the declared experiments (default: all) end to end")
     r.add_argument("--experiment", "-e", action="append", help="experiment name (repeatable)")
     r.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    r.add_argument("--preset", choices=["smoke", "full"], help="launch every run with this preset "
+                   "(smoke: a few steps on 16 prompts, probes every 2 steps; full: as declared)")
     r.set_defaults(func=_cmd_run)
 
     u = sub.add_parser("ui", help="start the Dagster UI (dg dev) bound to 127.0.0.1")

@@ -366,6 +366,7 @@ class WinRateSpec(_Strict):
 class GenerationSpec(_Strict):
     """Generation-based analyses (squeezing, borrowing, win rate): sizes kept small for a CPU."""
 
+    enabled: bool = True                   # false: no squeezing/borrowing/win_rate assets (the toy stays)
     n_prompts: int = Field(24, gt=0)       # per split: probe (trained) prompts and held-out test prompts
     max_new_tokens: int = Field(48, gt=0)  # greedy decoding, stops at EOS
     batch_size: int = Field(16, gt=0)

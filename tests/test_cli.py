@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import dagster as dg
+import pytest
 import polars as pl
 
 from ldpipe.defs.experiments import build_defs
@@ -94,3 +95,23 @@ def test_good_local_dataset_materializes(tmp_path, monkeypatch):
     assert result.success
     prefs = pl.read_parquet(proj / ".ldpipe" / "datasets" / "local" / "preferences.parquet")
     assert prefs.height == 6 and prefs["chosen"][0] == " answer 0"
+
+
+@pytest.mark.slow
+def test_run_with_smoke_preset_trains_fewer_steps(tiny_project, monkeypatch):
+    """`ldpipe run --preset smoke` materializes the graph with every run capped by the preset."""
+    from ldpipe.cli import main
+    from ldpipe.spec import RUN_PRESETS
+    from ldpipe.store import Store
+
+    yaml = (tiny_project / "assets" / "tiny.yaml").read_text()
+    (tiny_project / "assets" / "tiny.yaml").write_text(
+        yaml + "influence: {enabled: false}\ngeneration_analysis: {enabled: false}\n")
+    monkeypatch.setenv("DAGSTER_HOME", str(tiny_project / ".dagster_home"))
+    assert main(["run", "--preset", "smoke", "--device", "cpu"]) == 0
+    metrics = Store(tiny_project / ".ldpipe" / "store").read("train_metrics", run_id="tiny.sft")
+    # declared: 32 train prompts, batch 8, 1 epoch = 4 steps; smoke caps n_train at 16 -> 2 steps
+    assert RUN_PRESETS["smoke"]["n_train"] == 16
+    assert sorted(metrics["step"].to_list()) == [1, 2]
+    traj = Store(tiny_project / ".ldpipe" / "store").read("trajectories", run_id="tiny.sft")
+    assert sorted(traj["step"].unique().to_list()) == [0, 2]

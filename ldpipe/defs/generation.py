@@ -115,4 +115,6 @@ def generation_assets(spec: ExperimentSpec) -> list:
                       "pi0_minus": float(d0["pi0_minus"])})
         return dg.MaterializeResult(metadata=meta, check_results=[check])
 
+    if not spec.generation_analysis.enabled:
+        return [squeeze_toy]
     return [squeezing, borrowing, win_rate, squeeze_toy]
