@@ -50,3 +50,17 @@ def write_bytes(data: bytes, path: Path) -> Path:
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+def fsync_dir(d: Path) -> None:
+    """Flush a directory entry (e.g. after os.replace) so the rename survives a power loss; best effort."""
+    try:
+        fd = os.open(d, os.O_RDONLY)
+    except OSError:          # e.g. platforms that cannot open directories
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

@@ -25,6 +25,7 @@ import numpy as np
 import polars as pl
 import torch
 
+from ldpipe.atomic import fsync_dir
 from ldpipe.errors import LdpipeError
 from ldpipe.store import Store
 
@@ -91,7 +92,7 @@ def save(run_dir: Path, step: int, *, meta: dict, model, optimizer, scheduler, o
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _fsync_dir(root)
+    fsync_dir(root)
     for d in root.iterdir():   # the newest checkpoint is the only one a rerun uses; temp dirs are a killed save's
         m = _STEP_DIR.match(d.name)
         if (m and int(m.group(1)) < step) or d.name.startswith(".tmp-"):
@@ -189,15 +190,3 @@ def store_problem(store: Store, run_id: str, step: int) -> str | None:
         return f"train_metrics hold {len(steps)} rows, not steps 1..{step} once each"
     return None
 
-
-def _fsync_dir(d: Path) -> None:
-    try:
-        fd = os.open(d, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)

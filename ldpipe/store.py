@@ -18,6 +18,7 @@ from urllib.parse import quote
 
 import polars as pl
 
+from ldpipe.atomic import fsync_dir
 from ldpipe.errors import DataValidationError, LdpipeError
 from ldpipe.schema import conform
 
@@ -88,7 +89,7 @@ class Store:
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
-        _fsync_dir(path.parent)                 # the rename itself survives a power loss
+        fsync_dir(path.parent)                 # the rename itself survives a power loss
         return path
 
     def _conform(self, table: str, path: Path, df: pl.DataFrame, schema: dict[str, pl.DataType]) -> pl.DataFrame:
@@ -223,15 +224,3 @@ def _match(col: str, value: object) -> pl.Expr:
         return pl.col(col).is_in(list(value))
     return pl.col(col) == value
 
-
-def _fsync_dir(d: Path) -> None:
-    try:
-        fd = os.open(d, os.O_RDONLY)
-    except OSError:          # e.g. platforms that cannot open directories
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)

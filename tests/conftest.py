@@ -38,3 +38,16 @@ def tiny_project(tmp_path, monkeypatch):
     monkeypatch.setenv("LDPIPE_HOME", str(proj / ".ldpipe"))
     monkeypatch.delenv("LDPIPE_ASSETS_DIR", raising=False)
     return proj
+
+
+def build_inputs(spec, home: Path):
+    """Dataset, probe set and base model of `spec` under the ldpipe home `home` (quietly, on CPU)."""
+    from ldpipe import pipeline
+    from ldpipe.paths import Paths
+
+    files = pipeline.files_for(spec, Paths(home))
+    quiet = lambda msg: None  # noqa: E731
+    pipeline.build_dataset(spec, files, log=quiet)
+    pipeline.build_probes(spec, files, log=quiet)
+    pipeline.build_base_model(spec, files, device="cpu", log=quiet)
+    return files

@@ -8,7 +8,7 @@ import polars as pl
 import pytest
 import torch
 import yaml
-from conftest import TINY_YAML
+from conftest import TINY_YAML, build_inputs
 from fake_openai import FakeOpenAI
 
 import ldpipe.train
@@ -17,7 +17,6 @@ from ldpipe.errors import SpecError
 from ldpipe.llm import LLMConfig
 from ldpipe.models import load_model_and_tokenizer
 from ldpipe.onpolicy import JudgeScorer, parse_score, parse_verdict, select_pair
-from ldpipe.paths import Paths
 from ldpipe.rewards import SyntheticFactReward, distinct_ngrams, make_reward
 from ldpipe.spec import parse_experiment
 from ldpipe.store import Store
@@ -64,11 +63,7 @@ def world(tmp_path_factory):
     mp = pytest.MonkeyPatch()
     mp.setattr("ldpipe.models.configure_threads", lambda n=None: torch.set_num_threads(1) or 1)
     spec = _spec()
-    files = pipeline.files_for(spec, Paths(tmp_path_factory.mktemp("ldhome")))
-    quiet = lambda msg: None  # noqa: E731
-    pipeline.build_dataset(spec, files, log=quiet)
-    pipeline.build_probes(spec, files, log=quiet)
-    pipeline.build_base_model(spec, files, device="cpu", log=quiet)
+    files = build_inputs(spec, tmp_path_factory.mktemp("ldhome"))
     first = _train(spec, files, "op")
     yield spec, files, first
     mp.undo()

@@ -12,12 +12,11 @@ import polars as pl
 import pytest
 import torch
 import yaml
-from conftest import TINY_YAML
+from conftest import TINY_YAML, build_inputs
 from safetensors.torch import load_file
 
 from ldpipe import pipeline, resume
 from ldpipe.models import read_metadata
-from ldpipe.paths import Paths
 from ldpipe.spec import load_experiment, parse_experiment
 from ldpipe.store import Store
 
@@ -65,11 +64,7 @@ def world(tmp_path_factory):
     mp = pytest.MonkeyPatch()
     mp.setattr("ldpipe.models.configure_threads", lambda n=None: torch.set_num_threads(1) or 1)
     spec = _spec()
-    files = pipeline.files_for(spec, Paths(tmp_path_factory.mktemp("ldhome")))
-    quiet = lambda msg: None  # noqa: E731
-    pipeline.build_dataset(spec, files, log=quiet)
-    pipeline.build_probes(spec, files, log=quiet)
-    pipeline.build_base_model(spec, files, device="cpu", log=quiet)
+    files = build_inputs(spec, tmp_path_factory.mktemp("ldhome"))
     yield spec, files
     mp.undo()
 

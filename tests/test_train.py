@@ -5,7 +5,7 @@ import polars as pl
 import pytest
 import torch
 import yaml
-from conftest import TINY_YAML
+from conftest import TINY_YAML, build_inputs
 
 from ldpipe import pipeline
 from ldpipe.errors import LdpipeError, SpecError
@@ -44,11 +44,8 @@ def world(tmp_path_factory):
     # train_run raises torch's threads to 2; other agents share the cores, so keep tests at 1.
     mp.setattr("ldpipe.models.configure_threads", lambda n=None: torch.set_num_threads(1) or 1)
     spec = _spec()
-    files = pipeline.files_for(spec, Paths(tmp_path_factory.mktemp("ldhome")))
+    files = build_inputs(spec, tmp_path_factory.mktemp("ldhome"))
     quiet = lambda msg: None  # noqa: E731
-    pipeline.build_dataset(spec, files, log=quiet)
-    pipeline.build_probes(spec, files, log=quiet)
-    pipeline.build_base_model(spec, files, device="cpu", log=quiet)
     info = {r.name: pipeline.train_run(spec, r, files, device="cpu", log=quiet) for r in spec.runs}
     yield spec, files, info
     mp.undo()

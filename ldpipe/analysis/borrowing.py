@@ -19,11 +19,11 @@ value of another entity and none of the prompt entity's facts has it.
 """
 from __future__ import annotations
 
-import io
 from typing import Callable, Mapping, Sequence
 
 import polars as pl
 
+from ldpipe.analysis.plots import figure_png
 from ldpipe.analysis.squeezing import ngram_list, word_list
 from ldpipe.errors import DataValidationError
 from ldpipe.schema import GENERATION_BORROWING_SCHEMA
@@ -193,8 +193,4 @@ def plot_borrowing(curves: pl.DataFrame, summary: pl.DataFrame, *, title: str) -
     for ax in axes:
         ax.legend(fontsize=6)
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return buf.getvalue()
+    return figure_png(fig)

@@ -1,10 +1,11 @@
 """Learning curves per response type: EMA smoothing as in the paper, and a PNG plot."""
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
 import polars as pl
+
+from ldpipe.analysis.plots import figure_png
 
 # Colour families of the paper's figures: chosen* blue, rejected* orange, irr* red, random* cyan.
 _FAMILY_COLOURS = {"chosen": "tab:blue", "reject": "tab:orange", "irr": "tab:red", "random": "tab:cyan"}
@@ -50,11 +51,7 @@ def plot_learning_curves(curves: pl.DataFrame, *, title: str, value: str = "mean
     ax.set_ylabel("change of log π(y|x) since step 0 (nats)" if value == "mean_delta" else value)
     ax.set_title(title)
     ax.legend(fontsize=7, ncol=2, loc="best")
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return buf.getvalue()
+    return figure_png(fig)
 
 
 def save_plot(png: bytes, path: Path) -> Path:

@@ -17,7 +17,6 @@ The math lives in `ldpipe.influence`; this module maps a run onto it:
 """
 from __future__ import annotations
 
-import io
 import random
 import time
 from contextlib import contextmanager
@@ -29,6 +28,7 @@ import numpy as np
 import polars as pl
 import torch
 
+from ldpipe.analysis.plots import figure_png
 from ldpipe.errors import LdpipeError
 from ldpipe.influence import (Update, agreement, akg_factors, exact_entk, naive_one_step, naive_optimizer_step,
                               per_sequence_gradients, projected_entk)
@@ -523,8 +523,4 @@ def plot_heatmap(df: pl.DataFrame, *, title: str, checkpoint: str = "accumulated
         fig.colorbar(im, ax=ax, fraction=0.046, label="Δ log π (nats, per update)")
     axes[0][0].set_ylabel("observed response type")
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return buf.getvalue()
+    return figure_png(fig)

@@ -12,9 +12,10 @@ Random draws follow the reference notebook's order from one legacy numpy stream 
 """
 from __future__ import annotations
 
-import io
 
 import numpy as np
+
+from ldpipe.analysis.plots import figure_png
 
 K = 50  # classes
 I = 4   # input dimension
@@ -168,8 +169,4 @@ def plot_panel(result: dict) -> bytes:
     ax.set_ylabel("π after the step")
     ax.set_title(f"Panel {result['panel']}\n{result['description']}", fontsize=9)
     ax.legend(fontsize=8, loc="upper left")
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return buf.getvalue()
+    return figure_png(fig)

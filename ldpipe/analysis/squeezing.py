@@ -12,7 +12,6 @@ adds what needs the model itself, per checkpoint (start, snapshots, final; see a
 """
 from __future__ import annotations
 
-import io
 import re
 from collections import Counter
 from typing import Callable, Sequence
@@ -20,6 +19,7 @@ from typing import Callable, Sequence
 import polars as pl
 import torch
 
+from ldpipe.analysis.plots import figure_png
 from ldpipe.schema import GENERATION_STATS_SCHEMA
 
 _WORD = re.compile(r"[a-z0-9']+")
@@ -176,8 +176,4 @@ def plot_squeezing(curves: pl.DataFrame, stats: pl.DataFrame, *, title: str) -> 
     for ax in axes:
         ax.legend(fontsize=6)
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return buf.getvalue()
+    return figure_png(fig)
