@@ -31,7 +31,7 @@ import numpy as np
 import polars as pl
 import torch
 
-from ldpipe import resume
+from ldpipe import distributed, resume
 from ldpipe.losses import dpo_loss, ipo_loss, sft_loss
 from ldpipe.models import load_model_and_tokenizer, resolve_device, save_checkpoint
 from ldpipe.schema import ONPOLICY_PAIRS_TABLE_SCHEMA, TRAIN_METRICS_SCHEMA, TRAJECTORY_SCHEMA
@@ -88,6 +88,25 @@ def batch_schedule(n: int, batch_size: int, seed: int) -> Iterator[list[int]]:
 
 # ------------------------------------------------------------------ objectives
 
+class _LogpsModule(torch.nn.Module):
+    """batch_logps as a module's forward, so DistributedDataParallel can wrap it: DDP only syncs the
+    gradients of a backward whose forward went through the wrapper."""
+
+    def __init__(self, model, dev: torch.device):
+        super().__init__()
+        self.lm, self.dev = model, dev
+
+    def forward(self, pairs: list[tuple[Ids, Ids]]) -> torch.Tensor:
+        return batch_logps(self.lm, pairs, device=self.dev)[0]
+
+
+def _logps(model, pairs: list[tuple[Ids, Ids]], dev: torch.device) -> torch.Tensor:
+    """Summed response log-probs; `model` is the causal LM, or (data-parallel training) its DDP wrapper."""
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        return model(pairs)
+    return batch_logps(model, pairs, device=dev)[0]
+
+
 class Objective(Protocol):
     n: int
 
@@ -109,7 +128,7 @@ class SftObjective:
         pass
 
     def loss(self, model, idx: list[int], dev: torch.device) -> tuple[torch.Tensor, dict[str, float]]:
-        logp, _ = batch_logps(model, [self.pairs[i] for i in idx], device=dev)
+        logp = _logps(model, [self.pairs[i] for i in idx], dev)
         return sft_loss(logp), {}
 
 
@@ -129,7 +148,7 @@ class PreferenceObjective:
     def _logps(self, model, idx: list[int], dev: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         chosen = [(self.triples[i][0], self.triples[i][1]) for i in idx]
         rejected = [(self.triples[i][0], self.triples[i][2]) for i in idx]
-        logp, _ = batch_logps(model, chosen + rejected, device=dev)
+        logp = _logps(model, chosen + rejected, dev)
         return logp[: len(idx)], logp[len(idx):]
 
     @torch.no_grad()
@@ -203,6 +222,31 @@ def _train_step(model, opt, sched, objective: Objective, idx: list[int], max_gra
     opt.step()
     sched.step()
     return {"loss": float(loss.detach()), "grad_norm": grad_norm, "clip_factor": clip, "lr": lr, **stats}
+
+
+def _train_step_ddp(ddp, opt, sched, objective: Objective, idx: list[int], max_grad_norm: float | None,
+                    dev: torch.device) -> dict[str, float]:
+    """One data-parallel step over the global batch `idx`: this rank's slice, weighted so that DDP's average
+    over ranks equals the single-process mean over the whole batch (slices may be uneven or empty)."""
+    part = distributed.my_slice(idx)
+    # A rank without examples still runs a forward and backward (weight 0): DDP's all-reduce needs every rank.
+    loss, stats = objective.loss(ddp, part or idx[:1], dev)
+    weight = len(part) / len(idx) * distributed.world_size()
+    opt.zero_grad(set_to_none=True)
+    (loss * weight).backward()   # DDP all-reduces (averages) the gradients here
+    max_norm = max_grad_norm if max_grad_norm is not None else float("inf")
+    # on the all-reduced gradients, identical on every rank: the same norm and clip as one process
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(ddp.parameters(), max_norm))
+    clip = min(1.0, max_norm / grad_norm) if grad_norm > 0 else 1.0
+    lr = opt.param_groups[0]["lr"]
+    opt.step()
+    sched.step()
+    # batch means over the global batch: every logged value is a per-example mean of its slice
+    keys = sorted(stats)
+    n = len(part)
+    sums = distributed.sum_across([float(loss.detach()) * n, *(stats[k] * n for k in keys)], dev)
+    means = [v / len(idx) for v in sums]
+    return {"loss": means[0], "grad_norm": grad_norm, "clip_factor": clip, "lr": lr, **dict(zip(keys, means[1:]))}
 
 
 def _eval_frame(scores: pl.DataFrame, *, run_id: str, config_hash: str, phase: str, step: int,
@@ -304,6 +348,15 @@ def run_training(
     out_dir = Path(out_dir)
     seed_everything(run.seed)
     dev = resolve_device(device)
+    # Data-parallel under torchrun (WORLD_SIZE > 1): same global batches, each rank trains on its slice;
+    # rank 0 alone scores probes and writes shards and checkpoints.
+    dp, main = distributed.enabled(), distributed.is_main()
+    if dp:
+        if run.pairs == "on_policy":
+            raise ValueError(f"run {run_id}: pairs 'on_policy' trains in one process only; launch it without "
+                             f"torchrun (WORLD_SIZE is {distributed.world_size()})")
+        dev = distributed.rank_device(dev)
+        distributed.init(dev)
     model, tokenizer = load_model_and_tokenizer(model_path, device=dev)
     # Dropout off, as in the reference (§5.1): eval mode disables every dropout path of HF models and
     # leaves gradients intact; it also keeps the policy's forward identical to the reference's.
@@ -327,15 +380,18 @@ def run_training(
                         metadata={"step": step, "run_id": run_id, "config_hash": config_hash, "algo": run.algo,
                                   "step_offset": step_offset})
 
-    ckpt, removed = _resumable(out_dir, store, identity, log)
+    ckpt, removed = _resumable(out_dir, store, identity, log) if main else (None, {})
+    if dp:   # rank 0 decided (and rolled the store back); every rank continues from the same point
+        ckpt = distributed.broadcast(ckpt)
     if ckpt is None:
         # A fresh run starts clean: stale shards and snapshots of an earlier, longer run must not mix in.
-        for table in ("trajectories", "train_metrics", "onpolicy_pairs"):
-            store.delete_partition(table, {"run_id": run_id})
-        resume.clear(out_dir, snapshots=True)
-        objective.prepare(model, first_epoch(), dev)
-        first = last = rec.evaluate(model, probes, 0, dev)
-        if run.snapshot_every:
+        if main:
+            for table in ("trajectories", "train_metrics", "onpolicy_pairs"):
+                store.delete_partition(table, {"run_id": run_id})
+            resume.clear(out_dir, snapshots=True)
+        objective.prepare(model, first_epoch(), dev)   # every rank: the full reference (DPO/IPO)
+        first = last = rec.evaluate(model, probes, 0, dev) if main else None
+        if run.snapshot_every and main:
             snapshot(0)
         start, evals = 0, 1
     else:
@@ -355,32 +411,48 @@ def run_training(
         rec.flushed_step = start
         first = last = pl.read_parquet(store.shard_path("trajectories", {"run_id": run_id}, resume.step_name(0)))
         evals = int(ckpt.meta["evals"])
+    if dp:
+        distributed.barrier()   # every rank has read the resume checkpoint before rank 0 may replace it
+        train_model = torch.nn.parallel.DistributedDataParallel(
+            _LogpsModule(model, dev), device_ids=[dev.index] if dev.type == "cuda" else None,
+            broadcast_buffers=False)   # no batch-norm style buffers to keep in sync
+        step_fn = _train_step_ddp
+    else:
+        train_model, step_fn = model, _train_step
     # The data position is the step: the schedule is re-derived from the seed and fast-forwarded.
     schedule = itertools.islice(batch_schedule(objective.n, run.batch_size, run.seed), start, total_steps)
     for step, idx in enumerate(schedule, start=start + 1):
-        values = _train_step(model, opt, sched, objective, idx, run.max_grad_norm, dev)
+        values = step_fn(train_model, opt, sched, objective, idx, run.max_grad_norm, dev)
         if not math.isfinite(values["loss"]):
             raise FloatingPointError(f"run {run_id}: loss became {values['loss']} at step {step}; "
                                      f"lower lr ({run.lr})")
         rec.add(step, values)
         do_eval = _every(run.eval_every, step) or step == total_steps
         do_checkpoint = _every(checkpoint_every, step) and step < total_steps
-        if do_eval or do_checkpoint:
+        if (do_eval or do_checkpoint) and main:
             rec.flush(step)
         if do_eval:
-            last = rec.evaluate(model, probes, step, dev)
+            last = rec.evaluate(model, probes, step, dev) if main else last
             evals += 1
-        if run.snapshot_every and (_every(run.snapshot_every, step) or step == total_steps):
+        if run.snapshot_every and (_every(run.snapshot_every, step) or step == total_steps) and main:
             snapshot(step)
-        if do_checkpoint:   # last: everything up to `step` is in the store before the checkpoint says so
+        if do_checkpoint and main:   # last: everything up to `step` is in the store before the checkpoint says so
             state_fn = getattr(objective, "state_dict", None)
             path = resume.save(out_dir, step, meta={**identity, "evals": evals}, model=model, optimizer=opt,
                                scheduler=sched, objective_state=state_fn() if state_fn else None)
             log(f"[{run_id}] resume checkpoint at step {step}: {path}")
     meta = {**(checkpoint_metadata or {}), "run_id": run_id, "config_hash": config_hash, "algo": run.algo,
             "steps": total_steps, "step_offset": step_offset}
-    final = save_checkpoint(model, tokenizer, out_dir / "final", metadata=meta)
-    resume.clear(out_dir)   # finished: a rerun trains from scratch (and rewrites every shard)
+    if main:
+        final = save_checkpoint(model, tokenizer, out_dir / "final", metadata=meta)
+        resume.clear(out_dir)   # finished: a rerun trains from scratch (and rewrites every shard)
+    if dp:   # the other ranks return what rank 0 wrote
+        distributed.barrier()
+        final = out_dir / "final"
+        if not main:
+            traj = lambda s: pl.read_parquet(store.shard_path("trajectories", {"run_id": run_id},  # noqa: E731
+                                                              resume.step_name(s)))
+            first, last = traj(0), traj(total_steps)
     return TrainResult(run_id=run_id, checkpoint=final, steps=total_steps, step_offset=step_offset, evals=evals,
                        wall_s=time.perf_counter() - t0, device=str(dev), final_loss=rec.last_row["loss"],
                        first_eval=first, last_eval=last, final_metrics=dict(rec.last_row),

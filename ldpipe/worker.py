@@ -10,6 +10,13 @@ Without Dagster (debugging):
     python -m ldpipe.worker train --experiment-file assets/default.yaml --run sft [--home .ldpipe]
         [--device cpu] [--preset smoke] [--overrides '{"lr": 1e-3}']
 prints the logs, then the metadata and check results as JSON.
+
+Data-parallel (ldpipe.distributed): under torchrun every rank runs this module and trains its slice of each
+batch; rank 0 alone opens the Pipes channel, reports, and writes files. The run asset launches
+`python -m torch.distributed.run --nproc-per-node N -m ldpipe.worker train --pipes` when the Compute resource's
+`nproc_per_node` is above 1; by hand:
+    python -m torch.distributed.run --standalone --nproc-per-node 2 -m ldpipe.worker train \
+        --experiment-file ... --run-name sft     (torchrun's own parser takes "--run" for its --run-path)
 """
 from __future__ import annotations
 
@@ -37,7 +44,7 @@ def train_and_measure(spec, run_name: str, overrides: dict | None, *, home: str 
                       log: Callable[[str], None]) -> tuple[dict, list]:
     """Train one declared run (with launch-time overrides) and measure its checks from the stored trajectories.
     Returns (materialization metadata as (value, pipes type) pairs, list of CheckOutcome)."""
-    from ldpipe import pipeline
+    from ldpipe import distributed, pipeline
     from ldpipe.analysis.directions import evaluate_run, run_trajectory
     from ldpipe.paths import Paths
     from ldpipe.spec import apply_run_overrides
@@ -49,12 +56,16 @@ def train_and_measure(spec, run_name: str, overrides: dict | None, *, home: str 
         log(f"[{spec.run_id(run)}] launch-time overrides: {changed}")
     files = pipeline.files_for(spec, Paths(Path(home).resolve()) if home else None)
     info = pipeline.train_run(spec, run, files, device=device, log=log)
+    if not distributed.is_main():   # rank 0 measures and reports
+        return run_metadata(info), []
     traj = run_trajectory(Store(files.paths.store), info["run_id"], info["config_hash"])
     return run_metadata(info), evaluate_run(run, traj)
 
 
 def run_metadata(info: dict) -> dict[str, tuple[Any, str]]:
     """The run asset's materialization metadata: key -> (raw value, Pipes metadata type)."""
+    from ldpipe import distributed
+
     meta: dict[str, tuple[Any, str]] = {
         "run_id": (info["run_id"], "text"), "config_hash": (info["config_hash"], "text"),
         "algo": (info["algo"], "text"), "checkpoint": (str(info["checkpoint"]), "path"),
@@ -64,6 +75,7 @@ def run_metadata(info: dict) -> dict[str, tuple[Any, str]]:
         # steps of the runs before this one in its chain: add to `step` to put a chain on one axis
         "step_offset": (int(info["step_offset"]), "int"),
         "delta_logp_by_type": (dict(info["delta_by_type"]), "json"),
+        "processes": (distributed.world_size(), "int"),   # data-parallel ranks (torchrun), 1 otherwise
     }
     if info.get("start_from"):
         meta["start_from"] = (info["start_from"], "text")
@@ -109,7 +121,11 @@ def _watch_parent(parent: int, poll_s: float = 1.0) -> None:
 def _write_error(exc: BaseException) -> None:
     path = os.environ.get(ERROR_FILE_ENV)
     if path:
-        Path(path).write_text(json.dumps({"type": type(exc).__name__, "message": str(exc)}))
+        try:   # exclusive: under torchrun the first rank to fail (the cause) wins over the others' aftermath
+            with open(path, "x") as fh:
+                fh.write(json.dumps({"type": type(exc).__name__, "message": str(exc)}))
+        except FileExistsError:
+            pass
 
 
 # ---------------------------------------------------------------- entry points
@@ -117,7 +133,11 @@ def _write_error(exc: BaseException) -> None:
 def _train_pipes() -> int:
     from dagster_pipes import open_dagster_pipes
 
+    from ldpipe import distributed
     from ldpipe.spec import ExperimentSpec
+
+    if not distributed.is_main():
+        return _train_pipes_follower()
 
     with open_dagster_pipes() as pipes:
         x = pipes.extras
@@ -135,7 +155,24 @@ def _train_pipes() -> int:
     return 0
 
 
+def _train_pipes_follower() -> int:
+    """A rank > 0 under torchrun: reads the same extras, trains its slices, reports nothing (one Pipes
+    channel per step: rank 0's)."""
+    from dagster_pipes import PipesDefaultContextLoader, PipesEnvVarParamsLoader
+
+    from ldpipe import distributed
+    from ldpipe.spec import ExperimentSpec
+
+    with PipesDefaultContextLoader().load_context(PipesEnvVarParamsLoader().load_context_params()) as data:
+        x = data["extras"]
+    spec = ExperimentSpec.model_validate(x["spec"])
+    train_and_measure(spec, x["run"], x.get("overrides"), home=x.get("home"), device=x.get("device", "auto"),
+                      log=lambda m: print(f"[rank {distributed.rank()}] {m}", file=sys.stderr, flush=True))
+    return 0
+
+
 def _train_cli(args: argparse.Namespace) -> int:
+    from ldpipe import distributed
     from ldpipe.spec import load_experiment
 
     spec = load_experiment(Path(args.experiment_file))
@@ -144,6 +181,8 @@ def _train_cli(args: argparse.Namespace) -> int:
         overrides["preset"] = args.preset
     meta, checks = train_and_measure(spec, args.run, overrides, home=args.home, device=args.device,
                                      log=lambda m: print(m, flush=True))
+    if not distributed.is_main():
+        return 0
     print(json.dumps({"metadata": {k: v[0] for k, v in meta.items()},
                       "checks": [{"name": c.name, "passed": c.passed, "metadata": c.metadata} for c in checks]},
                      indent=2, default=str))
@@ -157,7 +196,8 @@ def main(argv: list[str] | None = None) -> int:
     t = sub.add_parser("train", help="train one declared run")
     t.add_argument("--pipes", action="store_true", help="launched by Dagster Pipes: everything comes as extras")
     t.add_argument("--experiment-file", help="the experiment's YAML declaration")
-    t.add_argument("--run", help="the run's name in the declaration")
+    # --run-name: the spelling to use after torchrun, whose parser rejects "--run" as an ambiguous prefix
+    t.add_argument("--run", "--run-name", dest="run", help="the run's name in the declaration")
     t.add_argument("--home", default=None, help="ldpipe home (default: LDPIPE_HOME or <project>/.ldpipe)")
     t.add_argument("--device", default="auto")
     t.add_argument("--preset", default=None, help="smoke | full")
@@ -178,6 +218,10 @@ def main(argv: list[str] | None = None) -> int:
         traceback.print_exc()
         print(f"ldpipe.worker: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
         return 1
+    finally:
+        from ldpipe import distributed
+
+        distributed.shutdown()
 
 
 if __name__ == "__main__":

@@ -21,9 +21,13 @@ class LdpipeHome(dg.ConfigurableResource):
 
 
 class Compute(dg.ConfigurableResource):
-    """Device for training and scoring: "auto" picks CUDA when present, else CPU."""
+    """Device for training and scoring: "auto" picks CUDA when present, else CPU.
+
+    `nproc_per_node` > 1: run assets train data-parallel, launched through torchrun with that many processes
+    (one per GPU; gloo on CPU), see docs/scaling.md."""
 
     device: str = "auto"
+    nproc_per_node: int = 1
 
 
 @dg.definitions

@@ -112,13 +112,26 @@ def _run_asset(spec: ExperimentSpec, declared: RunSpec):
             err_file = Path(tmp) / "error.json"
             try:
                 invocation = client.run(context=context, extras=extras,
-                                        command=[sys.executable, "-m", "ldpipe.worker", "train", "--pipes"],
+                                        command=worker_command(compute.nproc_per_node),
                                         env={ERROR_FILE_ENV: str(err_file)})
             except DagsterPipesExecutionError as e:
                 raise _trainer_failure(spec.run_id(declared), err_file, e) from None
         return invocation.get_materialize_result()
 
     return run_asset
+
+
+def worker_command(nproc_per_node: int = 1) -> list[str]:
+    """The trainer's command line: the worker itself, or torchrun starting `nproc_per_node` data-parallel
+    copies of it (ldpipe.distributed; rank 0 talks to Pipes)."""
+    worker = ["-m", "ldpipe.worker", "train", "--pipes"]
+    if nproc_per_node < 1:
+        raise dg.Failure(description=f"Compute.nproc_per_node must be >= 1, got {nproc_per_node}")
+    if nproc_per_node == 1:
+        return [sys.executable, *worker]
+    # --standalone: a local rendezvous on a free port, so concurrent runs on one machine do not collide
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc_per_node}",
+            *worker]
 
 
 def _trainer_failure(run_id: str, err_file: Path, exc: Exception) -> dg.Failure:
