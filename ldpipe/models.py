@@ -169,9 +169,9 @@ def _native_bf16(dev: torch.device) -> bool:
     return False
 
 
-def _use_bf16(mode: str, dev: torch.device) -> bool:
+def use_bf16(mode: str, dev: torch.device) -> bool:
     if mode not in ("auto", "bf16", "fp32"):
-        raise LdpipeError(f"pretrain: autocast must be 'auto', 'bf16' or 'fp32', got {mode!r}")
+        raise LdpipeError(f"autocast must be 'auto', 'bf16' or 'fp32', got {mode!r}")
     return mode == "bf16" or (mode == "auto" and _native_bf16(dev))
 
 
@@ -248,7 +248,7 @@ def pretrain(
         raise LdpipeError("pretrain: the tokenizer has no eos token")
     dev = resolve_device(device) if device is not None else next(model.parameters()).device
     model.to(dev)
-    bf16 = _use_bf16(cfg.autocast, dev)
+    bf16 = use_bf16(cfg.autocast, dev)
 
     rng = random.Random(cfg.seed)
     order = list(range(len(corpus)))

@@ -646,7 +646,8 @@ def train_run(spec: ExperimentSpec, run: RunSpec, files: ExperimentFiles, *, sto
     return {"run_id": result.run_id, "config_hash": config_hash, "algo": run.algo, "start_from": run.start_from,
             "parent_config_hash": start.parent_hash, "step_offset": result.step_offset,
             "checkpoint": str(result.checkpoint), "steps": result.steps, "evals": result.evals,
-            "wall_s": round(result.wall_s, 2), "device": result.device, "final_loss": result.final_loss,
+            "wall_s": round(result.wall_s, 2), "device": result.device, "precision": result.precision,
+            "final_loss": result.final_loss,
             "train_examples": len(examples), "final_rewards": rewards, "resumed_from": result.resumed_from,
             "delta_by_type": {t: round(d, 3) for t, d in delta.select("response_type", "delta").iter_rows()}}
 

@@ -278,6 +278,7 @@ class RunSpec(_Strict):
     lr: float = Field(5e-4, gt=0)
     optimizer: Literal["adamw", "rmsprop"] = "adamw"
     warmup_steps: int = Field(5, ge=0)
+    autocast: Literal["auto", "bf16", "fp32"] = "auto"   # bf16 autocast of the forwards; auto: CUDA with bf16
     max_grad_norm: float | None = Field(10.0, gt=0)
     eval_every: int = Field(10, gt=0)   # optimizer steps between probe evaluations (plus step 0 and the last)
     seed: int = 0
@@ -478,8 +479,9 @@ class ExperimentSpec(_Strict):
         """
         body: dict[str, Any] = {"dataset": self.dataset, "probes": self.probes, "model": self.model,
                                 "run": run.model_dump(mode="json", exclude=set(RUN_HASH_EXCLUDE) | (
-                                    {"pairs", "on_policy"} if run.pairs == "offline" else set()))}
-        # (offline pairs, the default, leave the on-policy keys out: hashes stay as they were before them)
+                                    {"pairs", "on_policy"} if run.pairs == "offline" else set()) | (
+                                    {"autocast"} if run.autocast == "auto" else set()))}
+        # (defaults added later - offline pairs, autocast "auto" - stay out: hashes stay as they were before them)
         parent = self.parent(run)
         if parent is not None:
             body["parent"] = parent_hash or self.run_config_hash(parent)

@@ -19,6 +19,8 @@ deletes its resume state, so rerunning it trains from scratch.
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import itertools
 import math
 import random
@@ -33,8 +35,9 @@ import torch
 
 from ldpipe import distributed, resume
 from ldpipe.losses import dpo_loss, ipo_loss, sft_loss
-from ldpipe.models import load_model_and_tokenizer, resolve_device, save_checkpoint
+from ldpipe.models import use_bf16, load_model_and_tokenizer, resolve_device, save_checkpoint
 from ldpipe.schema import ONPOLICY_PAIRS_TABLE_SCHEMA, TRAIN_METRICS_SCHEMA, TRAJECTORY_SCHEMA
+from ldpipe.optim_state import save_optimizer_state
 from ldpipe.scoring import EncodedProbe, batch_logps, encode_pair, score_probes
 from ldpipe.spec import RunSpec
 from ldpipe.store import Store
@@ -61,6 +64,7 @@ class TrainResult:
     last_eval: pl.DataFrame
     final_metrics: dict = field(default_factory=dict)  # the last train_metrics row
     resumed_from: int | None = None   # step of the resume checkpoint this call continued from (None: fresh)
+    precision: str = "fp32"            # "fp32" | "bf16-autocast" (forwards; log-softmax and optimizer stay fp32)
 
 
 def seed_everything(seed: int) -> None:
@@ -211,8 +215,9 @@ def make_objective(run: RunSpec, tokenizer, examples: Sequence[tuple[str, ...]],
 # ------------------------------------------------------------------ the loop
 
 def _train_step(model, opt, sched, objective: Objective, idx: list[int], max_grad_norm: float | None,
-                dev: torch.device) -> dict[str, float]:
-    loss, stats = objective.loss(model, idx, dev)
+                dev: torch.device, amp: Callable = contextlib.nullcontext) -> dict[str, float]:
+    with amp():   # bf16 autocast of the forward on CUDA (batch_logps keeps the log-softmax in fp32)
+        loss, stats = objective.loss(model, idx, dev)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     max_norm = max_grad_norm if max_grad_norm is not None else float("inf")
@@ -225,12 +230,13 @@ def _train_step(model, opt, sched, objective: Objective, idx: list[int], max_gra
 
 
 def _train_step_ddp(ddp, opt, sched, objective: Objective, idx: list[int], max_grad_norm: float | None,
-                    dev: torch.device) -> dict[str, float]:
+                    dev: torch.device, amp: Callable = contextlib.nullcontext) -> dict[str, float]:
     """One data-parallel step over the global batch `idx`: this rank's slice, weighted so that DDP's average
     over ranks equals the single-process mean over the whole batch (slices may be uneven or empty)."""
     part = distributed.my_slice(idx)
     # A rank without examples still runs a forward and backward (weight 0): DDP's all-reduce needs every rank.
-    loss, stats = objective.loss(ddp, part or idx[:1], dev)
+    with amp():
+        loss, stats = objective.loss(ddp, part or idx[:1], dev)
     weight = len(part) / len(idx) * distributed.world_size()
     opt.zero_grad(set_to_none=True)
     (loss * weight).backward()   # DDP all-reduces (averages) the gradients here
@@ -274,10 +280,13 @@ class _Recorder:
     rows: list[dict] = field(default_factory=list)   # rows not flushed yet
     last_row: dict | None = None
     pairs: Callable[[], pl.DataFrame] | None = None   # on-policy objectives: their sampled pairs so far
+    amp: Callable = contextlib.nullcontext             # autocast context of the scoring forward
 
     def evaluate(self, model, probes: Sequence[EncodedProbe], step: int, dev: torch.device) -> pl.DataFrame:
         te = time.perf_counter()
-        frame = _eval_frame(score_probes(model, probes, device=dev), run_id=self.run_id,
+        with self.amp():
+            scores = score_probes(model, probes, device=dev)
+        frame = _eval_frame(scores, run_id=self.run_id,
                             config_hash=self.config_hash, phase=self.phase, step=step,
                             epoch=step / self.steps_per_epoch)
         self.store.write_shard("trajectories", frame, partition={"run_id": self.run_id},
@@ -368,17 +377,24 @@ def run_training(
     checkpoint_every = run.eval_every if run.checkpoint_every is None else run.checkpoint_every
     opt = make_optimizer(run, model.parameters())
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / (run.warmup_steps + 1)))
+    # bf16 autocast (run.autocast "auto": on CUDA with native bf16) of the training and scoring forwards;
+    # weights, optimizer state, log-softmax and sums stay fp32
+    # (on a CPU, "auto" stays fp32 even where bf16 is native: tracked log-probs keep full precision there)
+    bf16 = use_bf16(run.autocast, dev) if (run.autocast != "auto" or dev.type == "cuda") else False
+    amp = functools.partial(torch.autocast, dev.type, dtype=torch.bfloat16, enabled=bf16)
+    precision = "bf16-autocast" if bf16 else "fp32"
     rec = _Recorder(store, run_id, config_hash, run.algo, steps_per_epoch, total_steps, log,
-                    pairs=getattr(objective, "pairs_frame", None))
+                    pairs=getattr(objective, "pairs_frame", None), amp=amp)
     identity = {"run_id": run_id, "config_hash": config_hash, "total_steps": total_steps, "n_examples": objective.n}
 
     def first_epoch() -> list[list[int]]:
         return list(itertools.islice(batch_schedule(objective.n, run.batch_size, run.seed), steps_per_epoch))
 
     def snapshot(step: int) -> None:
-        save_checkpoint(model, tokenizer, resume.snapshot_path(out_dir, step),
-                        metadata={"step": step, "run_id": run_id, "config_hash": config_hash, "algo": run.algo,
-                                  "step_offset": step_offset})
+        path = save_checkpoint(model, tokenizer, resume.snapshot_path(out_dir, step),
+                               metadata={"step": step, "run_id": run_id, "config_hash": config_hash,
+                                         "algo": run.algo, "step_offset": step_offset})
+        save_optimizer_state(model, opt, path)   # the influence analyses' preconditioner (optim_state.py)
 
     ckpt, removed = _resumable(out_dir, store, identity, log) if main else (None, {})
     if dp:   # rank 0 decided (and rolled the store back); every rank continues from the same point
@@ -422,7 +438,7 @@ def run_training(
     # The data position is the step: the schedule is re-derived from the seed and fast-forwarded.
     schedule = itertools.islice(batch_schedule(objective.n, run.batch_size, run.seed), start, total_steps)
     for step, idx in enumerate(schedule, start=start + 1):
-        values = step_fn(train_model, opt, sched, objective, idx, run.max_grad_norm, dev)
+        values = step_fn(train_model, opt, sched, objective, idx, run.max_grad_norm, dev, amp)
         if not math.isfinite(values["loss"]):
             raise FloatingPointError(f"run {run_id}: loss became {values['loss']} at step {step}; "
                                      f"lower lr ({run.lr})")
@@ -442,9 +458,10 @@ def run_training(
                                scheduler=sched, objective_state=state_fn() if state_fn else None)
             log(f"[{run_id}] resume checkpoint at step {step}: {path}")
     meta = {**(checkpoint_metadata or {}), "run_id": run_id, "config_hash": config_hash, "algo": run.algo,
-            "steps": total_steps, "step_offset": step_offset}
+            "steps": total_steps, "step_offset": step_offset, "precision": precision}
     if main:
         final = save_checkpoint(model, tokenizer, out_dir / "final", metadata=meta)
+        save_optimizer_state(model, opt, final)
         resume.clear(out_dir)   # finished: a rerun trains from scratch (and rewrites every shard)
     if dp:   # the other ranks return what rank 0 wrote
         distributed.barrier()
@@ -456,7 +473,7 @@ def run_training(
     return TrainResult(run_id=run_id, checkpoint=final, steps=total_steps, step_offset=step_offset, evals=evals,
                        wall_s=time.perf_counter() - t0, device=str(dev), final_loss=rec.last_row["loss"],
                        first_eval=first, last_eval=last, final_metrics=dict(rec.last_row),
-                       resumed_from=None if ckpt is None else start)
+                       resumed_from=None if ckpt is None else start, precision=precision)
 
 
 def _resumable(out_dir: Path, store: Store, identity: dict,

@@ -71,6 +71,7 @@ def run_metadata(info: dict) -> dict[str, tuple[Any, str]]:
         "algo": (info["algo"], "text"), "checkpoint": (str(info["checkpoint"]), "path"),
         "steps": (int(info["steps"]), "int"), "evals": (int(info["evals"]), "int"),
         "wall_s": (float(info["wall_s"]), "float"), "device": (str(info["device"]), "text"),
+        "precision": (str(info.get("precision", "fp32")), "text"),
         "final_loss": (float(info["final_loss"]), "float"), "train_examples": (int(info["train_examples"]), "int"),
         # steps of the runs before this one in its chain: add to `step` to put a chain on one axis
         "step_offset": (int(info["step_offset"]), "int"),
