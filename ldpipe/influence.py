@@ -14,8 +14,8 @@ A plain SGD step theta' = theta + eta * d_i changes a probe's log-prob by, to fi
 
     Delta log pi(y_j|x_j) ~= eta * (d_i . g_j)          (the "eNTK" entry K[i, j])
 
-For Adam/RMSprop the step is eta * clip * (P * d_i) with P = 1/sqrt(v + eps) per parameter
-(R6); `precond` and `clip_factor` apply that on the training side only. Losses that are batch
+For Adam/RMSprop the step is eta * clip * (P * d_i) with P ~ 1/(sqrt(v) + eps) per parameter
+(R6; ldpipe.optim_state.preconditioner builds P from a checkpoint's saved optimizer state); `precond` and `clip_factor` apply that on the training side only. Losses that are batch
 MEANS scale each example by 1/B: pass lr/B (or a weight) for a per-example prediction.
 
 Three ways to get K (R2, R3, R9):
@@ -28,7 +28,8 @@ Three ways to get K (R2, R3, R9):
 splits one entry into the paper's A·K·G factors at one observed position (tiny models: it forms
 the V x P Jacobian); `akg_factors` gives the same factors' summaries at every observed position
 from one Jacobian-vector product (any model size), with the realised change of a real SGD step.
-`naive_optimizer_step` is the validator with the run's real optimizer (Adam/RMSprop, clipping).
+`naive_optimizer_step` is the validator with the run's real optimizer (Adam/RMSprop, clipping), fresh or
+loaded with a checkpoint's state (ldpipe.optim_state), minus its zero-gradient drift (`optimizer_drift`).
 """
 from __future__ import annotations
 
@@ -654,14 +655,18 @@ def _weights_restored(model: nn.Module, tensors: Sequence[torch.Tensor]):
 
 def naive_optimizer_step(model: nn.Module, loss_fn: Callable[[nn.Module], torch.Tensor], probe_pairs: Sequence[Pair],
                          *, optimizer_factory: Callable[[list[torch.Tensor]], torch.optim.Optimizer],
-                         max_grad_norm: float | None = None, params: Sequence[str] | None = None
+                         max_grad_norm: float | None = None, grad_scale: float = 1.0,
+                         drift: torch.Tensor | None = None, params: Sequence[str] | None = None
                          ) -> tuple[torch.Tensor, dict]:
     """[M] Delta log pi of every probe after ONE real optimizer step on `loss_fn(model)`; weights restored.
 
-    The step is exactly what training does: backward, clip_grad_norm_(max_grad_norm), optimizer.step()
-    with a FRESH optimizer from `optimizer_factory` (a checkpoint stores no optimizer state, so for
-    Adam this is its first step, ~lr * sign(g) per parameter: the real-optimizer side of the SGD
-    approximation that exact_entk makes). Returns (delta, {"grad_norm", "clip_factor"}).
+    The step is what training does: backward, clip_grad_norm_(max_grad_norm), the gradient times
+    `grad_scale` (e.g. the run's recorded clip factor of the whole batch), optimizer.step() with the
+    optimizer from `optimizer_factory` (called once per step: a fresh one, or one loaded with a
+    checkpoint's state, see ldpipe.optim_state.load_into). A loaded Adam moves the weights even for a zero
+    gradient (momentum drift); pass `drift` (from `optimizer_drift`) to subtract that part, leaving the
+    example's own effect. Parameters without a gradient get a zero one, so drift and step cover the same
+    parameters. Returns (delta, {"grad_norm", "clip_factor"}).
     """
     _check_pairs(probe_pairs, "probe_pairs")
     tensors = [p for _, p in _select(model, params)]
@@ -674,13 +679,43 @@ def naive_optimizer_step(model: nn.Module, loss_fn: Callable[[nn.Module], torch.
         if loss.dim() != 0:
             raise LdpipeError(f"naive_optimizer_step: loss_fn must return a scalar, got shape {tuple(loss.shape)}")
         loss.backward()
+        for p in tensors:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
         max_norm = float(max_grad_norm) if max_grad_norm is not None else float("inf")
         norm = float(torch.nn.utils.clip_grad_norm_(tensors, max_norm))
+        if grad_scale != 1.0:
+            for p in tensors:
+                p.grad.mul_(float(grad_scale))
         optimizer_factory(tensors).step()
         with torch.no_grad():
             after = batch_logps(model, probe_pairs)[0].double()
     clip = min(1.0, max_norm / norm) if norm > 0 else 1.0
-    return (after - before).float().cpu(), {"grad_norm": norm, "clip_factor": clip}
+    delta = after - before
+    if drift is not None:
+        delta = delta - drift.double().to(delta.device)
+    return delta.float().cpu(), {"grad_norm": norm, "clip_factor": clip}
+
+
+def optimizer_drift(model: nn.Module, probe_pairs: Sequence[Pair], *,
+                    optimizer_factory: Callable[[list[torch.Tensor]], torch.optim.Optimizer],
+                    params: Sequence[str] | None = None) -> torch.Tensor:
+    """[M] fp64 Delta log pi of every probe after one optimizer step on an all-zero gradient; weights restored.
+
+    What a loaded optimizer does regardless of the example (Adam's b1*m momentum, decoupled weight decay):
+    `naive_optimizer_step(..., drift=...)` subtracts it. Zero for a fresh Adam/RMSprop without weight decay.
+    """
+    _check_pairs(probe_pairs, "probe_pairs")
+    tensors = [p for _, p in _select(model, params)]
+    with _weights_restored(model, tensors):
+        with torch.no_grad():
+            before = batch_logps(model, probe_pairs)[0].double()
+            for p in tensors:
+                p.grad = torch.zeros_like(p)
+        optimizer_factory(tensors).step()
+        with torch.no_grad():
+            after = batch_logps(model, probe_pairs)[0].double()
+    return (after - before).cpu()
 
 
 def position_logps(model: nn.Module, pair: Pair) -> torch.Tensor:

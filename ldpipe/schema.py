@@ -126,6 +126,7 @@ INFLUENCE_SCHEMA: dict[str, pl.DataType] = {
     "checkpoint": pl.String,        # "start" | "step-0000040" (a snapshot) | "final"
     "checkpoint_step": pl.Int64,    # the run's local optimizer step of that checkpoint
     "method": pl.String,            # "exact" | "projected" | "naive" (real SGD step) | "naive_optimizer" (real run optimizer step)
+                                    # | "exact_precond" | "projected_precond" (Adam/RMSprop-preconditioned, see `precond`)
     "train_example_id": pl.String,  # the update's example (x_u)
     "train_response_type": pl.String,  # SFT: the supervised type; DPO/IPO: "dpo"/"ipo" (chosen and rejected)
     "observed_example_id": pl.String,
@@ -133,14 +134,19 @@ INFLUENCE_SCHEMA: dict[str, pl.DataType] = {
     "entk": pl.Float64,             # d_i . g_j (loss coefficients included, no lr); null for naive methods
     "lr_eff": pl.Float64,           # lr_t * clip_t / batch_size: one example's share of the step at that checkpoint
     "value": pl.Float64,            # predicted (lr_eff * entk) or realised (naive) change of log pi(y_j|x_j), nats
+    # exact_precond / projected_precond: the optimizer's preconditioner on the training side, built from the
+    # checkpoint's optimizer_state.pt ("adamw" | "adam" | "rmsprop", with the step: "adamw@40");
+    # naive_optimizer: the state its real step was loaded with ("fresh" where none); null for SGD methods
+    "precond": pl.String,
 }
 
 INFLUENCE_AGREEMENT_SCHEMA: dict[str, pl.DataType] = {
     "run_id": pl.String,
     "checkpoint": pl.String,
     "checkpoint_step": pl.Int64,
-    "estimate": pl.String,          # "projected" | "naive" | "naive_optimizer"
-    "reference": pl.String,         # "exact"
+    "estimate": pl.String,          # "projected" | "naive" (ref exact); "projected_precond" (ref exact_precond);
+                                    # "exact" | "exact_precond" (ref naive_optimizer: SGD vs preconditioned prediction)
+    "reference": pl.String,         # "exact" | "exact_precond" | "naive_optimizer"
     "spearman": pl.Float64,
     "pearson": pl.Float64,
     "relative_error": pl.Float64,   # ||estimate - reference|| / ||reference||

@@ -2,7 +2,9 @@
 -- analysed checkpoints of lr_eff_t x influence_t (the `value` column of store table `influence`).
 -- One row per (run_id, method, train_example_id, train_response_type, observed_example_id, observed_response_type).
 -- Columns:
---   run_id, method                 method: exact | projected | naive | naive_optimizer
+--   run_id, method                 method: exact | projected | naive | naive_optimizer | exact_precond |
+--                                  projected_precond (optimizer-preconditioned; only checkpoints with saved
+--                                  optimizer state, so n_checkpoints may be smaller than for exact)
 --   train_example_id, train_response_type      the update (SFT: supervised type; DPO/IPO: "dpo"/"ipo")
 --   observed_example_id, observed_response_type  the probe whose log pi moves
 --   same_prompt     observed_example_id = train_example_id

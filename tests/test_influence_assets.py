@@ -48,7 +48,10 @@ def test_materialize_influence_assets(tiny_project):
 
     inf = query(cat, "select * from influence")
     assert set(inf["run_id"].unique()) == {"tiny.sft", "tiny.dpo"}
-    assert set(inf["method"].unique()) == {"exact", "projected", "naive", "naive_optimizer"}
+    # the final checkpoints carry the optimizer state (start: a fresh optimizer, SGD only)
+    assert set(inf["method"].unique()) == {"exact", "projected", "naive", "naive_optimizer", "exact_precond",
+                                           "projected_precond"}
+    assert set(inf.filter(pl.col("method") == "exact_precond")["checkpoint"].unique()) == {"final"}
     assert set(inf["checkpoint"].unique()) == {"start", "final"}
     assert inf["value"].is_finite().all()
     # known answer: SFT on (x, y+) raises its own log pi(y+|x) to first order (exact: ||g||^2 > 0)
@@ -147,3 +150,58 @@ def test_checkpoints_and_step_sizes_of_a_run(tmp_path):
     scales = step_scales(spec, run, files, [0, 8, 10])
     assert scales[0] == pytest.approx(1e-4 / 4) and scales[8] == pytest.approx(9e-4 / 4)
     assert scales[10] == pytest.approx(1e-3 * 0.5 / 4)
+
+
+def test_influence_uses_saved_optimizer_state_and_falls_back(tiny_project, tmp_path):
+    """A run with snapshots saves optimizer_state.pt beside every snapshot and the final model; the influence
+    matrix adds exact_precond / projected_precond there, compares exact and exact_precond with the real loaded-Adam
+    step, and falls back to SGD with a logged reason at start and where the state file is gone."""
+    import yaml
+
+    from conftest import TINY_YAML, build_inputs
+    from ldpipe import pipeline
+    from ldpipe.analysis import influence_runs as ir
+    from ldpipe.optim_state import STATE_FILE, load_optimizer_state
+
+    data = yaml.safe_load(TINY_YAML)
+    data["runs"][0].update(snapshot_every=2)
+    data["influence"] = {"n_train": 3, "n_probe_prompts": 2, "n_naive": 3, "max_snapshots": 1, "rank": 64,
+                         "methods": ["exact", "projected", "naive_optimizer"]}
+    spec = parse_experiment(data, source="t")
+    files = build_inputs(spec, tmp_path / "home")
+    run = spec.run("sft")
+    pipeline.train_run(spec, run, files, device="cpu", log=lambda m: None)
+    snaps = sorted((files.run_dir(run) / "checkpoints").glob("step-*"))
+    assert snaps and all((s / STATE_FILE).is_file() for s in snaps)
+    st = load_optimizer_state(files.run_dir(run) / "final")
+    assert st["optimizer"] == "adamw" and st["step"] == 4 and st["hyper"]["betas"] == [0.9, 0.95]
+
+    lines: list[str] = []
+    df, _ = ir.compute_influence(spec, run, files, log=lines.append)
+    by = {c: set(df.filter(pl.col("checkpoint") == c)["method"].unique()) for c in df["checkpoint"].unique()}
+    assert by["start"] == {"exact", "projected", "naive_optimizer"}
+    assert by["final"] == by["step-0000002"] == {"exact", "projected", "naive_optimizer", "exact_precond",
+                                                 "projected_precond"}
+    assert any("start: SGD direction only" in m and "fresh optimizer" in m for m in lines)
+    pre = df.filter(pl.col("method") == "exact_precond")
+    assert set(pre["precond"].unique()) == {"adamw@2", "adamw@4"}
+    assert df.filter(pl.col("method") == "exact")["precond"].is_null().all()
+    # self-influence stays positive under a positive preconditioner
+    own = pre.filter((pl.col("observed_example_id") == pl.col("train_example_id"))
+                     & (pl.col("observed_response_type") == "chosen"))
+    assert own.height > 0 and (own["entk"] > 0).all()
+
+    agree = ir.agreement_table(df)
+    opt = agree.filter(pl.col("reference") == "naive_optimizer").sort("checkpoint_step", "estimate")
+    print("\n" + str(opt.select("checkpoint", "estimate", "spearman", "relative_error", "sign_agreement")))
+    print(agree.filter(pl.col("estimate") == "projected_precond").select("checkpoint", "spearman", "relative_error"))
+    for ck in ("step-0000002", "final"):
+        part = {r["estimate"]: r for r in opt.filter(pl.col("checkpoint") == ck).rows(named=True)}
+        assert part["exact_precond"]["relative_error"] < part["exact"]["relative_error"]
+
+    # the state file gone: SGD only at that checkpoint, with the reason logged
+    (files.run_dir(run) / "final" / STATE_FILE).unlink()
+    lines.clear()
+    df2, _ = ir.compute_influence(spec, run, files, log=lines.append)
+    assert "exact_precond" not in set(df2.filter(pl.col("checkpoint") == "final")["method"].unique())
+    assert any("final: SGD direction only" in m and STATE_FILE in m for m in lines)

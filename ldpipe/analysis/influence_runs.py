@@ -9,10 +9,17 @@ The math lives in `ldpipe.influence`; this module maps a run onto it:
 - step size: lr_eff = lr_t * clip_t / batch_size, read from the run's train_metrics (the step that
   follows the checkpoint, or the last step for the final one): a batch-mean loss gives one example
   1/B of the step, and the recorded clip factor scales all of it.
-- Adam/RMSprop: a checkpoint keeps no optimizer state, so exact/projected use the SGD direction
-  (no preconditioner). `naive_optimizer` measures what that costs: one REAL step of the run's
-  optimizer (fresh state, lr_t, per-example loss/B, clipped at max_grad_norm) against the SGD
-  prediction (Spearman is the meaningful number; a fresh Adam step is ~lr*sign(g), so its scale differs).
+- Adam/RMSprop (R6): `exact` / `projected` are the SGD direction. Where the checkpoint holds the run's
+  optimizer state (<ckpt>/optimizer_state.pt, written by train.py with snapshots and the final model),
+  `exact_precond` / `projected_precond` apply the preconditioner P of ldpipe.optim_state.preconditioner:
+  the first-order effect of one example's gradient on the NEXT update (Adam: (1-b1)/(1-b1^(t+1)) /
+  (sqrt(b2 v/(1-b2^(t+1))) + eps); later momentum carry-over and the g^2 effect on v ignored). The
+  `start` checkpoint always has a fresh optimizer (Adam's first step ~lr*sign(g) has no linearisation):
+  SGD only there, and every fallback is logged with its reason.
+- `naive_optimizer`: one REAL step of the run's optimizer loaded with the checkpoint's state (fresh at
+  start), lr_t, the example's loss/B times the run's clip factor clip_t, minus the same optimizer's step
+  on a zero gradient (the momentum drift every example shares). `influence_agreement` compares `exact`
+  (before) and `exact_precond` (after) against it.
 - accumulation (TracIn-style): sum over checkpoints of lr_eff_t x influence_t (`accumulate`).
 """
 from __future__ import annotations
@@ -31,7 +38,8 @@ import torch
 from ldpipe.analysis.plots import figure_png
 from ldpipe.errors import LdpipeError
 from ldpipe.influence import (Update, agreement, akg_factors, exact_entk, naive_one_step, naive_optimizer_step,
-                              per_sequence_gradients, projected_entk)
+                              optimizer_drift, per_sequence_gradients, projected_entk)
+from ldpipe.optim_state import load_into, load_optimizer_state, preconditioner
 from ldpipe.schema import AKG_SCHEMA, INFLUENCE_AGREEMENT_SCHEMA, INFLUENCE_HEATMAP_SCHEMA, INFLUENCE_SCHEMA
 from ldpipe.spec import EXTEND_SUPERVISE, ExperimentSpec, InfluenceSpec, RunSpec
 
@@ -88,6 +96,11 @@ def run_checkpoints(spec: ExperimentSpec, run: RunSpec, files, inf: InfluenceSpe
 
 def step_scales(spec: ExperimentSpec, run: RunSpec, files, steps: list[int]) -> dict[int, float]:
     """lr_eff per checkpoint step: lr * clip_factor / batch_size of the step taken FROM that checkpoint."""
+    return {s: lr * clip / run.batch_size for s, (lr, clip) in step_factors(spec, run, files, steps).items()}
+
+
+def step_factors(spec: ExperimentSpec, run: RunSpec, files, steps: list[int]) -> dict[int, tuple[float, float]]:
+    """(lr_t, clip_t) per checkpoint step: of the step taken FROM that checkpoint (the last step for final)."""
     from ldpipe.store import Store
 
     metrics = Store(files.paths.store).read("train_metrics", run_id=spec.run_id(run))
@@ -99,7 +112,7 @@ def step_scales(spec: ExperimentSpec, run: RunSpec, files, steps: list[int]) -> 
             after = metrics.filter(pl.col("step") == s + 1)
             row = (after if not after.is_empty() else metrics.sort("step").tail(1)).row(0, named=True)
             lr, clip = float(row["lr"]), float(row["clip_factor"])
-        out[s] = lr * clip / run.batch_size
+        out[s] = (lr, clip)
     return out
 
 
@@ -258,7 +271,8 @@ class _RunContext:
         self.dev = resolve_device(device)
         self.run_id = spec.run_id(run)
         self.checkpoints = run_checkpoints(spec, run, files)
-        self.lr_eff = step_scales(spec, run, files, [c.step for c in self.checkpoints])
+        self.factors = step_factors(spec, run, files, [c.step for c in self.checkpoints])
+        self.lr_eff = {s: lr * clip / run.batch_size for s, (lr, clip) in self.factors.items()}
         self.probes = observed_probes(spec, files, types=self.inf.observed_types)
         prompts = self.probes["example_id"].unique(maintain_order=True).to_list()
         self.units = select_units(training_units(spec, run, files), prompts, self.inf.n_train, self.inf.seed)
@@ -273,6 +287,22 @@ class _RunContext:
     def load(self, ckpt: Checkpoint):
         model, tok = self._load(ckpt.path, device=self.dev)
         return model, tok
+
+    def optimizer_state(self, ckpt: Checkpoint, model, log: Log) -> tuple[dict | None, dict | None, str]:
+        """(saved state, preconditioner, label) of the run's optimizer at `ckpt`; None with a logged reason."""
+        if ckpt.name == "start":  # the run's own optimizer is fresh there (a parent's final state is not it)
+            st, why = None, "the run starts with a fresh optimizer"
+        else:
+            st = load_optimizer_state(ckpt.path)
+            why = f"no {ckpt.path}/optimizer_state.pt (run trained before optimizer states were saved)"
+        if st is not None and st["optimizer"] not in (("adamw", "adam") if self.run.optimizer == "adamw"
+                                                      else ("rmsprop",)):
+            st, why = None, f"saved state is {st['optimizer']}, the run declares {self.run.optimizer}"
+        pre, label = (preconditioner(st, model) if st is not None else (None, why))
+        if pre is None:
+            log(f"[{self.run_id}] {ckpt.name}: SGD direction only, no preconditioned influence: {label}")
+            return st, None, "fresh" if st is None else f"{st['optimizer']}@{st['step']}"
+        return st, pre, f"{st['optimizer']}@{st['step']}"
 
     def run_loss(self, tok, pairs) -> _RunLoss:
         if self.run.algo != "sft" and self._ref is None:
@@ -304,36 +334,45 @@ def _compute_influence(spec, run, files, *, device, log):
         updates = rl.updates(model)
         eta = ctx.lr_eff[ckpt.step]
 
-        def emit(method: str, i: int, values, entk=None):
+        lr_t, clip_t = ctx.factors[ckpt.step]
+        st, pre, label = ctx.optimizer_state(ckpt, model, log)
+
+        def emit(method: str, i: int, values, entk=None, precond=None):
             u = ctx.units[i]
             for j, (eid, typ) in enumerate(labels):
                 rows.append({"run_id": ctx.run_id, "checkpoint": ckpt.name, "checkpoint_step": ckpt.step,
                              "method": method, "train_example_id": u.example_id,
                              "train_response_type": u.response_type, "observed_example_id": eid,
                              "observed_response_type": typ, "entk": None if entk is None else float(entk[j]),
-                             "lr_eff": eta, "value": float(values[j])})
+                             "lr_eff": eta, "value": float(values[j]), "precond": precond})
 
         for method in inf.methods:
-            t0 = time.perf_counter()
-            if method in ("exact", "projected"):
-                K = (exact_entk(model, updates, obs_pairs, block=16) if method == "exact"
-                     else projected_entk(model, updates, obs_pairs, rank=inf.rank, seed=inf.seed))
-                for i in range(len(updates)):
-                    emit(method, i, eta * K[i], K[i])
-            elif method == "naive":
-                for i in range(min(inf.n_naive, len(updates))):
-                    emit(method, i, naive_one_step(model, updates, obs_pairs, lr=eta, i=i))
-            else:  # naive_optimizer
-                from ldpipe.train import make_optimizer
+            variants = [(method, None)] + ([(f"{method}_precond", pre)] if pre is not None and method in
+                                           ("exact", "projected") else [])
+            for name, P in variants:
+                t0 = time.perf_counter()
+                if method in ("exact", "projected"):
+                    K = (exact_entk(model, updates, obs_pairs, block=16, precond=P) if method == "exact"
+                         else projected_entk(model, updates, obs_pairs, rank=inf.rank, seed=inf.seed, precond=P))
+                    for i in range(len(updates)):
+                        emit(name, i, eta * K[i], K[i], None if P is None else label)
+                elif method == "naive":
+                    for i in range(min(inf.n_naive, len(updates))):
+                        emit(method, i, naive_one_step(model, updates, obs_pairs, lr=eta, i=i))
+                else:  # naive_optimizer: the run's optimizer as it stood at the checkpoint
+                    from ldpipe.train import make_optimizer
 
-                lr_t = eta * run.batch_size  # the loss below already carries 1/B; clipping is the real one
-                for i in range(min(inf.n_naive, len(updates))):
-                    delta, _ = naive_optimizer_step(
-                        model, rl.loss_fn(i), obs_pairs, max_grad_norm=run.max_grad_norm,
-                        optimizer_factory=lambda ps: _fresh_optimizer(make_optimizer, run, ps, lr_t))
-                    emit(method, i, delta)
-            seconds[method] += time.perf_counter() - t0
-        log(f"[{ctx.run_id}] influence at {ckpt.name} (step {ckpt.step}, lr_eff {eta:.3g}): "
+                    def factory(ps, st=st):
+                        opt = _fresh_optimizer(make_optimizer, run, ps, lr_t)
+                        return load_into(opt, model, st) if st is not None else opt
+
+                    drift = optimizer_drift(model, obs_pairs, optimizer_factory=factory)
+                    for i in range(min(inf.n_naive, len(updates))):
+                        delta, _ = naive_optimizer_step(model, rl.loss_fn(i), obs_pairs, grad_scale=clip_t,
+                                                        drift=drift, optimizer_factory=factory)
+                        emit(method, i, delta, precond=label)
+                seconds[name] = seconds.get(name, 0.0) + time.perf_counter() - t0
+        log(f"[{ctx.run_id}] influence at {ckpt.name} (step {ckpt.step}, lr_eff {eta:.3g}, optimizer {label}): "
             f"{len(updates)} updates x {len(obs_pairs)} probes")
         del model
     return pl.DataFrame(rows, schema=INFLUENCE_SCHEMA), {k: round(v, 3) for k, v in seconds.items()}
@@ -346,12 +385,20 @@ def _fresh_optimizer(make_optimizer, run: RunSpec, params, lr: float) -> torch.o
     return opt
 
 
+AGREEMENT_PAIRS = (("projected", "exact"), ("naive", "exact"), ("projected_precond", "exact_precond"),
+                   ("exact", "naive_optimizer"), ("exact_precond", "naive_optimizer"))
+
+
 def agreement_table(influence: pl.DataFrame) -> pl.DataFrame:
-    """INFLUENCE_AGREEMENT_SCHEMA: each estimate against `exact` on the entries both have, per checkpoint."""
+    """INFLUENCE_AGREEMENT_SCHEMA: each estimate against its reference on the entries both have, per checkpoint.
+
+    projected, naive vs exact; projected_precond vs exact_precond (projection + rank-1 preconditioner);
+    exact (SGD) and exact_precond vs naive_optimizer (the real loaded-optimizer step): before/after R6.
+    """
     out = []
-    exact = influence.filter(pl.col("method") == "exact")
-    for est in ("projected", "naive", "naive_optimizer"):
+    for est, ref in AGREEMENT_PAIRS:
         other = influence.filter(pl.col("method") == est)
+        exact = influence.filter(pl.col("method") == ref)
         if other.is_empty() or exact.is_empty():
             continue
         j = other.join(exact, on=KEY, suffix="_ref")
@@ -361,7 +408,7 @@ def agreement_table(influence: pl.DataFrame) -> pl.DataFrame:
                 continue
             a = agreement(torch.tensor(part["value"].to_numpy()), torch.tensor(part["value_ref"].to_numpy()))
             out.append({"run_id": run_id, "checkpoint": ckpt, "checkpoint_step": step, "estimate": est,
-                        "reference": "exact", **a})
+                        "reference": ref, **a})
     return pl.DataFrame(out, schema=INFLUENCE_AGREEMENT_SCHEMA).sort("run_id", "checkpoint_step", "estimate")
 
 

@@ -59,8 +59,10 @@ def influence_assets(spec: ExperimentSpec) -> list:
 
     @dg.asset(key=k("influence_agreement"), group_name=exp, deps=[k("influence_matrix")], kinds={"duckdb"},
               check_specs=checks,
-              description="Agreement of projected / naive / naive_optimizer with exact eNTK (Spearman, relative "
-                          "error, sign agreement): store table `influence_agreement`.")
+              description="Agreement of projected / naive with exact eNTK, projected_precond with exact_precond, "
+                          "and of exact (SGD) / exact_precond (Adam/RMSprop state of the checkpoint) with a real "
+                          "loaded-optimizer step (Spearman, relative error, sign agreement): store table "
+                          "`influence_agreement`.")
     def influence_agreement(context: dg.AssetExecutionContext, ldpipe_home: LdpipeHome) -> dg.MaterializeResult:
         files = pipeline.files_for(spec, ldpipe_home.paths())
         store = Store(files.paths.store)
