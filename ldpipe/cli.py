@@ -117,6 +117,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         kwargs.update(model_path=args.model)
     elif args.name == "sql":
         kwargs.update(rows=args.rows)
+    elif args.name == "demo":
+        kwargs.update(keep_home=args.keep_home)
     run_bench(args.name, json_out=Path(args.json) if args.json else None, **kwargs)
     return 0
 
@@ -148,6 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--prompts", type=int, help="scoring/tracking: number of probe prompts")
     b.add_argument("--model", help="influence: a checkpoint directory (default: random weights, default size)")
     b.add_argument("--rows", type=int, help="sql: trajectory rows to generate (default 10M; --quick 1M)")
+    b.add_argument("--keep-home", help="demo: run into this empty ldpipe home and keep it (default: a temp dir)")
     b.add_argument("--threads", type=int, help="torch/DuckDB threads (default min(2, cores))")
     b.add_argument("--json", help="also write the report to this JSON file")
     b.set_defaults(func=_cmd_bench)

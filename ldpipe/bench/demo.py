@@ -10,11 +10,18 @@ from pathlib import Path
 from ldpipe.bench.common import Timer
 
 
-def bench_demo(*, quick: bool = False, threads: int | None = None, experiment: str = "default") -> dict:
+def bench_demo(*, quick: bool = False, threads: int | None = None, experiment: str = "default",
+               keep_home: str | None = None) -> dict:
+    """`keep_home`: run into this (new or empty) ldpipe home and keep it, e.g. to query the results after."""
     from ldpipe.paths import project_dir
 
+    if keep_home and Path(keep_home).exists() and any(Path(keep_home).iterdir()):
+        from ldpipe.errors import LdpipeError
+
+        raise LdpipeError(f"--keep-home {keep_home} is not empty: the demo starts from an empty ldpipe home")
     with tempfile.TemporaryDirectory(prefix="ldpipe-bench-demo-") as tmp:
-        env = {**os.environ, "LDPIPE_HOME": str(Path(tmp) / "home"), "DAGSTER_HOME": str(Path(tmp) / "dagster"),
+        home = Path(keep_home).resolve() if keep_home else Path(tmp) / "home"
+        env = {**os.environ, "LDPIPE_HOME": str(home), "DAGSTER_HOME": str(Path(tmp) / "dagster"),
                "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
         Path(env["DAGSTER_HOME"]).mkdir()
         cmd = [sys.executable, "-m", "ldpipe.cli", "run", "-e", experiment, "--device", "cpu"]
@@ -29,7 +36,8 @@ def bench_demo(*, quick: bool = False, threads: int | None = None, experiment: s
         "benchmark": "demo",
         "title": f"`ldpipe run -e {experiment}` from an empty ldpipe home (tokenizer, pretraining, every run, "
                  "catalog, analyses)",
-        "context": {"experiment": experiment, "project": str(project_dir())},
+        "context": {"experiment": experiment, "project": str(project_dir()), "home": str(keep_home or "(temporary)"),
+                    "stdout_tail": proc.stdout[-1500:]},
         "columns": ["method", "seconds", "share_of_goal"],
         "results": [{"method": f"ldpipe run -e {experiment}", "seconds": t.seconds,
                      "share_of_goal": t.seconds / goal_s}],
