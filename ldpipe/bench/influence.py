@@ -41,7 +41,7 @@ def bench_influence(*, quick: bool = False, threads: int | None = None, model_pa
     from ldpipe.influence import agreement, exact_entk, naive_one_step, projected_entk
 
     n_threads = set_threads(threads)
-    sizes = [(8, 4)] if quick else [(8, 4), (16, 10), (32, 20)]   # (train examples, probe prompts)
+    sizes = [(8, 4)] if quick else [(8, 4), (16, 10), (32, 20), (64, 40)]   # (train examples, probe prompts)
     results = []
     model = None
     for n_train, n_prompts in sizes:

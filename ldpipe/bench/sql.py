@@ -21,7 +21,7 @@ def make_store(root: Path, rows: int, *, runs: int = 10, types: int = 10, evals:
     from ldpipe.schema import TRAJECTORY_SCHEMA
     from ldpipe.store import Store
 
-    examples = max(1, rows // (runs * types * evals))
+    examples = max(1, -(-rows // (runs * types * evals)))   # at least `rows` rows
     rng = np.random.default_rng(seed)
     ex_ids = [f"ex-{i:06d}" for i in range(examples)]
     type_names = [f"type_{t:02d}" for t in range(types)]
