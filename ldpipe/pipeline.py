@@ -716,12 +716,29 @@ def learning_curves(spec: ExperimentSpec, files: ExperimentFiles, log: Log = pri
     ids = [spec.run_id(r) for r in spec.runs]
     in_list = ", ".join(f"'{i}'" for i in ids) or "''"
     curves = query(files.paths.catalog, f"select * from learning_curves where run_id in ({in_list})")
-    pngs = {}
+    pngs, chains = {}, {}
+    smooth = spec.curves.ema
+    note = f" (EMA {smooth})" if smooth else ""
     for run in spec.runs:
         part = curves.filter(pl.col("run_id") == spec.run_id(run))
         if part.is_empty():
             continue
-        png = plot_learning_curves(part, title=f"{spec.run_id(run)}: change of log π(y|x) per response type")
+        png = plot_learning_curves(part, title=f"{spec.run_id(run)}: change of log π(y|x) per response type{note}",
+                                   smooth=smooth)
         pngs[run.name] = str(save_plot(png, files.curves_png(run)))
-    log(f"[{spec.name}] learning curves: {curves.height} rows, plots {list(pngs.values())}")
-    return {"rows": curves.height, "plots": pngs, "curves": curves}
+        if run.start_from is None:
+            continue
+        # a chained run: every phase (e.g. SFT then DPO) on one axis, from the first run's first evaluation
+        chain, r = [], run
+        while r is not None:
+            chain.insert(0, (spec.run_id(r), f"{r.name} ({r.algo})"))
+            r = spec.parent(r)
+        if all(not curves.filter(pl.col("run_id") == c).is_empty() for c, _ in chain):
+            from ldpipe.analysis.curves import chain_curves
+
+            joined, bounds = chain_curves(curves, chain)
+            png = plot_learning_curves(joined, title=f"{' → '.join(c for _, c in chain)}: change of log π(y|x) "
+                                                     f"since the first phase{note}", smooth=smooth, boundaries=bounds)
+            chains[run.name] = str(save_plot(png, files.paths.plots / f"{spec.name}.{run.name}.chain.png"))
+    log(f"[{spec.name}] learning curves: {curves.height} rows, plots {list(pngs.values()) + list(chains.values())}")
+    return {"rows": curves.height, "plots": pngs, "chain_plots": chains, "curves": curves}

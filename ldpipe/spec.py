@@ -377,6 +377,12 @@ class GenerationSpec(_Strict):
     win_rate: WinRateSpec = WinRateSpec()
 
 
+class CurvesSpec(_Strict):
+    """Learning-curve plots."""
+
+    ema: float | None = Field(None, gt=0, lt=1)   # EMA smoothing of the plotted curves (the paper uses 0.9)
+
+
 class InfluenceSpec(_Strict):
     """Cross-example influence (eNTK) analyses; defaults sized to about a minute on 2 CPU cores."""
 
@@ -407,6 +413,7 @@ class ExperimentSpec(_Strict):
     runs: tuple[RunSpec, ...] = ()
     generation_analysis: GenerationSpec = GenerationSpec()   # squeezing / borrowing / win-rate analyses
     influence: InfluenceSpec = InfluenceSpec()      # eNTK influence matrix, A-K-G, heat map
+    curves: CurvesSpec = CurvesSpec()               # learning-curve plots (EMA smoothing)
 
     @field_validator("name")
     @classmethod

@@ -35,6 +35,8 @@ def experiment_assets(spec: ExperimentSpec) -> list:
         for name, png in info["plots"].items():
             meta[f"plot_{name}"] = png_markdown(png, f"learning curves {name}")
             meta[f"plot_{name}_path"] = dg.MetadataValue.path(png)
+        for name, png in info.get("chain_plots", {}).items():   # chained runs: all phases on one axis
+            meta[f"chain_plot_{name}"] = png_markdown(png, f"chain ending in {name}")
         if not curves.is_empty():
             last = curves.filter(pl.col("step") == pl.col("step").max().over("run_id"))
             meta["final_change_by_type"] = dg.MetadataValue.md(md_table(
