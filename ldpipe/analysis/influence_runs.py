@@ -561,13 +561,20 @@ def plot_heatmap(df: pl.DataFrame, *, title: str, checkpoint: str = "accumulated
         mat = np.full((len(rows_), len(cols)), np.nan)
         for t, o, v in part.filter(pl.col("scope") == scope).select("trained_type", "observed_type", "value").rows():
             mat[rows_.index(o), cols.index(t)] = v
-        lim = float(np.nanmax(np.abs(mat))) if np.isfinite(mat).any() else 1.0
-        im = ax.imshow(mat, cmap="RdBu_r", norm=TwoSlopeNorm(0.0, -lim or -1.0, lim or 1.0), aspect="auto")
+        # colour limit at the 90th percentile of |value|: a few huge cells (e.g. random tokens on themselves)
+        # would otherwise wash out every other cell; larger cells saturate (the table has the numbers)
+        finite = np.abs(mat[np.isfinite(mat)])
+        lim = float(np.percentile(finite, 90)) if finite.size else 1.0
+        clipped = int((finite > lim).sum()) if finite.size else 0
+        im = ax.imshow(np.clip(mat, -lim, lim) if lim > 0 else mat, cmap="RdBu_r",
+                       norm=TwoSlopeNorm(0.0, -lim or -1.0, lim or 1.0), aspect="auto")
         ax.set_xticks(range(len(cols)), cols, rotation=60, ha="right", fontsize=7)
         ax.set_yticks(range(len(rows_)), rows_, fontsize=7)
         ax.set_xlabel("trained on (SFT type, or DPO)")
-        ax.set_title(scope.replace("_", " "), fontsize=9)
-        fig.colorbar(im, ax=ax, fraction=0.046, label="Δ log π (nats, per update)")
+        ax.set_title(scope.replace("_", " ") + (f" ({clipped} cells beyond ±{lim:.3g} saturate)" if clipped else ""),
+                     fontsize=9)
+        fig.colorbar(im, ax=ax, fraction=0.046, extend="both" if clipped else "neither",
+                     label="Δ log π (nats, per update)")
     axes[0][0].set_ylabel("observed response type")
     fig.suptitle(title, fontsize=10)
     return figure_png(fig)
