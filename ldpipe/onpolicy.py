@@ -8,7 +8,7 @@ pairs are computed on the spot. Refreshing every step on the batch's own prompts
 comes from the very policy it updates.
 
 Scorers: a built-in reward function (ldpipe.rewards) or an OpenAI-compatible judge (pointwise 1-10 scores, or
-pairwise A/B verdicts turned into win counts). An unparsable verdict is counted; pairwise it is a tie, pointwise
+pairwise A/B verdicts in both orders turned into win counts). An unparsable verdict is counted; pairwise it is a tie, pointwise
 the sample gets no score (it can be neither chosen nor rejected).
 """
 from __future__ import annotations
@@ -116,9 +116,9 @@ class JudgeScorer:
         return [[next(it) for _ in ys] for ys in samples]
 
     def _pairwise(self, prompts: Sequence[str], samples: Sequence[Sequence[str]]) -> Scores:
-        """Every pair of a prompt's samples once (A = the earlier); a sample's score is its wins, a tie or an
-        unparsable verdict giving each side half a win."""
-        pairs = [(i, j, k) for i, ys in enumerate(samples) for j in range(len(ys)) for k in range(j + 1, len(ys))]
+        """Every pair of a prompt's samples in both A/B orders, so a judge's position bias cancels; a sample's
+        score is its wins (half a win per order won; a tie or an unparsable verdict gives each side a quarter)."""
+        pairs = [(i, j, k) for i, ys in enumerate(samples) for j in range(len(ys)) for k in range(len(ys)) if j != k]
         items = [(f"judge/p{i}/s{j}-s{k}", PAIRWISE_PROMPT.format(criteria=self.criteria, prompt=prompts[i].strip(),
                                                                   a=samples[i][j].strip(), b=samples[i][k].strip()))
                  for i, j, k in pairs]
@@ -126,8 +126,8 @@ class JudgeScorer:
         for (i, j, k), text in zip(pairs, self._ask(items)):
             verdict = parse_verdict(text)
             self.unparsable += verdict is None
-            for idx, win in ((j, {"A": 1.0, "B": 0.0}.get(verdict, 0.5)), (k, {"A": 0.0, "B": 1.0}.get(verdict, 0.5))):
-                scores[i][idx] += win
+            scores[i][j] += {"A": 0.5, "B": 0.0}.get(verdict, 0.25)
+            scores[i][k] += {"A": 0.0, "B": 0.5}.get(verdict, 0.25)
         return scores
 
 

@@ -202,10 +202,22 @@ def test_judge_scores_and_malformed_verdicts(tmp_path, mode):
         # the unscored sample is neither chosen nor rejected; one scored sample alone is a tie
         assert select_pair(samples[0], scores[0]) == (1, 0) and select_pair(samples[1], scores[1]) is None
     else:
-        assert calls == 3 + 1 and judge.unparsable == 3
-        # prompt 0: s1 beats s0; both pairs with the malformed sample are ties (half a win each)
+        assert calls == 2 * (3 + 1) and judge.unparsable == 2 * 3    # every pair in both A/B orders
+        # prompt 0: s1 beats s0 in both orders; both pairs with the malformed sample are ties (half a win each)
         assert scores == [[0.5 + 0.0, 1.0 + 0.5, 0.5 + 0.5], [0.5, 0.5]]
         assert select_pair(samples[0], scores[0]) == (1, 0) and select_pair(samples[1], scores[1]) is None
+
+
+def test_pairwise_judge_position_bias_cancels(tmp_path):
+    """A judge that always answers "A" prefers no sample once both orders are asked: no pair is chosen."""
+    with FakeOpenAI() as srv:
+        srv.decorate = lambda user, reply: "A"
+        cfg = LLMConfig(base_url=srv.base_url, model="judge", api_key_env="NO_SUCH_KEY", cache_path=tmp_path / "c.db",
+                        max_attempts=2, timeout_s=5)
+        scores = JudgeScorer(cfg, mode="pairwise", environ={}).score(["\n\nHuman: hi\n\nAssistant:"],
+                                                                      [[" short", " a longer reply", " mid one"]])
+    assert scores == [[1.0, 1.0, 1.0]]
+    assert select_pair([" short", " a longer reply", " mid one"], scores[0]) is None
 
 
 def test_verdict_parsers():
