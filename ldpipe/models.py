@@ -328,12 +328,13 @@ def pretrain(
 # --------------------------------------------------------------------------- checkpoints
 
 def save_checkpoint(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, path: Path,
-                    *, metadata: dict | None = None) -> Path:
+                    *, metadata: dict | None = None, extra: Callable[[Path], Any] | None = None) -> Path:
     """Write model + tokenizer (+ ldpipe.json) into `path` atomically.
 
     Everything goes into a sibling temp dir that is renamed into place, so a
     crash never leaves a half-written checkpoint under `path`. An existing
-    checkpoint at `path` is replaced.
+    checkpoint at `path` is replaced. `extra(tmp_dir)` writes further files (e.g.
+    optimizer state) into the checkpoint before it is published.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -344,6 +345,8 @@ def save_checkpoint(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, 
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     (tmp / METADATA_FILE).write_text(json.dumps(metadata or {}, indent=2, sort_keys=True, default=str))
+    if extra is not None:
+        extra(tmp)
     old = None
     if path.exists():
         # os.replace cannot overwrite a non-empty directory: move the old one aside first.

@@ -391,10 +391,12 @@ def run_training(
         return list(itertools.islice(batch_schedule(objective.n, run.batch_size, run.seed), steps_per_epoch))
 
     def snapshot(step: int) -> None:
-        path = save_checkpoint(model, tokenizer, resume.snapshot_path(out_dir, step),
-                               metadata={"step": step, "run_id": run_id, "config_hash": config_hash,
-                                         "algo": run.algo, "step_offset": step_offset})
-        save_optimizer_state(model, opt, path)   # the influence analyses' preconditioner (optim_state.py)
+        # with the optimizer state inside (the influence analyses' preconditioner, optim_state.py), published
+        # together: a crash never leaves a snapshot without it
+        save_checkpoint(model, tokenizer, resume.snapshot_path(out_dir, step),
+                        metadata={"step": step, "run_id": run_id, "config_hash": config_hash,
+                                  "algo": run.algo, "step_offset": step_offset},
+                        extra=lambda d: save_optimizer_state(model, opt, d))
 
     ckpt, removed = _resumable(out_dir, store, identity, log) if main else (None, {})
     if dp:   # rank 0 decided (and rolled the store back); every rank continues from the same point
@@ -460,8 +462,8 @@ def run_training(
     meta = {**(checkpoint_metadata or {}), "run_id": run_id, "config_hash": config_hash, "algo": run.algo,
             "steps": total_steps, "step_offset": step_offset, "precision": precision}
     if main:
-        final = save_checkpoint(model, tokenizer, out_dir / "final", metadata=meta)
-        save_optimizer_state(model, opt, final)
+        final = save_checkpoint(model, tokenizer, out_dir / "final", metadata=meta,
+                                extra=lambda d: save_optimizer_state(model, opt, d))
         resume.clear(out_dir)   # finished: a rerun trains from scratch (and rewrites every shard)
     if dp:   # the other ranks return what rank 0 wrote
         distributed.barrier()
