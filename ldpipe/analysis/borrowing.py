@@ -23,7 +23,7 @@ from typing import Callable, Mapping, Sequence
 
 import polars as pl
 
-from ldpipe.analysis.plots import figure_png
+from ldpipe.analysis.plots import figure_png, run_colours, subplots
 from ldpipe.analysis.squeezing import ngram_list, word_list
 from ldpipe.errors import DataValidationError
 from ldpipe.schema import GENERATION_BORROWING_SCHEMA
@@ -167,16 +167,9 @@ def summarize(rows: pl.DataFrame) -> pl.DataFrame:
 def plot_borrowing(curves: pl.DataFrame, summary: pl.DataFrame, *, title: str) -> bytes:
     """PNG: (left) change of log π(y_{j≠u}) per run from the borrowing view; (right) mean borrow share per
     checkpoint step, solid for trained prompts, dashed for held-out ones."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4), dpi=100)
-    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    runs = sorted(set(curves["run_id"].to_list()) | set(summary["run_id"].to_list()))
-    for i, rid in enumerate(runs):
-        c = colours[i % len(colours)]
+    fig, axes = subplots(1, 2, figsize=(11, 4))
+    colours = run_colours([*curves["run_id"].to_list(), *summary["run_id"].to_list()])
+    for rid, c in colours.items():
         part = curves.filter(pl.col("run_id") == rid).sort("step")
         if not part.is_empty():
             axes[0].plot(part["step"], part["delta_irr_train"], "-", color=c, label=f"{rid} y_j≠u")

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import polars as pl
 
-from ldpipe.analysis.plots import figure_png
+from ldpipe.analysis.plots import figure_png, subplots
 
 # Colour families of the paper's figures: chosen* blue, rejected* orange, irr* red, random* cyan.
 _FAMILY_COLOURS = {"chosen": "tab:blue", "reject": "tab:orange", "irr": "tab:red", "random": "tab:cyan"}
@@ -30,12 +30,7 @@ def plot_learning_curves(curves: pl.DataFrame, *, title: str, value: str = "mean
                          smooth: float | None = None, boundaries: dict[int, str] | None = None) -> bytes:
     """PNG bytes: one line per response type of `value` against step (curves from sql/learning_curves.sql);
     `boundaries`: step -> label of a phase that starts there (chained runs on one axis)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(8, 4.8), dpi=100)
+    fig, ax = subplots(figsize=(8, 4.8))
     styles = ["-", "--", ":", "-."]
     seen: dict[str, int] = {}
     for (rtype,), part in curves.sort("step").group_by(["response_type"], maintain_order=True):

@@ -35,7 +35,7 @@ import numpy as np
 import polars as pl
 import torch
 
-from ldpipe.analysis.plots import figure_png
+from ldpipe.analysis.plots import figure_png, subplots
 from ldpipe.errors import LdpipeError
 from ldpipe.influence import (Update, agreement, akg_factors, exact_entk, naive_one_step, naive_optimizer_step,
                               optimizer_drift, per_sequence_gradients, projected_entk)
@@ -542,10 +542,6 @@ def _compute_heatmap(spec, run, files, *, device, log):
 
 def plot_heatmap(df: pl.DataFrame, *, title: str, checkpoint: str = "accumulated") -> bytes:
     """PNG: rows observed types, columns trained-on types (+ dpo); one panel per scope; diverging colours at 0."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from matplotlib.colors import TwoSlopeNorm
 
     part = df.filter(pl.col("checkpoint") == checkpoint)
@@ -555,8 +551,8 @@ def plot_heatmap(df: pl.DataFrame, *, title: str, checkpoint: str = "accumulated
     cols += ["dpo"] if "dpo" in part["trained_type"].to_list() else []
     rows_ = sorted(part["observed_type"].unique().to_list())
     scopes = [s for s in ("same_prompt", "other_prompt") if s in part["scope"].to_list()]
-    fig, axes = plt.subplots(1, len(scopes), figsize=(1.0 + 0.55 * len(cols) * len(scopes) + 2, 0.4 * len(rows_) + 2.5),
-                             dpi=100, squeeze=False)
+    fig, axes = subplots(1, len(scopes), figsize=(1.0 + 0.55 * len(cols) * len(scopes) + 2, 0.4 * len(rows_) + 2.5),
+                    squeeze=False)
     for ax, scope in zip(axes[0], scopes):
         mat = np.full((len(rows_), len(cols)), np.nan)
         for t, o, v in part.filter(pl.col("scope") == scope).select("trained_type", "observed_type", "value").rows():

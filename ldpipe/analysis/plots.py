@@ -1,7 +1,26 @@
-"""PNG output shared by the analyses' plots (matplotlib, Agg backend: no display needed)."""
+"""Figures shared by the analyses' plots (matplotlib, Agg backend: no display needed)."""
 from __future__ import annotations
 
 import io
+
+
+def subplots(*args, **kwargs):
+    """`plt.subplots` on the Agg backend (dpi 100 unless given)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    kwargs.setdefault("dpi", 100)
+    return plt.subplots(*args, **kwargs)
+
+
+def run_colours(runs) -> dict[str, str]:
+    """One colour of the default cycle per run id, in sorted order (the same run, the same colour in every panel)."""
+    import matplotlib.pyplot as plt
+
+    cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    return {rid: cycle[i % len(cycle)] for i, rid in enumerate(sorted(set(runs)))}
 
 
 def figure_png(fig) -> bytes:

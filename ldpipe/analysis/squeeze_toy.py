@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ldpipe.analysis.plots import figure_png
+from ldpipe.analysis.plots import figure_png, subplots
 
 K = 50  # classes
 I = 4   # input dimension
@@ -132,28 +132,24 @@ _SCALARS = ("panel", "description", "n_classes", "minus_class", "plus_class", "y
             "only_argmax_rises", "n_rise")
 
 
+def summary_row(r: dict) -> dict:
+    """The scalar fields of one panel's result (for an asset check or a table), plus pi0/pi1 of y* and ybar."""
+    row = {k: r[k] for k in _SCALARS}
+    row["pi0_star"] = float(r["pi0"][r["y_star"]])
+    row["pi1_star"] = float(r["pi1"][r["y_star"]])
+    row["pi0_minus"] = float(r["pi0"][r["minus_class"]]) if r["minus_class"] is not None else None
+    return row
+
+
 def summary(seed: int = 10086) -> list[dict]:
-    """The scalar fields of every panel (for an asset check or a table), plus pi0/pi1 of y* and ybar."""
-    rows = []
-    for kind in PANELS:
-        r = run_panel(kind, seed)
-        row = {k: r[k] for k in _SCALARS}
-        row["pi0_star"] = float(r["pi0"][r["y_star"]])
-        row["pi1_star"] = float(r["pi1"][r["y_star"]])
-        row["pi0_minus"] = float(r["pi0"][r["minus_class"]]) if r["minus_class"] is not None else None
-        rows.append(row)
-    return rows
+    """`summary_row` of every panel."""
+    return [summary_row(run_panel(kind, seed)) for kind in PANELS]
 
 
 def plot_panel(result: dict) -> bytes:
     """PNG bytes: pi1 against pi0 on log-log axes, the diagonal, and the pushed classes and y* marked."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     pi0, pi1 = result["pi0"], result["pi1"]
-    fig, ax = plt.subplots(figsize=(5, 5), dpi=100)
+    fig, ax = subplots(figsize=(5, 5))
     ax.scatter(pi0, pi1, s=12, color="tab:gray", label="other classes")
     lo = min(pi0.min(), pi1.min()) * 0.5
     ax.plot([lo, 1], [lo, 1], color="black", linewidth=0.6)

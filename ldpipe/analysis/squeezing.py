@@ -19,7 +19,7 @@ from typing import Callable, Sequence
 import polars as pl
 import torch
 
-from ldpipe.analysis.plots import figure_png
+from ldpipe.analysis.plots import figure_png, run_colours, subplots
 from ldpipe.schema import GENERATION_STATS_SCHEMA
 
 _WORD = re.compile(r"[a-z0-9']+")
@@ -150,16 +150,9 @@ def run_squeezing(spec, files, store, *, device: str = "auto", log: Log = print)
 def plot_squeezing(curves: pl.DataFrame, stats: pl.DataFrame, *, title: str) -> bytes:
     """PNG: (left) change of mean log π(y+) (solid) and log π(y*) (dashed) per run from the squeezing view;
     (middle) mean max-prob and (right) repeater rate per checkpoint step."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 3, figsize=(13, 4), dpi=100)
-    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    runs = sorted(set(curves["run_id"].to_list()) | set(stats["run_id"].to_list()))
-    for i, rid in enumerate(runs):
-        c = colours[i % len(colours)]
+    fig, axes = subplots(1, 3, figsize=(13, 4))
+    colours = run_colours([*curves["run_id"].to_list(), *stats["run_id"].to_list()])
+    for rid, c in colours.items():
         part = curves.filter(pl.col("run_id") == rid).sort("step")
         if not part.is_empty():
             axes[0].plot(part["step"], part["delta_chosen"], "-", color=c, label=f"{rid} y+")

@@ -97,15 +97,16 @@ def generation_assets(spec: ExperimentSpec) -> list:
               description="The paper's squeezing toy (one softmax step, learning-dynamics.md §9): π before vs after "
                           "per panel; panel D0 is the negative gradient on a valley class.")
     def squeeze_toy(context: dg.AssetExecutionContext, ldpipe_home: LdpipeHome) -> dg.MaterializeResult:
-        from ldpipe.analysis.squeeze_toy import plot_panel, run_panel, summary
+        from ldpipe.analysis.squeeze_toy import PANELS, plot_panel, run_panel, summary_row
 
         paths = ldpipe_home.paths()
-        rows = summary()
+        results = {kind: run_panel(kind) for kind in PANELS}   # each panel once: the table and the plots
+        rows = [summary_row(r) for r in results.values()]
         meta: dict = {"panels": dg.MetadataValue.md(md_table(pl.DataFrame(rows).select(
             "panel", "description", "minus_class", "plus_class", "y_star", "delta_pi_star", "frac_others_fall",
             "only_argmax_rises", "n_rise"), 10))}
         for panel in ("B", "C", "D0"):
-            png = save_plot(plot_panel(run_panel(panel)), paths.plots / f"{exp}.squeeze_toy.{panel}.png")
+            png = save_plot(plot_panel(results[panel]), paths.plots / f"{exp}.squeeze_toy.{panel}.png")
             meta[f"plot_{panel}"] = png_markdown(str(png), f"squeeze toy panel {panel}")
         d0 = next(r for r in rows if r["panel"] == "D0")
         check = dg.AssetCheckResult(
