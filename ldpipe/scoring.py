@@ -342,12 +342,8 @@ def _bucket(units: list[tuple[int, int]], lens: dict[tuple[int, int], int], p_ma
             c = best[i] + n * per + -(-n // cap) * _FORWARD_COST_TOKENS
             if c < best[j]:
                 best[j], cut[j] = c, i
-    bounds, j = [], D
-    while j > 0:
-        bounds.append((cut[j], j))
-        j = cut[j]
     out, start = [], 0
-    for i, j in reversed(bounds):
+    for i, j in _segments(cut):
         n = sum(c for _, c in distinct[i:j])
         run = units[start:start + n]
         start += n
@@ -355,6 +351,16 @@ def _bucket(units: list[tuple[int, int]], lens: dict[tuple[int, int], int], p_ma
         step = -(-n // pieces)
         out.extend(run[k:k + step] for k in range(0, n, step))
     return out
+
+
+def _segments(cut: list[int]) -> list[tuple[int, int]]:
+    """The segments [i, j) of a dynamic program's best split, in order: cut[j] is where the segment ending at j
+    starts, walked back from the end."""
+    out, j = [], len(cut) - 1
+    while j > 0:
+        out.append((cut[j], j))
+        j = cut[j]
+    return out[::-1]
 
 
 def _plan(encoded: Sequence[EncodedProbe], units: Sequence[tuple[int, int]], budget: int,
@@ -385,13 +391,9 @@ def _plan(encoded: Sequence[EncodedProbe], units: Sequence[tuple[int, int]], bud
             c = best[i] + waste + 4 * _FORWARD_COST_TOKENS
             if c < best[j]:
                 best[j], cut[j] = c, i
-    bounds, j = [], n
-    while j > 0:
-        bounds.append((cut[j], j))
-        j = cut[j]
     return [_Group(order[i:j], _bucket([u for pi in order[i:j] for u in by_probe[pi]], lens, p_len[j - 1], budget,
                                        attn_scale))
-            for i, j in reversed(bounds)]
+            for i, j in _segments(cut)]
 
 
 def _prompt_forward(base, encoded: Sequence[EncodedProbe], probes: list[int], dev: torch.device):
