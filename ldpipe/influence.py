@@ -170,6 +170,34 @@ class _EvalMode:
         self.model.train(self.was)
 
 
+@contextmanager
+def _weights_restored(model: nn.Module, tensors: Sequence[torch.Tensor]):
+    """Weights, .grad fields and train/eval mode restored bit-exactly on exit (eval mode inside)."""
+    saved = [p.detach().clone() for p in tensors]
+    grads = [None if p.grad is None else p.grad.detach().clone() for p in tensors]
+    with _EvalMode(model):
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for p, s, g in zip(tensors, saved, grads):
+                    p.copy_(s)
+                    p.grad = g
+
+
+def _logp_change(model: nn.Module, tensors: Sequence[torch.Tensor], probe_pairs: Sequence[Pair],
+                 apply: Callable[[], None]) -> torch.Tensor:
+    """[M] fp64 change of every probe's log pi caused by `apply()` (which changes the weights); the weights
+    (and .grad, train mode) are restored afterwards."""
+    with _weights_restored(model, tensors):
+        with torch.no_grad():
+            before = batch_logps(model, probe_pairs)[0].double()
+        apply()
+        with torch.no_grad():
+            after = batch_logps(model, probe_pairs)[0].double()
+    return after - before
+
+
 def _check_pairs(pairs: Sequence[Pair], what: str) -> None:
     for i, pr in enumerate(pairs):
         if not (isinstance(pr, (tuple, list)) and len(pr) == 2):
@@ -253,27 +281,18 @@ def naive_one_step(model: nn.Module, train_pairs: Sequence[Union[Pair, Update]],
     selected = _select(model, params)
     _check_precond(precond, selected)
     tensors = [p for _, p in selected]
-    saved = [p.detach().clone() for p in tensors]
-    with _EvalMode(model):
-        with torch.no_grad():
-            before = batch_logps(model, probe_pairs)[0].double()
-        terms = updates[i].terms
+    terms = updates[i].terms
+
+    def step() -> None:
         logp, _ = batch_logps(model, [pr for pr, _ in terms])
         objective = sum(c * logp[k] for k, (_, c) in enumerate(terms))
         grads = torch.autograd.grad(objective, tensors, allow_unused=True)
-        try:
-            with torch.no_grad():
-                for (n, p), g in zip(selected, grads):
-                    if g is None:
-                        continue
-                    step = g if precond is None else g * precond[n].to(g)
-                    p.add_(step, alpha=float(lr) * float(clip_factor))
-                after = batch_logps(model, probe_pairs)[0].double()
-        finally:
-            with torch.no_grad():
-                for p, s in zip(tensors, saved):
-                    p.copy_(s)
-    return (after - before).float().cpu()
+        with torch.no_grad():
+            for (n, p), g in zip(selected, grads):
+                if g is not None:
+                    p.add_(g if precond is None else g * precond[n].to(g), alpha=float(lr) * float(clip_factor))
+
+    return _logp_change(model, tensors, probe_pairs, step).float().cpu()
 
 
 # --------------------------------------------------------------------------- factored projection
@@ -638,21 +657,6 @@ def akg_decomposition(model: nn.Module, update: Union[Pair, Update], observed: P
 
 # --------------------------------------------------------------------------- real optimizer step, A·K·G at scale
 
-@contextmanager
-def _weights_restored(model: nn.Module, tensors: Sequence[torch.Tensor]):
-    """Weights, .grad fields and train/eval mode restored bit-exactly on exit (eval mode inside)."""
-    saved = [p.detach().clone() for p in tensors]
-    grads = [None if p.grad is None else p.grad.detach().clone() for p in tensors]
-    with _EvalMode(model):
-        try:
-            yield
-        finally:
-            with torch.no_grad():
-                for p, s, g in zip(tensors, saved, grads):
-                    p.copy_(s)
-                    p.grad = g
-
-
 def naive_optimizer_step(model: nn.Module, loss_fn: Callable[[nn.Module], torch.Tensor], probe_pairs: Sequence[Pair],
                          *, optimizer_factory: Callable[[list[torch.Tensor]], torch.optim.Optimizer],
                          max_grad_norm: float | None = None, grad_scale: float = 1.0,
@@ -670,9 +674,10 @@ def naive_optimizer_step(model: nn.Module, loss_fn: Callable[[nn.Module], torch.
     """
     _check_pairs(probe_pairs, "probe_pairs")
     tensors = [p for _, p in _select(model, params)]
-    with _weights_restored(model, tensors):
-        with torch.no_grad():
-            before = batch_logps(model, probe_pairs)[0].double()
+    max_norm = float(max_grad_norm) if max_grad_norm is not None else float("inf")
+    norms: list[float] = []
+
+    def step() -> None:
         for p in tensors:
             p.grad = None
         loss = loss_fn(model)
@@ -682,16 +687,15 @@ def naive_optimizer_step(model: nn.Module, loss_fn: Callable[[nn.Module], torch.
         for p in tensors:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
-        max_norm = float(max_grad_norm) if max_grad_norm is not None else float("inf")
-        norm = float(torch.nn.utils.clip_grad_norm_(tensors, max_norm))
+        norms.append(float(torch.nn.utils.clip_grad_norm_(tensors, max_norm)))
         if grad_scale != 1.0:
             for p in tensors:
                 p.grad.mul_(float(grad_scale))
         optimizer_factory(tensors).step()
-        with torch.no_grad():
-            after = batch_logps(model, probe_pairs)[0].double()
+
+    delta = _logp_change(model, tensors, probe_pairs, step)
+    norm = norms[0]
     clip = min(1.0, max_norm / norm) if norm > 0 else 1.0
-    delta = after - before
     if drift is not None:
         delta = delta - drift.double().to(delta.device)
     return delta.float().cpu(), {"grad_norm": norm, "clip_factor": clip}
@@ -707,15 +711,13 @@ def optimizer_drift(model: nn.Module, probe_pairs: Sequence[Pair], *,
     """
     _check_pairs(probe_pairs, "probe_pairs")
     tensors = [p for _, p in _select(model, params)]
-    with _weights_restored(model, tensors):
-        with torch.no_grad():
-            before = batch_logps(model, probe_pairs)[0].double()
-            for p in tensors:
-                p.grad = torch.zeros_like(p)
+
+    def step() -> None:
+        for p in tensors:
+            p.grad = torch.zeros_like(p)
         optimizer_factory(tensors).step()
-        with torch.no_grad():
-            after = batch_logps(model, probe_pairs)[0].double()
-    return (after - before).cpu()
+
+    return _logp_change(model, tensors, probe_pairs, step).cpu()
 
 
 def position_logps(model: nn.Module, pair: Pair) -> torch.Tensor:
