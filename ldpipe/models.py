@@ -58,7 +58,14 @@ def resolve_device(pref: str | torch.device = "auto") -> torch.device:
 
 
 def configure_threads(n: int | None = None) -> int:
-    """Set torch's intra-op threads (default min(2, cores): the measured sweet spot on small CPUs)."""
+    """Set torch's intra-op threads: `n`, else the LDPIPE_THREADS environment variable (e.g. 1 on a machine shared
+    with other jobs), else min(2, cores) (the measured sweet spot on small CPUs)."""
+    env = os.environ.get("LDPIPE_THREADS")
+    if n is None and env:
+        try:
+            n = int(env)
+        except ValueError:
+            raise LdpipeError(f"LDPIPE_THREADS must be a whole number of threads, got {env!r}") from None
     if n is not None and n < 1:
         raise LdpipeError(f"thread count must be >= 1, got {n}")
     torch.set_num_threads(n or min(2, os.cpu_count() or 1))

@@ -111,7 +111,7 @@ def test_worker_command():
 
 @pytest.mark.slow
 def test_two_gloo_processes_match_one_process(tmp_path, monkeypatch):
-    monkeypatch.setattr("ldpipe.models.configure_threads", lambda n=None: torch.set_num_threads(1) or 1)
+    monkeypatch.setenv("LDPIPE_THREADS", "1")
     data = yaml.safe_load(TINY_YAML)
     data["runs"] = RUNS
     decl = tmp_path / "tiny.yaml"

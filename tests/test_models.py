@@ -198,3 +198,15 @@ def test_resolve_device_and_threads():
             configure_threads(0)
     finally:
         torch.set_num_threads(1)
+
+
+def test_threads_from_the_environment(monkeypatch):
+    try:
+        monkeypatch.setenv("LDPIPE_THREADS", "1")
+        assert configure_threads() == 1
+        monkeypatch.setenv("LDPIPE_THREADS", "two")
+        with pytest.raises(LdpipeError, match="LDPIPE_THREADS"):
+            configure_threads()
+        assert configure_threads(1) == 1          # an explicit count wins over the environment
+    finally:
+        torch.set_num_threads(1)

@@ -61,7 +61,7 @@ def _train(spec, files, name, run_changes=None):
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     mp = pytest.MonkeyPatch()
-    mp.setattr("ldpipe.models.configure_threads", lambda n=None: torch.set_num_threads(1) or 1)
+    mp.setenv("LDPIPE_THREADS", "1")
     spec = _spec()
     files = build_inputs(spec, tmp_path_factory.mktemp("ldhome"))
     first = _train(spec, files, "op")

@@ -62,7 +62,7 @@ def _weights(path: Path) -> dict[str, torch.Tensor]:
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     mp = pytest.MonkeyPatch()
-    mp.setattr("ldpipe.models.configure_threads", lambda n=None: torch.set_num_threads(1) or 1)
+    mp.setenv("LDPIPE_THREADS", "1")
     spec = _spec()
     files = build_inputs(spec, tmp_path_factory.mktemp("ldhome"))
     yield spec, files
@@ -186,8 +186,6 @@ TRAIN_SCRIPT = """
 import sys, time
 import torch
 torch.set_num_threads(1)
-import ldpipe.models
-ldpipe.models.configure_threads = lambda n=None: torch.set_num_threads(1) or 1
 from pathlib import Path
 from ldpipe import pipeline
 from ldpipe.spec import load_experiment
@@ -208,7 +206,7 @@ def _train_process(decl: Path, pause: float, out: Path) -> subprocess.Popen:
 
 
 def test_sigkill_mid_training_then_rerun_completes_exactly_once(tiny_project, monkeypatch):
-    monkeypatch.setattr("ldpipe.models.configure_threads", lambda n=None: torch.set_num_threads(1) or 1)
+    monkeypatch.setenv("LDPIPE_THREADS", "1")
     decl = tiny_project / "assets" / "tiny.yaml"
     data = yaml.safe_load(TINY_YAML)
     data["runs"] = [KILL_YAML_RUN]

@@ -41,8 +41,8 @@ def _spec(runs=RUNS, **run_changes):
 def world(tmp_path_factory):
     """The tiny dataset, probe set and base model, built once; then sft -> dpo -> ipo and extend trained."""
     mp = pytest.MonkeyPatch()
-    # train_run raises torch's threads to 2; other agents share the cores, so keep tests at 1.
-    mp.setattr("ldpipe.models.configure_threads", lambda n=None: torch.set_num_threads(1) or 1)
+    # train_run sets torch's threads (2 by default); other jobs share the cores, so keep tests at 1.
+    mp.setenv("LDPIPE_THREADS", "1")
     spec = _spec()
     files = build_inputs(spec, tmp_path_factory.mktemp("ldhome"))
     quiet = lambda msg: None  # noqa: E731
