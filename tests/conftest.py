@@ -51,3 +51,12 @@ def build_inputs(spec, home: Path):
     pipeline.build_probes(spec, files, log=quiet)
     pipeline.build_base_model(spec, files, device="cpu", log=quiet)
     return files
+
+
+@pytest.fixture
+def server():
+    """A local fake OpenAI-compatible server on 127.0.0.1 (tests/fake_openai.py), stopped after the test."""
+    from fake_openai import FakeOpenAI
+
+    with FakeOpenAI() as srv:
+        yield srv

@@ -34,15 +34,6 @@ FORMAT = ("Given the reference sentence, please generate an output sentence. Ple
           "sentence.\n\nReference sentence: {}\n\nOutput: ")
 
 
-@pytest.fixture
-def server():
-    srv = FakeOpenAI().start()
-    try:
-        yield srv
-    finally:
-        srv.stop()
-
-
 @pytest.fixture(scope="module")
 def probes() -> pl.DataFrame:
     """Chosen/rejected probe rows from the synthetic world, plus one hand-made example whose y+ has no

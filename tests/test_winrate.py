@@ -19,15 +19,6 @@ from fake_openai import FakeOpenAI  # tests/ is on sys.path (pytest's default "p
 ITEMS = [(f"ex{i}", f"\n\nHuman: question {i}?\n\nAssistant:", f"answer a{i}", f"answer b{i}") for i in range(4)]
 
 
-@pytest.fixture
-def server():
-    srv = FakeOpenAI().start()
-    try:
-        yield srv
-    finally:
-        srv.stop()
-
-
 def client_for(srv: FakeOpenAI, tmp_path) -> LLMClient:
     cfg = LLMConfig(base_url=srv.base_url, model="judge", api_key_env="LDPIPE_TEST_JUDGE_KEY", temperature=0.0,
                     cache_path=tmp_path / "llm.sqlite", max_attempts=2, backoff_base_s=0.01, timeout_s=5)
