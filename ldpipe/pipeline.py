@@ -362,7 +362,7 @@ def _add_llm_types(sources: pl.DataFrame, llm, types: list[str], files: Experime
 
 # ---------------------------------------------------------------- model-made probe types
 
-def _model_fingerprint(ref: Path | str) -> dict[str, str]:
+def model_fingerprint(ref: Path | str) -> dict[str, str]:
     """Content hashes of a checkpoint's weights+config and of its tokenizer files (files over 64 MiB by
     size and mtime, so a multi-GB model is not re-read); a hub id stands for itself."""
     from ldpipe.probes import content_hash, file_hash
@@ -420,7 +420,7 @@ def build_model_probes(spec: ExperimentSpec, files: ExperimentFiles, *, device: 
         wanted = []
     if wanted:
         model_ref = base_model_path(spec, files)
-        fp = _model_fingerprint(model_ref)
+        fp = model_fingerprint(model_ref)
         src = frame_hash(chosen.select("example_id", "prompt", "response"))
         gen_params = {**decoding, "max_new_tokens": gen.max_new_tokens, "stop": list(gen.stop),
                       "max_prompt_tokens": ps.max_prompt_tokens}

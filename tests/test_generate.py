@@ -48,3 +48,26 @@ def test_bad_config_and_empty_input(lm):
         GenerationConfig(do_sample=True, temperature=0)
     with pytest.raises(ValueError, match="max_new_tokens"):
         GenerationConfig(max_new_tokens=0)
+
+
+def test_greedy_generations_are_cached_per_checkpoint_prompts_and_config(lm, tmp_path):
+    from ldpipe.analysis.generations import greedy_generations
+    from ldpipe.models import save_checkpoint
+
+    model, tok = lm
+    ckpt = save_checkpoint(model, tok, tmp_path / "ckpt")
+    loads = []
+
+    def load():
+        loads.append(1)
+        return model, tok
+
+    prompts = ["the cat 3 sat", "the dog"]
+    cfg = GenerationConfig(max_new_tokens=6)
+    first = greedy_generations(ckpt, prompts, cfg, tmp_path / "cache", load=load)
+    assert first == generate(model, tok, prompts, cfg) and len(loads) == 1
+    assert greedy_generations(ckpt, prompts, cfg, tmp_path / "cache", load=load) == first and len(loads) == 1
+    # other settings or other prompts decode again
+    greedy_generations(ckpt, prompts, GenerationConfig(max_new_tokens=3), tmp_path / "cache", load=load)
+    greedy_generations(ckpt, prompts[:1], cfg, tmp_path / "cache", load=load)
+    assert len(loads) == 3

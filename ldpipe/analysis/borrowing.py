@@ -115,7 +115,8 @@ def run_borrowing(spec, files, store, *, device: str = "auto", log: Log = print)
     """generation_borrowing rows for every run and checkpoint; one shard per run (rewritten on rerun)."""
     from ldpipe.analysis.checkpoints import run_checkpoints
     from ldpipe.analysis.squeezing import generation_prompts
-    from ldpipe.generate import GenerationConfig, generate
+    from ldpipe.analysis.generations import greedy_generations
+    from ldpipe.generate import GenerationConfig
     from ldpipe.models import load_model_and_tokenizer, resolve_device
     from ldpipe.pipeline import load_preferences_file, load_probes_file
 
@@ -140,9 +141,10 @@ def run_borrowing(spec, files, store, *, device: str = "auto", log: Log = print)
         for ck in run_checkpoints(spec, run, files, snapshots=g.snapshots):
             key = str(ck.path)
             if key not in memo:
-                model, tok = load_model_and_tokenizer(ck.path, device=dev,
-                                                      local_files_only=not spec.model.allow_download)
-                gens = generate(model, tok, prompts["prompt"].to_list(), cfg, device=dev)
+                gens = greedy_generations(
+                    ck.path, prompts["prompt"].to_list(), cfg, files.data_dir / "generation_cache", device=dev,
+                    load=lambda: load_model_and_tokenizer(ck.path, device=dev,
+                                                          local_files_only=not spec.model.allow_download))
                 memo[key] = score_generations(prompts, gens, answers, facts)
             rows += [{"run_id": ck.run_id, "checkpoint": ck.label, "step": ck.step, **r} for r in memo[key]]
         df = pl.DataFrame(rows, schema_overrides=GENERATION_BORROWING_SCHEMA, infer_schema_length=None)

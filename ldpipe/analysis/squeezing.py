@@ -97,19 +97,16 @@ def generation_prompts(prefs: pl.DataFrame, probes: pl.DataFrame, n: int) -> pl.
     return pl.concat([trained.select(cols).sort("example_id").head(n), test.select(cols).sort("example_id").head(n)])
 
 
-def checkpoint_stats(model, tokenizer, chosen_pairs, prompts: Sequence[str], *, gen_config, repeat_ngram: int,
-                     device=None) -> tuple[dict, list[str]]:
-    """Peakiness over `chosen_pairs` and repeater statistics of greedy generations for `prompts`."""
-    from ldpipe.generate import generate
-
-    gens = generate(model, tokenizer, list(prompts), gen_config, device=device)
-    return {**peakiness(model, chosen_pairs, device), **repeater_stats(gens, repeat_ngram),
-            "repeat_ngram": repeat_ngram}, gens
+def checkpoint_stats(model, chosen_pairs, generations: Sequence[str], *, repeat_ngram: int, device=None) -> dict:
+    """Peakiness over `chosen_pairs` and repeater statistics of the checkpoint's greedy `generations`."""
+    return {**peakiness(model, chosen_pairs, device), **repeater_stats(list(generations), repeat_ngram),
+            "repeat_ngram": repeat_ngram}
 
 
 def run_squeezing(spec, files, store, *, device: str = "auto", log: Log = print) -> pl.DataFrame:
     """generation_stats rows for every run and checkpoint of `spec`; one shard per run (rewritten on rerun)."""
     from ldpipe.analysis.checkpoints import run_checkpoints
+    from ldpipe.analysis.generations import greedy_generations
     from ldpipe.generate import GenerationConfig
     from ldpipe.models import load_model_and_tokenizer, resolve_device
     from ldpipe.pipeline import load_preferences_file, load_probes_file
@@ -134,8 +131,9 @@ def run_squeezing(spec, files, store, *, device: str = "auto", log: Log = print)
                 pairs = [encode_pair(tok, p, r, max_prompt_tokens=spec.probes.max_prompt_tokens,
                                      max_response_tokens=spec.probes.max_response_tokens)
                          for p, r in chosen.select("prompt", "response").iter_rows()]
-                memo[key], _ = checkpoint_stats(model, tok, pairs, prompts, gen_config=cfg,
-                                                repeat_ngram=g.repeat_ngram, device=dev)
+                gens = greedy_generations(ck.path, prompts, cfg, files.data_dir / "generation_cache",
+                                          load=lambda: (model, tok), device=dev)
+                memo[key] = checkpoint_stats(model, pairs, gens, repeat_ngram=g.repeat_ngram, device=dev)
                 memo[key]["n_prompts"] = len(pairs)
                 log(f"[{ck.run_id}] {ck.label}: max-prob {memo[key]['mean_max_prob']}, "
                     f"repeater rate {memo[key]['repeater_rate']}")

@@ -1,0 +1,37 @@
+"""Greedy generations of a checkpoint, cached on disk.
+
+The squeezing and borrowing analyses decode the same prompts with the same settings at the same
+checkpoints; the cache (keyed by the checkpoint's content fingerprint, the prompts and the decoding
+settings) lets whichever asset runs second read the first one's generations instead of decoding again.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+from typing import Callable, Sequence
+
+import polars as pl
+
+
+def greedy_generations(ckpt_path: Path | str, prompts: Sequence[str], config, cache_dir: Path,
+                       load: Callable[[], tuple], device=None) -> list[str]:
+    """`generate(model, tokenizer, prompts, config)` for the checkpoint at `ckpt_path`, from the cache when the
+    same checkpoint content, prompts and config were decoded before; `load()` gives (model, tokenizer) and is
+    called only on a miss."""
+    from ldpipe.atomic import write_parquet
+    from ldpipe.generate import generate
+    from ldpipe.pipeline import model_fingerprint
+    from ldpipe.probes import content_hash
+
+    prompts = list(prompts)
+    key = content_hash({"model": model_fingerprint(ckpt_path), "prompts": prompts, "config": asdict(config)})
+    path = Path(cache_dir) / f"{key}.parquet"
+    if path.is_file():
+        cached = pl.read_parquet(path)
+        if cached["prompt"].to_list() == prompts:
+            return cached["generation"].to_list()
+    model, tok = load()
+    gens = generate(model, tok, prompts, config, device=device)
+    write_parquet(pl.DataFrame({"prompt": prompts, "generation": gens}, schema={"prompt": pl.String,
+                                                                              "generation": pl.String}), path)
+    return gens
