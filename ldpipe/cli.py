@@ -109,6 +109,10 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     from ldpipe.bench import run_bench
 
     kwargs = {"quick": args.quick, "threads": args.threads}
+    if args.name in ("scoring", "tracking", "influence", "memory"):
+        kwargs.update(device=args.device, arch=args.arch)
+    if args.name in ("scoring", "tracking"):
+        kwargs.update(autocast=args.autocast)
     if args.name == "scoring":
         kwargs.update(probes_path=args.probes, n_prompts=args.prompts)
     elif args.name == "tracking":
@@ -151,7 +155,13 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--model", help="influence: a checkpoint directory (default: random weights, default size)")
     b.add_argument("--rows", type=int, help="sql: trajectory rows to generate (default 10M; --quick 1M)")
     b.add_argument("--keep-home", help="demo: run into this empty ldpipe home and keep it (default: a temp dir)")
-    b.add_argument("--threads", type=int, help="torch/DuckDB threads (default min(2, cores))")
+    b.add_argument("--arch", help="scoring/tracking/influence/memory: model shape with random weights: "
+                   "default (the default experiment's), 160m or 410m (Pythia GPT-NeoX shapes)")
+    b.add_argument("--device", help="scoring/tracking/influence/memory: auto (CUDA when present) | cpu | cuda | cuda:N")
+    b.add_argument("--autocast", choices=["fp32", "bf16"], help="scoring/tracking: bf16 autocast of the forwards "
+                   "(default fp32)")
+    b.add_argument("--threads", type=int, help="torch/DuckDB threads (default: scoring tries 1 and 2 and keeps "
+                   "each method's faster; others min(2, cores))")
     b.add_argument("--json", help="also write the report to this JSON file")
     b.set_defaults(func=_cmd_bench)
 

@@ -29,11 +29,40 @@ def tokenizer(vocab_size: int = 2048):
     return train_tokenizer(world().corpus, vocab_size=vocab_size)
 
 
+# Architectures the benchmarks can run at, random weights (speed and memory do not depend on the weights).
+# "160m" / "410m" have the Pythia GPT-NeoX shapes and vocabulary; the built-in tokenizer's ids are a subset.
+ARCHS: dict[str, tuple[dict, int | None]] = {
+    "default": ({}, None),
+    "160m": ({"hidden_size": 768, "num_layers": 12, "num_heads": 12, "intermediate_size": 3072,
+              "max_position_embeddings": 2048}, 50304),
+    "410m": ({"hidden_size": 1024, "num_layers": 24, "num_heads": 16, "intermediate_size": 4096,
+              "max_position_embeddings": 2048}, 50304),
+}
+
+
 def default_model(seed: int = 0, **arch):
     """The default experiment's architecture with random weights: speed does not depend on the weights."""
     from ldpipe.models import TinyModelConfig, build_model
 
     return build_model(TinyModelConfig(seed=seed, **arch), vocab_size=len(tokenizer()))
+
+
+def bench_model(arch: str = "default", seed: int = 0):
+    """A model of one of ARCHS, random weights."""
+    from ldpipe.errors import LdpipeError
+    from ldpipe.models import TinyModelConfig, build_model
+
+    if arch not in ARCHS:
+        raise LdpipeError(f"unknown --arch {arch!r}; choose one of {list(ARCHS)}")
+    kw, vocab = ARCHS[arch]
+    return build_model(TinyModelConfig(seed=seed, **kw), vocab_size=vocab or len(tokenizer()))
+
+
+def bench_device(device: str | None):
+    """--device: auto (CUDA when present) | cpu | cuda | cuda:N, resolved as training resolves it."""
+    from ldpipe.models import resolve_device
+
+    return resolve_device(device or "auto")
 
 
 def probe_frame(n_prompts: int):
@@ -52,10 +81,10 @@ def encoded_probes(n_prompts: int, max_prompt_tokens: int = 96, max_response_tok
                          max_response_tokens=max_response_tokens)
 
 
-def save_default_model(path: Path, seed: int = 0) -> Path:
+def save_default_model(path: Path, seed: int = 0, arch: str = "default") -> Path:
     from ldpipe.models import save_checkpoint
 
-    return save_checkpoint(default_model(seed), tokenizer(), path, metadata={"bench": True})
+    return save_checkpoint(bench_model(arch, seed), tokenizer(), path, metadata={"bench": True, "arch": arch})
 
 
 @dataclass

@@ -10,10 +10,10 @@ from __future__ import annotations
 import polars as pl
 import torch
 
-from ldpipe.bench.common import Timer, default_model, encoded_probes, set_threads, tokenizer, world
+from ldpipe.bench.common import Timer, bench_model, encoded_probes, set_threads, tokenizer, world
 
 
-def _inputs(n_train: int, n_prompts: int, model_path: str | None):
+def _inputs(n_train: int, n_prompts: int, model_path: str | None, arch: str):
     from ldpipe.scoring import encode_pair
 
     if model_path:
@@ -21,7 +21,7 @@ def _inputs(n_train: int, n_prompts: int, model_path: str | None):
 
         model, tok = load_model_and_tokenizer(model_path)
     else:
-        model, tok = default_model(), tokenizer()
+        model, tok = bench_model(arch), tokenizer()
     train = world().preferences.filter(pl.col("split") == "train").sort("example_id").head(n_train)
     train_pairs = [encode_pair(tok, p, c, max_prompt_tokens=96, max_response_tokens=64)
                    for p, c in zip(train["prompt"].to_list(), train["chosen"].to_list())]
@@ -36,24 +36,37 @@ def _inputs(n_train: int, n_prompts: int, model_path: str | None):
     return model, train_pairs, probe_pairs
 
 
+def _synced(dev: torch.device, fn):
+    """fn() with the device's queued work finished before it returns (timings on CUDA)."""
+    out = fn()
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    return out
+
+
 def bench_influence(*, quick: bool = False, threads: int | None = None, model_path: str | None = None,
-                    rank: int = 32, lr: float = 1e-4) -> dict:
+                    rank: int = 32, lr: float = 1e-4, arch: str = "default", device: str | None = None) -> dict:
+    from ldpipe.bench.common import bench_device
     from ldpipe.influence import agreement, exact_entk, naive_one_step, projected_entk
 
     n_threads = set_threads(threads)
-    sizes = [(8, 4)] if quick else [(8, 4), (16, 10), (32, 20), (64, 40)]   # (train examples, probe prompts)
+    dev = bench_device(device)
+    if arch == "default":   # (train examples, probe prompts)
+        sizes = [(8, 4)] if quick else [(8, 4), (16, 10), (32, 20), (64, 40)]
+    else:                   # exact holds full per-sequence gradients: 0.6-1.6 GB each at 160M-410M
+        sizes = [(4, 2)] if quick else [(8, 4), (16, 8)]
     results = []
     model = None
     for n_train, n_prompts in sizes:
-        model, train_pairs, probe_pairs = _inputs(n_train, n_prompts, model_path)
-        model.eval()
+        model, train_pairs, probe_pairs = _inputs(n_train, n_prompts, model_path, arch)
+        model.to(dev).eval()
         with Timer() as t_exact:
-            exact = exact_entk(model, train_pairs, probe_pairs)
+            exact = _synced(dev, lambda: exact_entk(model, train_pairs, probe_pairs))
         with Timer() as t_proj:
-            proj = projected_entk(model, train_pairs, probe_pairs, rank=rank, seed=0)
+            proj = _synced(dev, lambda: projected_entk(model, train_pairs, probe_pairs, rank=rank, seed=0))
         with Timer() as t_naive:
-            naive = torch.stack([naive_one_step(model, train_pairs, probe_pairs, lr=lr, i=i)
-                                 for i in range(len(train_pairs))])
+            naive = _synced(dev, lambda: torch.stack([naive_one_step(model, train_pairs, probe_pairs, lr=lr, i=i)
+                                                      for i in range(len(train_pairs))]))
         pe = agreement(proj, exact)
         en = agreement(exact * lr, naive)
         results.append({
@@ -71,10 +84,10 @@ def bench_influence(*, quick: bool = False, threads: int | None = None, model_pa
            and last["exact_speedup_vs_naive"] >= 4)
     return {
         "benchmark": "influence",
-        "title": f"{count_parameters(model):,} params ({model_path or 'default architecture, random weights'}), "
-                 f"projection rank {rank}, naive step lr {lr}, {n_threads} threads",
-        "context": {"model": model_path or "random", "parameters": count_parameters(model), "rank": rank, "lr": lr,
-                    "threads": n_threads},
+        "title": f"{count_parameters(model):,} params ({model_path or f'{arch} architecture, random weights'}), "
+                 f"projection rank {rank}, naive step lr {lr}, {dev.type}, {n_threads} threads",
+        "context": {"model": model_path or "random", "arch": arch, "parameters": count_parameters(model),
+                    "rank": rank, "lr": lr, "threads": n_threads, "device": str(dev)},
         "columns": ["workload", "naive_s", "exact_s", "projected_s", "exact_speedup_vs_naive",
                     "projected_speedup_vs_naive", "spearman_projected_vs_exact", "relerr_projected_vs_exact",
                     "spearman_exact_vs_naive", "relerr_exact_vs_naive"],

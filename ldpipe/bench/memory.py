@@ -1,9 +1,10 @@
-"""`ldpipe bench memory`: peak RSS of scoring and influence, each workload in a fresh subprocess.
+"""`ldpipe bench memory`: peak memory of scoring and influence, each workload in a fresh subprocess.
 
-Sizes: the default architecture (1.2M parameters) and a 160M-parameter GPT-NeoX (Pythia-160M shape:
-hidden 768, 12 layers, 12 heads, vocabulary 50,304), random weights. Peak RSS comes from
-getrusage(RUSAGE_SELF).ru_maxrss of the child, so imports (torch, polars) are included; the
-`baseline` row (imports and model only, no work) separates them.
+Sizes: the default architecture (1.2M parameters) and a large one (--arch, default 160m: the
+Pythia-160M GPT-NeoX shape, hidden 768, 12 layers, 12 heads, vocabulary 50,304), random weights.
+Peak RSS comes from getrusage(RUSAGE_SELF).ru_maxrss of the child, so imports (torch, polars) are
+included; the `baseline` row (imports and model only, no work) separates them. On CUDA the child
+also reports torch.cuda.max_memory_allocated (tensors only, not the allocator's cache).
 """
 from __future__ import annotations
 
@@ -12,24 +13,17 @@ import os
 import subprocess
 import sys
 
-ARCH_160M = {"hidden_size": 768, "num_layers": 12, "num_heads": 12, "intermediate_size": 3072,
-             "max_position_embeddings": 2048}
-VOCAB_160M = 50304
-
-
-def _child(workload: str, size: str, n_prompts: int, n_train: int) -> dict:
+def _child(workload: str, size: str, n_prompts: int, n_train: int, device: str) -> dict:
     import resource
 
     import torch
 
-    from ldpipe.bench.common import encoded_probes, tokenizer, world
-    from ldpipe.models import TinyModelConfig, build_model, count_parameters
+    from ldpipe.bench.common import bench_model, encoded_probes, tokenizer, world
+    from ldpipe.models import count_parameters
 
     torch.set_num_threads(int(os.environ.get("LDPIPE_BENCH_THREADS", "1")))
-    if size == "160m":
-        model = build_model(TinyModelConfig(**ARCH_160M), vocab_size=VOCAB_160M)
-    else:
-        model = build_model(TinyModelConfig(), vocab_size=len(tokenizer()))
+    dev = torch.device(device)
+    model = bench_model(size).to(dev)
     model.eval()
     enc = encoded_probes(n_prompts)
     if workload == "scoring":
@@ -51,22 +45,33 @@ def _child(workload: str, size: str, n_prompts: int, n_train: int) -> dict:
         else:
             projected_entk(model, tp, pp, rank=32)
     rss_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return {"peak_rss_mb": rss_kib / 1024, "parameters": count_parameters(model)}
+    out = {"peak_rss_mb": rss_kib / 1024, "parameters": count_parameters(model)}
+    if dev.type == "cuda":
+        out["peak_cuda_mb"] = torch.cuda.max_memory_allocated(dev) / 2**20
+    return out
 
 
-def bench_memory(*, quick: bool = False, threads: int | None = None) -> dict:
+def bench_memory(*, quick: bool = False, threads: int | None = None, arch: str = "160m",
+                 device: str | None = None) -> dict:
+    from ldpipe.bench.common import ARCHS, bench_device
+    from ldpipe.errors import LdpipeError
+
+    if arch not in ARCHS or arch == "default":
+        raise LdpipeError(f"memory --arch is the large model next to the default; choose one of "
+                          f"{[a for a in ARCHS if a != 'default']}, got {arch!r}")
+    dev = bench_device(device)
     n_prompts_small, n_prompts_big = (10, 2) if quick else (40, 4)
     plan = [("baseline", "default", n_prompts_small, 0), ("scoring", "default", n_prompts_small, 0),
             ("influence_projected", "default", n_prompts_small // 2, 16),
             ("influence_exact", "default", n_prompts_small // 2, 16),
-            ("baseline", "160m", n_prompts_big, 0), ("scoring", "160m", n_prompts_big, 0),
-            ("influence_projected", "160m", n_prompts_big // 2 or 1, 4)]
+            ("baseline", arch, n_prompts_big, 0), ("scoring", arch, n_prompts_big, 0),
+            ("influence_projected", arch, n_prompts_big // 2 or 1, 4)]
     if not quick:
-        plan.append(("influence_exact", "160m", 1, 2))
+        plan.append(("influence_exact", arch, 1, 2))
     env = {**os.environ, "LDPIPE_BENCH_THREADS": str(threads or min(2, os.cpu_count() or 1))}
     results = []
     for workload, size, n_prompts, n_train in plan:
-        cmd = [sys.executable, "-m", "ldpipe.bench.memory", workload, size, str(n_prompts), str(n_train)]
+        cmd = [sys.executable, "-m", "ldpipe.bench.memory", workload, size, str(n_prompts), str(n_train), str(dev)]
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
         if proc.returncode != 0:
             results.append({"workload": workload, "model": size, "error": proc.stderr.strip().splitlines()[-1:]})
@@ -80,10 +85,10 @@ def bench_memory(*, quick: bool = False, threads: int | None = None) -> dict:
             r["above_baseline_mb"] = r["peak_rss_mb"] - base[r["model"]]
     return {
         "benchmark": "memory",
-        "title": "peak RSS per workload (fresh subprocess each)",
-        "context": {"threads": env["LDPIPE_BENCH_THREADS"]},
+        "title": f"peak memory per workload on {dev.type} (fresh subprocess each)",
+        "context": {"threads": env["LDPIPE_BENCH_THREADS"], "device": str(dev)},
         "columns": ["workload", "model", "parameters", "prompts", "train", "weights_mb", "peak_rss_mb",
-                    "above_baseline_mb"],
+                    "above_baseline_mb"] + (["peak_cuda_mb"] if dev.type == "cuda" else []),
         "results": results,
         "goal": None, "goal_met": None,
         "notes": "above_baseline = peak RSS minus the same model's imports-and-weights baseline; influence_exact "
@@ -92,4 +97,4 @@ def bench_memory(*, quick: bool = False, threads: int | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    print(json.dumps(_child(sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))))
+    print(json.dumps(_child(sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5])))
