@@ -12,6 +12,8 @@ from typing import Sequence
 
 import torch
 
+from ldpipe.models import attention_without_cudnn
+
 
 @dataclass(frozen=True)
 class GenerationConfig:
@@ -63,7 +65,8 @@ def generate(model, tokenizer, prompts: Sequence[str], config: GenerationConfig 
             if config.do_sample:
                 torch.manual_seed(config.seed * 1_000_003 + b)
                 kwargs.update(temperature=config.temperature, top_p=config.top_p, top_k=0)
-            seqs = model.generate(input_ids=input_ids, attention_mask=mask, **kwargs)
+            with attention_without_cudnn(dev):   # left padding: rows that attend to nothing
+                seqs = model.generate(input_ids=input_ids, attention_mask=mask, **kwargs)
             for row in seqs[:, width:].tolist():
                 if eos in row:
                     row = row[:row.index(eos)]

@@ -7,6 +7,7 @@ opts in to the hub.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -164,6 +165,19 @@ class PretrainConfig:
     val_fraction: float = 0.05
     eval_every: int = 50
     autocast: str = "auto"  # "auto" | "bf16" | "fp32": bf16 autocast of the training matmuls
+
+
+def attention_without_cudnn(dev: torch.device | str):
+    """On CUDA, scaled-dot-product attention without its cuDNN backend (elsewhere: nothing changes).
+
+    Left-padded batches have query rows that may attend to nothing. The efficient and math kernels
+    give such rows 0; cuDNN's has been reported to give NaN in bf16, and a NaN value vector then
+    spreads to every real token through the (masked, weight 0) keys/values of later layers."""
+    if torch.device(dev).type != "cuda":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
 
 def _native_bf16(dev: torch.device) -> bool:

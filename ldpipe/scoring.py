@@ -49,6 +49,7 @@ import torch
 import torch.nn.functional as F
 
 from ldpipe.errors import DataValidationError, LdpipeError
+from ldpipe.models import attention_without_cudnn
 from ldpipe.schema import PROBE_SCHEMA
 
 log = logging.getLogger(__name__)
@@ -176,6 +177,8 @@ def _prepare(model, device) -> torch.device:
     if device is None:
         return _model_device(model)
     dev = torch.device(device)
+    if dev.type == "cuda" and dev.index is None:  # "cuda" != the parameters' "cuda:0": no needless model.to
+        dev = torch.device("cuda", torch.cuda.current_device())
     if _model_device(model) != dev:
         model.to(dev)
     return dev
@@ -405,7 +408,9 @@ def _prompt_forward(base, encoded: Sequence[EncodedProbe], probes: list[int], de
         p_ids[k, P - len(encoded[pi].prompt_ids):] = torch.tensor(encoded[pi].prompt_ids)
     p_mask = (torch.arange(P)[None, :] >= (P - p_lens)[:, None]).long()
     p_pos = (torch.arange(P)[None, :] - (P - p_lens)[:, None]).clamp(min=0)
-    out = base(input_ids=p_ids.to(dev), attention_mask=p_mask.to(dev), position_ids=p_pos.to(dev), use_cache=True)
+    with attention_without_cudnn(dev):   # left padding: rows that attend to nothing
+        out = base(input_ids=p_ids.to(dev), attention_mask=p_mask.to(dev), position_ids=p_pos.to(dev),
+                   use_cache=True)
     return out.past_key_values, out.last_hidden_state[:, -1], p_lens, p_mask
 
 

@@ -210,3 +210,18 @@ def test_threads_from_the_environment(monkeypatch):
         assert configure_threads(1) == 1          # an explicit count wins over the environment
     finally:
         torch.set_num_threads(1)
+
+
+def test_attention_without_cudnn_only_changes_cuda():
+    import torch
+
+    from ldpipe.models import attention_without_cudnn
+
+    before = torch.backends.cuda.cudnn_sdp_enabled()
+    with attention_without_cudnn("cpu"):
+        assert torch.backends.cuda.cudnn_sdp_enabled() == before
+    # the backend switches are global flags, so this holds on a CPU-only build too
+    with attention_without_cudnn("cuda"):
+        assert not torch.backends.cuda.cudnn_sdp_enabled()
+        assert torch.backends.cuda.math_sdp_enabled()
+    assert torch.backends.cuda.cudnn_sdp_enabled() == before

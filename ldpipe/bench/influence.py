@@ -60,6 +60,8 @@ def bench_influence(*, quick: bool = False, threads: int | None = None, model_pa
     for n_train, n_prompts in sizes:
         model, train_pairs, probe_pairs = _inputs(n_train, n_prompts, model_path, arch)
         model.to(dev).eval()
+        if not results:   # untimed: first-use costs (allocator, cuBLAS) would land on the first method only
+            _synced(dev, lambda: exact_entk(model, train_pairs[:1], probe_pairs[:2]))
         with Timer() as t_exact:
             exact = _synced(dev, lambda: exact_entk(model, train_pairs, probe_pairs))
         with Timer() as t_proj:

@@ -13,6 +13,9 @@ import os
 import subprocess
 import sys
 
+_CHILD_TIMEOUT_S = 3600
+
+
 def _child(workload: str, size: str, n_prompts: int, n_train: int, device: str) -> dict:
     import resource
 
@@ -72,26 +75,35 @@ def bench_memory(*, quick: bool = False, threads: int | None = None, arch: str =
     results = []
     for workload, size, n_prompts, n_train in plan:
         cmd = [sys.executable, "-m", "ldpipe.bench.memory", workload, size, str(n_prompts), str(n_train), str(dev)]
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=_CHILD_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            results.append({"workload": workload, "model": size, "error": f"timed out after {_CHILD_TIMEOUT_S} s"})
+            continue
         if proc.returncode != 0:
-            results.append({"workload": workload, "model": size, "error": proc.stderr.strip().splitlines()[-1:]})
+            last = proc.stderr.strip().splitlines()[-1:] or [f"exit code {proc.returncode}"]
+            results.append({"workload": workload, "model": size, "error": last[0][:200]})
             continue
         out = json.loads(proc.stdout.strip().splitlines()[-1])
         results.append({"workload": workload, "model": size, "prompts": n_prompts, "train": n_train, **out,
                         "weights_mb": out["parameters"] * 4 / 2**20})
-    base = {r["model"]: r["peak_rss_mb"] for r in results if r["workload"] == "baseline" and "peak_rss_mb" in r}
+    # On CUDA the work's memory is on the device (host RSS still holds the model built on the CPU).
+    key = "peak_cuda_mb" if dev.type == "cuda" else "peak_rss_mb"
+    base = {r["model"]: r[key] for r in results if r["workload"] == "baseline" and key in r}
     for r in results:
-        if "peak_rss_mb" in r and r["model"] in base:
-            r["above_baseline_mb"] = r["peak_rss_mb"] - base[r["model"]]
+        if key in r and r["model"] in base:
+            r["above_baseline_mb"] = r[key] - base[r["model"]]
     return {
         "benchmark": "memory",
         "title": f"peak memory per workload on {dev.type} (fresh subprocess each)",
         "context": {"threads": env["LDPIPE_BENCH_THREADS"], "device": str(dev)},
         "columns": ["workload", "model", "parameters", "prompts", "train", "weights_mb", "peak_rss_mb",
-                    "above_baseline_mb"] + (["peak_cuda_mb"] if dev.type == "cuda" else []),
+                    "above_baseline_mb"] + (["peak_cuda_mb"] if dev.type == "cuda" else [])
+                   + (["error"] if any("error" in r for r in results) else []),
         "results": results,
         "goal": None, "goal_met": None,
-        "notes": "above_baseline = peak RSS minus the same model's imports-and-weights baseline; influence_exact "
+        "notes": f"above_baseline = peak {'CUDA memory' if dev.type == 'cuda' else 'RSS'} minus the same "
+                 "model's imports-and-weights baseline; influence_exact "
                  "holds (N + block) full per-sequence gradients, projected holds rank-r factors only.",
     }
 
