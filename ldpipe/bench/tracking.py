@@ -65,7 +65,7 @@ def bench_tracking(*, quick: bool = False, threads: int | None = None, n_prompts
     batch = 8
     eval_every = max(1, round(1000 * n / 500 / batch))
     epochs = 1.0 if quick else 3.0
-    repeats = repeats or (2 if dev.type == "cuda" else 1)
+    repeats = repeats or (1 if quick else 2)
     # before any timed run: CUDA context, cuBLAS handles (else only the first run, untracked, pays for them)
     peak = measured_peak(dev, torch.bfloat16 if autocast == "bf16" else torch.float32)
     probes = encoded_probes(n)
