@@ -15,7 +15,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     from ldpipe.defs.experiments import build_defs, declarations_dir
     from ldpipe.defs.resources import Compute, LdpipeHome
-    from ldpipe.instance import ensure_dagster_home
+    from ldpipe.instance import ensure_dagster_home, step_durations
     from ldpipe.paths import Paths, project_dir
     from ldpipe.spec import load_experiments
 
@@ -42,6 +42,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
                                                                       "compute": Compute(device=args.device)},
                                 run_config=run_config, tags={"ldpipe/launched_by": "ldpipe run"},
                                 raise_on_error=False)
+        steps = step_durations(instance, result.run_id)
     wall = time.perf_counter() - t0
     paths = Paths.default()
     print()
@@ -51,6 +52,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         return 1
     checks = result.get_asset_check_evaluations()
     print(f"ldpipe run finished in {wall:.0f}s (Dagster run {result.run_id}, history in {home})")
+    if steps:
+        print("Slowest steps: " + ", ".join(f"{k} {v:.0f}s" for k, v in steps[:5]))
     for c in checks:
         print(f"  check {c.asset_key.to_user_string()}:{c.check_name}: {'PASS' if c.passed else 'FAIL'}")
     print(f"Results:\n  Parquet store   {paths.store}\n  DuckDB catalog  {paths.catalog}\n  plots           "

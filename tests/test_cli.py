@@ -98,9 +98,10 @@ def test_good_local_dataset_materializes(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_run_with_smoke_preset_trains_fewer_steps(tiny_project, monkeypatch):
+def test_run_with_smoke_preset_trains_fewer_steps(tiny_project, monkeypatch, capsys):
     """`ldpipe run --preset smoke` materializes the graph with every run capped by the preset."""
     from ldpipe.cli import main
+    from ldpipe.instance import latest_run_step_durations
     from ldpipe.spec import RUN_PRESETS
     from ldpipe.store import Store
 
@@ -115,3 +116,10 @@ def test_run_with_smoke_preset_trains_fewer_steps(tiny_project, monkeypatch):
     assert sorted(metrics["step"].to_list()) == [1, 2]
     traj = Store(tiny_project / ".ldpipe" / "store").read("trajectories", run_id="tiny.sft")
     assert sorted(traj["step"].unique().to_list()) == [0, 2]
+    # where the time went: the run's steps from Dagster's event log, slowest first, and the slowest printed
+    run_id, steps = latest_run_step_durations(tiny_project / ".dagster_home")
+    secs = [v for _, v in steps]
+    assert len(steps) >= 5 and secs == sorted(secs, reverse=True) and min(secs) >= 0
+    assert any("sft" in k for k, _ in steps)
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("Slowest steps: "))
+    assert line.startswith(f"Slowest steps: {steps[0][0]} ")
