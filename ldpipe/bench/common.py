@@ -6,8 +6,11 @@ import time
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import Callable, TypeVar
 
 import torch
+
+T = TypeVar("T")
 
 
 def set_threads(threads: int | None) -> int:
@@ -38,13 +41,6 @@ ARCHS: dict[str, tuple[dict, int | None]] = {
     "410m": ({"hidden_size": 1024, "num_layers": 24, "num_heads": 16, "intermediate_size": 4096,
               "max_position_embeddings": 2048}, 50304),
 }
-
-
-def default_model(seed: int = 0, **arch):
-    """The default experiment's architecture with random weights: speed does not depend on the weights."""
-    from ldpipe.models import TinyModelConfig, build_model
-
-    return build_model(TinyModelConfig(seed=seed, **arch), vocab_size=len(tokenizer()))
 
 
 def bench_model(arch: str = "default", seed: int = 0):
@@ -81,10 +77,25 @@ def encoded_probes(n_prompts: int, max_prompt_tokens: int = 96, max_response_tok
                          max_response_tokens=max_response_tokens)
 
 
-def save_default_model(path: Path, seed: int = 0, arch: str = "default") -> Path:
+def save_bench_model(model, path: Path, arch: str) -> Path:
     from ldpipe.models import save_checkpoint
 
-    return save_checkpoint(bench_model(arch, seed), tokenizer(), path, metadata={"bench": True, "arch": arch})
+    return save_checkpoint(model, tokenizer(), path, metadata={"bench": True, "arch": arch})
+
+
+def timed(fn: Callable[[], T], dev: torch.device, repeats: int = 1) -> tuple[float, T]:
+    """(best wall seconds of `repeats` calls, the last result), with the device's queued work finished
+    before and after each call (CUDA runs asynchronously; elsewhere nothing to wait for)."""
+    best, out = float("inf"), None
+    for _ in range(repeats):
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        t0 = time.perf_counter()
+        out = fn()
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        best = min(best, time.perf_counter() - t0)
+    return best, out
 
 
 @dataclass

@@ -8,12 +8,13 @@ count, so `work / peak` is the least time any implementation of that work can ta
 """
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 from torch import nn
+
+from ldpipe.bench.common import timed
 
 
 @dataclass(frozen=True)
@@ -78,13 +79,5 @@ def measured_peak(device: torch.device | str = "cpu", dtype: torch.dtype = torch
     n = 8192 if dev.type == "cuda" else 2048
     a = torch.randn(n, n, device=dev, dtype=dtype)
     b = torch.randn(n, n, device=dev, dtype=dtype)
-    best = float("inf")
-    for _ in range(repeats + 1):  # the first is warm-up
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
-        t0 = time.perf_counter()
-        a @ b
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
-        best = min(best, time.perf_counter() - t0)
+    best, _ = timed(lambda: a @ b, dev, repeats + 1)  # one more: the first call warms up
     return 2.0 * n ** 3 / best

@@ -10,7 +10,7 @@ from __future__ import annotations
 import polars as pl
 import torch
 
-from ldpipe.bench.common import Timer, bench_model, encoded_probes, set_threads, tokenizer, world
+from ldpipe.bench.common import bench_model, encoded_probes, set_threads, timed, tokenizer, world
 
 
 def _inputs(n_train: int, n_prompts: int, model_path: str | None, arch: str):
@@ -36,14 +36,6 @@ def _inputs(n_train: int, n_prompts: int, model_path: str | None, arch: str):
     return model, train_pairs, probe_pairs
 
 
-def _synced(dev: torch.device, fn):
-    """fn() with the device's queued work finished before it returns (timings on CUDA)."""
-    out = fn()
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-    return out
-
-
 def bench_influence(*, quick: bool = False, threads: int | None = None, model_path: str | None = None,
                     rank: int = 32, lr: float = 1e-4, arch: str = "default", device: str | None = None) -> dict:
     from ldpipe.bench.common import bench_device
@@ -61,21 +53,18 @@ def bench_influence(*, quick: bool = False, threads: int | None = None, model_pa
         model, train_pairs, probe_pairs = _inputs(n_train, n_prompts, model_path, arch)
         model.to(dev).eval()
         if not results:   # untimed: first-use costs (allocator, cuBLAS) would land on the first method only
-            _synced(dev, lambda: exact_entk(model, train_pairs[:1], probe_pairs[:2]))
-        with Timer() as t_exact:
-            exact = _synced(dev, lambda: exact_entk(model, train_pairs, probe_pairs))
-        with Timer() as t_proj:
-            proj = _synced(dev, lambda: projected_entk(model, train_pairs, probe_pairs, rank=rank, seed=0))
-        with Timer() as t_naive:
-            naive = _synced(dev, lambda: torch.stack([naive_one_step(model, train_pairs, probe_pairs, lr=lr, i=i)
-                                                      for i in range(len(train_pairs))]))
+            timed(lambda: exact_entk(model, train_pairs[:1], probe_pairs[:2]), dev)
+        t_exact, exact = timed(lambda: exact_entk(model, train_pairs, probe_pairs), dev)
+        t_proj, proj = timed(lambda: projected_entk(model, train_pairs, probe_pairs, rank=rank, seed=0), dev)
+        t_naive, naive = timed(lambda: torch.stack([naive_one_step(model, train_pairs, probe_pairs, lr=lr, i=i)
+                                                    for i in range(len(train_pairs))]), dev)
         pe = agreement(proj, exact)
         en = agreement(exact * lr, naive)
         results.append({
             "workload": f"{len(train_pairs)} train x {len(probe_pairs)} probes",
-            "naive_s": t_naive.seconds, "exact_s": t_exact.seconds, "projected_s": t_proj.seconds,
-            "exact_speedup_vs_naive": t_naive.seconds / t_exact.seconds,
-            "projected_speedup_vs_naive": t_naive.seconds / t_proj.seconds,
+            "naive_s": t_naive, "exact_s": t_exact, "projected_s": t_proj,
+            "exact_speedup_vs_naive": t_naive / t_exact,
+            "projected_speedup_vs_naive": t_naive / t_proj,
             "spearman_projected_vs_exact": pe["spearman"], "relerr_projected_vs_exact": pe["relative_error"],
             "spearman_exact_vs_naive": en["spearman"], "relerr_exact_vs_naive": en["relative_error"],
         })

@@ -2,14 +2,12 @@
 from __future__ import annotations
 
 import os
-import time
-from typing import Callable
 
 import polars as pl
 import torch
 import torch.nn.functional as F
 
-from ldpipe.bench.common import set_threads
+from ldpipe.bench.common import set_threads, timed
 from ldpipe.scoring import SCORE_SCHEMA, EncodedProbe
 
 # the baseline reports the core columns only; the scorer may add more metrics
@@ -44,19 +42,6 @@ def score_padded(model, encoded: list[EncodedProbe], *, batch_size: int = 16) ->
             mx = pred.max(-1).values.double().sum().item()
             rows.append((ep.example_id, rtype, lp, len(r), lp / len(r), mx))
     return pl.DataFrame(rows, schema=_PADDED_SCHEMA, orient="row")
-
-
-def _time(fn: Callable[[], pl.DataFrame], repeats: int, dev: torch.device) -> tuple[float, pl.DataFrame]:
-    best, out = float("inf"), None
-    for _ in range(repeats):
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
-        t0 = time.perf_counter()
-        out = fn()
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
-        best = min(best, time.perf_counter() - t0)
-    return best, out
 
 
 def _bench_inputs(quick: bool, probes_path: str | None, n_prompts: int | None, arch: str):
@@ -129,7 +114,7 @@ def bench_scoring(*, quick: bool = False, probes_path: str | None = None, n_prom
         with amp():
             score_probes(model, encoded[:2], device=dev)  # warm-up (allocator, kernels)
         for name, (fn, _work) in methods.items():
-            secs, frame = _time(fn, repeats, dev)
+            secs, frame = timed(fn, dev, repeats)
             if name not in best or secs < best[name][0]:
                 best[name] = (secs, frame, n_threads)
     peak = max(peaks.values())

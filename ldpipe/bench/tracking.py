@@ -13,7 +13,7 @@ from pathlib import Path
 
 import polars as pl
 
-from ldpipe.bench.common import Timer, encoded_probes, save_default_model, set_threads, world
+from ldpipe.bench.common import Timer, bench_model, encoded_probes, save_bench_model, set_threads, world
 
 
 def _train_examples() -> list[tuple[str, str]]:
@@ -39,13 +39,12 @@ def _run(model_path: Path, store_root: Path, probes, *, epochs: float, eval_ever
     return t.seconds
 
 
-def _work(arch: str, probes, epochs: float) -> tuple[float, float]:
+def _work(shape, probes, epochs: float) -> tuple[float, float]:
     """(training work of the whole run, scoring work of one evaluation) in model FLOPs (bench.flops)."""
-    from ldpipe.bench.common import bench_model, tokenizer
-    from ldpipe.bench.flops import model_shape, shared_prefix_flops, training_flops
+    from ldpipe.bench.common import tokenizer
+    from ldpipe.bench.flops import shared_prefix_flops, training_flops
     from ldpipe.scoring import encode_pair
 
-    shape = model_shape(bench_model(arch))
     enc = [encode_pair(tokenizer(), p, c, max_prompt_tokens=96, max_response_tokens=64) for p, c in _train_examples()]
     one_epoch = training_flops(shape, [(len(p), len(r)) for p, r in enc])
     return epochs * one_epoch, shared_prefix_flops(shape, probes)
@@ -57,7 +56,7 @@ def bench_tracking(*, quick: bool = False, threads: int | None = None, n_prompts
     import torch
 
     from ldpipe.bench.common import bench_device
-    from ldpipe.bench.flops import measured_peak
+    from ldpipe.bench.flops import measured_peak, model_shape
 
     n_threads = set_threads(threads)
     dev = bench_device(device)
@@ -72,7 +71,10 @@ def bench_tracking(*, quick: bool = False, threads: int | None = None, n_prompts
     n_resp = sum(len(p.response_ids) for p in probes)
     with tempfile.TemporaryDirectory(prefix="ldpipe-bench-") as tmp:
         root = Path(tmp)
-        model_path = save_default_model(root / "base", arch=arch)
+        model = bench_model(arch)
+        shape = model_shape(model)
+        model_path = save_bench_model(model, root / "base", arch)
+        del model
         times = {"tracked": [], "untracked": []}
         for i in range(repeats):   # interleaved, so drift in machine load hits both alike
             times["untracked"].append(_run(model_path, root / f"store-u{i}", [], epochs=epochs,
@@ -85,7 +87,7 @@ def bench_tracking(*, quick: bool = False, threads: int | None = None, n_prompts
     evals = len({0, steps, *range(eval_every, steps + 1, eval_every)})
     base, tracked = min(times["untracked"]), min(times["tracked"])
     overhead = tracked / base - 1
-    train_work, eval_work = _work(arch, probes, epochs)
+    train_work, eval_work = _work(shape, probes, epochs)
     # No exact serial scorer can do the evaluations faster than their work at the matmul peak.
     floor = evals * eval_work / peak / base
     results = [
