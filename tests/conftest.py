@@ -40,6 +40,16 @@ def tiny_project(tmp_path, monkeypatch):
     return proj
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """LDPIPE_THREADS=1 for a module's training (2 by default; other jobs share the cores), for module-scoped
+    fixtures, which cannot use the function-scoped `monkeypatch`."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("LDPIPE_THREADS", "1")
+    yield
+    mp.undo()
+
+
 def build_inputs(spec, home: Path):
     """Dataset, probe set and base model of `spec` under the ldpipe home `home` (quietly, on CPU)."""
     from ldpipe import pipeline

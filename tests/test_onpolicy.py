@@ -59,14 +59,11 @@ def _train(spec, files, name, run_changes=None):
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    mp = pytest.MonkeyPatch()
-    mp.setenv("LDPIPE_THREADS", "1")
+def world(tmp_path_factory, one_thread):
     spec = _spec()
     files = build_inputs(spec, tmp_path_factory.mktemp("ldhome"))
     first = _train(spec, files, "op")
-    yield spec, files, first
-    mp.undo()
+    return spec, files, first
 
 
 def _offline_pairs(files, n):

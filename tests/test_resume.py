@@ -60,13 +60,9 @@ def _weights(path: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    mp = pytest.MonkeyPatch()
-    mp.setenv("LDPIPE_THREADS", "1")
+def world(tmp_path_factory, one_thread):
     spec = _spec()
-    files = build_inputs(spec, tmp_path_factory.mktemp("ldhome"))
-    yield spec, files
-    mp.undo()
+    return spec, build_inputs(spec, tmp_path_factory.mktemp("ldhome"))
 
 
 @pytest.mark.parametrize("name,stop_at,resumes_from", [("sft", "[tiny.sft] eval step 6/", 4),

@@ -38,17 +38,13 @@ def _spec(runs=RUNS, **run_changes):
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
+def world(tmp_path_factory, one_thread):
     """The tiny dataset, probe set and base model, built once; then sft -> dpo -> ipo and extend trained."""
-    mp = pytest.MonkeyPatch()
-    # train_run sets torch's threads (2 by default); other jobs share the cores, so keep tests at 1.
-    mp.setenv("LDPIPE_THREADS", "1")
     spec = _spec()
     files = build_inputs(spec, tmp_path_factory.mktemp("ldhome"))
     quiet = lambda msg: None  # noqa: E731
     info = {r.name: pipeline.train_run(spec, r, files, device="cpu", log=quiet) for r in spec.runs}
-    yield spec, files, info
-    mp.undo()
+    return spec, files, info
 
 
 def _table(files, table, run_id):
