@@ -12,7 +12,7 @@ from typing import Sequence
 
 import torch
 
-from ldpipe.models import attention_without_cudnn
+from ldpipe.models import attention_without_cudnn, eval_mode
 
 
 @dataclass(frozen=True)
@@ -47,10 +47,8 @@ def generate(model, tokenizer, prompts: Sequence[str], config: GenerationConfig 
     if eos is None:
         raise ValueError("the tokenizer has no eos token; generation needs one to stop and to pad")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
-    was_training = model.training
-    model.eval()
     out: list[str] = []
-    try:
+    with eval_mode(model):
         for b, start in enumerate(range(0, len(prompts), config.batch_size)):
             chunk = list(prompts[start:start + config.batch_size])
             ids = [tokenizer(p, add_special_tokens=False)["input_ids"][-config.max_prompt_tokens:] for p in chunk]
@@ -71,6 +69,4 @@ def generate(model, tokenizer, prompts: Sequence[str], config: GenerationConfig 
                 if eos in row:
                     row = row[:row.index(eos)]
                 out.append(tokenizer.decode(row, skip_special_tokens=True).strip())
-    finally:
-        model.train(was_training)
     return out

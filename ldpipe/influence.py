@@ -43,6 +43,7 @@ import torch
 import torch.nn as nn
 
 from ldpipe.errors import LdpipeError
+from ldpipe.models import eval_mode
 from ldpipe.scoring import batch_logps
 
 Pair = tuple[list[int], list[int]]
@@ -156,26 +157,12 @@ def _flat_precond(precond: Precond | None, selected, device) -> torch.Tensor | N
     return torch.cat([precond[n].detach().reshape(-1).to(device=device, dtype=torch.float32) for n, _ in selected])
 
 
-class _EvalMode:
-    """Eval mode for the duration (no dropout), the caller's mode restored afterwards."""
-
-    def __init__(self, model: nn.Module) -> None:
-        self.model = model
-
-    def __enter__(self):
-        self.was = self.model.training
-        self.model.eval()
-
-    def __exit__(self, *exc):
-        self.model.train(self.was)
-
-
 @contextmanager
 def _weights_restored(model: nn.Module, tensors: Sequence[torch.Tensor]):
     """Weights, .grad fields and train/eval mode restored bit-exactly on exit (eval mode inside)."""
     saved = [p.detach().clone() for p in tensors]
     grads = [None if p.grad is None else p.grad.detach().clone() for p in tensors]
-    with _EvalMode(model):
+    with eval_mode(model):
         try:
             yield
         finally:
@@ -221,7 +208,7 @@ def per_sequence_gradients(model: nn.Module, pairs: Sequence[Pair], *,
     total = sum(p.numel() for p in tensors)
     dev = tensors[0].device
     out = torch.zeros(len(pairs), total, dtype=torch.float32, device=dev)
-    with _EvalMode(model):
+    with eval_mode(model):
         for k, pair in enumerate(pairs):
             logp, _ = batch_logps(model, [pair])
             grads = torch.autograd.grad(logp[0], tensors, allow_unused=True)
@@ -511,7 +498,7 @@ def _check_rank(rank: int) -> int:
 def _features(model, proj: _Projector, pairs, batch, *, train_side) -> torch.Tensor:
     if batch < 1:
         raise LdpipeError(f"batch must be >= 1, got {batch}")
-    with _EvalMode(model):
+    with eval_mode(model):
         parts = [proj.features(pairs[s: s + batch], train_side=train_side) for s in range(0, len(pairs), batch)]
     return torch.cat(parts, dim=0)
 
@@ -630,7 +617,7 @@ def akg_decomposition(model: nn.Module, update: Union[Pair, Update], observed: P
     selected = _select(model, params)
     tensors = [p for _, p in selected]
     d = _directions(model, updates, params, None, 1.0)[0]
-    with _EvalMode(model):
+    with eval_mode(model):
         z_o = _response_logits(model, observed)[position]
         j_o = _jacobian(z_o, tensors)
         pi = torch.softmax(z_o.detach(), dim=-1)
@@ -723,7 +710,7 @@ def optimizer_drift(model: nn.Module, probe_pairs: Sequence[Pair], *,
 def position_logps(model: nn.Module, pair: Pair) -> torch.Tensor:
     """[len(response)] fp32 log pi of each response token (no gradient)."""
     _check_pairs([pair], "pair")
-    with torch.no_grad(), _EvalMode(model):
+    with torch.no_grad(), eval_mode(model):
         z = _response_logits(model, pair)
         y = torch.tensor(pair[1], device=z.device)
         return torch.log_softmax(z, dim=-1).gather(1, y[:, None]).squeeze(1).cpu()
@@ -764,7 +751,7 @@ def akg_factors(model: nn.Module, update: Union[Pair, Update], observed: Pair, *
     d = _directions(model, updates, params, None, 1.0)[0]
     d_parts = list(torch.split(d, [p.numel() for p in tensors]))
     y = torch.tensor(observed[1], device=d.device)
-    with _EvalMode(model), _eager_attention(model):
+    with eval_mode(model), _eager_attention(model):
         z = _response_logits(model, observed)
         # J d by double backward: v -> J^T v is linear in v, so d/dv <J^T v, d> = J d.
         v = torch.zeros_like(z, requires_grad=True)

@@ -216,19 +216,28 @@ def lm_loss(model: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), batch[:, 1:].reshape(-1))
 
 
+@contextlib.contextmanager
+def eval_mode(model: torch.nn.Module):
+    """Eval mode for the duration (no dropout), the caller's train/eval mode restored afterwards, also on error."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
 @torch.no_grad()
 def _eval_loss(model: torch.nn.Module, rows: torch.Tensor, batch_size: int, device: torch.device) -> float:
     if rows.numel() == 0:
         return float("nan")
-    was_training = model.training
-    model.eval()
     total, count = 0.0, 0
-    for i in range(0, rows.size(0), batch_size):
-        b = rows[i:i + batch_size].to(device)
-        n = b.size(0) * (b.size(1) - 1)
-        total += lm_loss(model, b).item() * n
-        count += n
-    model.train(was_training)
+    with eval_mode(model):
+        for i in range(0, rows.size(0), batch_size):
+            b = rows[i:i + batch_size].to(device)
+            n = b.size(0) * (b.size(1) - 1)
+            total += lm_loss(model, b).item() * n
+            count += n
     return total / count
 
 

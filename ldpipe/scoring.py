@@ -49,7 +49,7 @@ import torch
 import torch.nn.functional as F
 
 from ldpipe.errors import DataValidationError, LdpipeError
-from ldpipe.models import attention_without_cudnn
+from ldpipe.models import attention_without_cudnn, eval_mode
 from ldpipe.schema import PROBE_SCHEMA
 
 log = logging.getLogger(__name__)
@@ -530,9 +530,7 @@ def score_probes(model, encoded: Sequence[EncodedProbe], *, device=None, max_bat
             progress(done, total)
 
     budget = max_batch_tokens
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         pending = [(pi, ri) for pi, ep in enumerate(encoded) for ri in range(len(ep.response_ids))]
         while pending:
             failure = None
@@ -565,8 +563,6 @@ def score_probes(model, encoded: Sequence[EncodedProbe], *, device=None, max_bat
                         "retrying the %d unscored responses with max_batch_tokens=%d",
                         dev, failure, budget, len(pending), new_budget)
             budget = new_budget
-    finally:
-        model.train(was_training)
     ids = [ep.example_id for ep in encoded for _ in ep.response_ids]
     types = [t for ep in encoded for t in ep.response_types]
     n = [len(r) for ep in encoded for r in ep.response_ids]
@@ -581,11 +577,9 @@ def score_naive(model, encoded: Sequence[EncodedProbe], *, device=None) -> pl.Da
     The metrics are computed by brute force in float64 over the full distribution (an independent check)."""
     dev = _prepare(model, device)
     _check_bounds(model, encoded)
-    was_training = model.training
-    model.eval()
     ids, types, ns, sums = [], [], [], []
     vocab = None
-    try:
+    with eval_mode(model):
         for ep in encoded:
             P = len(ep.prompt_ids)
             for rtype, r in zip(ep.response_types, ep.response_ids):
@@ -614,8 +608,6 @@ def score_naive(model, encoded: Sequence[EncodedProbe], *, device=None) -> pl.Da
                     (1.0 - pi.gather(1, labels[:, None])).sum().item(),
                     not_max.sum().item(),
                 ])
-    finally:
-        model.train(was_training)
     return _frame(ids, types, ns, sums, vocab or _vocab(_lm_head(model)))
 
 

@@ -20,6 +20,7 @@ import polars as pl
 import torch
 
 from ldpipe.analysis.plots import figure_png, run_colours, subplots
+from ldpipe.models import eval_mode
 from ldpipe.schema import GENERATION_STATS_SCHEMA
 
 _WORD = re.compile(r"[a-z0-9']+")
@@ -63,11 +64,9 @@ def peakiness(model, pairs: Sequence[tuple[list[int], list[int]]], device=None) 
     """Teacher-forced next-token statistics over the response positions of (prompt_ids, response_ids) pairs,
     pooled over all positions: n_positions, mean_max_prob, mean_entropy, mean_logp_token."""
     dev = torch.device(device) if device is not None else next(model.parameters()).device
-    was_training = model.training
-    model.eval()
     n = 0
     s_max = s_ent = s_lp = 0.0
-    try:
+    with eval_mode(model):
         for p, r in pairs:
             ids = torch.tensor([p + r], device=dev)
             logits = model(input_ids=ids).logits[0, len(p) - 1: len(p) + len(r) - 1].float()
@@ -77,8 +76,6 @@ def peakiness(model, pairs: Sequence[tuple[list[int], list[int]]], device=None) 
             s_ent += -(prob * logp).sum(dim=-1).sum().item()
             s_lp += logp.gather(1, torch.tensor(r, device=dev)[:, None]).sum().item()
             n += len(r)
-    finally:
-        model.train(was_training)
     if n == 0:
         return {"n_positions": 0, "mean_max_prob": None, "mean_entropy": None, "mean_logp_token": None}
     return {"n_positions": n, "mean_max_prob": s_max / n, "mean_entropy": s_ent / n, "mean_logp_token": s_lp / n}
