@@ -45,6 +45,7 @@ TRAJECTORY_SCHEMA: dict[str, pl.DataType] = {
     "p_e": pl.Float64,           # mean_l ||pi_l - e_{y_l}||_2, size of the SFT residual G
     "energy": pl.Float64,        # mean_l (1 - pi_l(y_l))
     "except_argmax": pl.Float64,  # sum_l log(1 - max_v pi_l), computed stably
+    "argmax_match": pl.Int64,     # response positions whose token is the argmax of pi_l (null in older shards)
 }
 
 # Training metrics: one row per optimizer step.

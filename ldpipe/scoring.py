@@ -35,6 +35,8 @@ exp(logits - max) so that nothing underflows to NaN or -inf:
   energy         mean_l (1 - pi_l(y_l))
   except_argmax  sum_l log(1 - max_v pi_l(v)), as the log of the summed non-argmax
                  probabilities (-inf only if a position puts all mass on one token)
+  argmax_match   #{l : y_l = argmax_v pi_l(v)}, the positions where the response IS the teacher-forced
+                 argmax path y* (argmax_logp_sum - logp_sum sums the gap over the other positions)
 """
 from __future__ import annotations
 
@@ -60,6 +62,7 @@ METRIC_SCHEMA: dict[str, pl.DataType] = {
     "p_e": pl.Float64,
     "energy": pl.Float64,
     "except_argmax": pl.Float64,
+    "argmax_match": pl.Int64,
 }
 SCORE_SCHEMA: dict[str, pl.DataType] = {
     "example_id": pl.String,
@@ -221,7 +224,7 @@ def _lm_head(model):
 
 
 # Per-position statistics, in this order (see _token_stats); per-sequence metrics are reduced from them.
-_N_STATS = 6  # log pi(y), log max pi, ||pi||_2, ||pi - e_y||_2, 1 - pi(y), log(1 - max pi)
+_N_STATS = 7  # log pi(y), log max pi, ||pi||_2, ||pi - e_y||_2, 1 - pi(y), log(1 - max pi), [y is the argmax]
 
 
 def _token_stats(head, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -263,6 +266,7 @@ def _token_stats(head, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tens
             (sq_not_y.clamp(min=0.0) + one_minus_py * one_minus_py).sqrt(),
             one_minus_py,
             rest.log(),
+            y_max.float(),
         ], dim=1)
         tiny = rest < 1e-30
         if bool(tiny.any()):
@@ -298,6 +302,7 @@ def _frame(ids: list[str], types: list[str], n: list[int], sums: list[list[float
             "p_e": [r[3] / k for r, k in zip(sums, n)],
             "energy": [r[4] / k for r, k in zip(sums, n)],
             "except_argmax": [r[5] for r in sums],
+            "argmax_match": [round(r[6]) for r in sums],
         },
         schema=SCORE_SCHEMA,
     )
@@ -607,6 +612,7 @@ def score_naive(model, encoded: Sequence[EncodedProbe], *, device=None) -> pl.Da
                     (pi - onehot).norm(dim=-1).sum().item(),
                     (1.0 - pi.gather(1, labels[:, None])).sum().item(),
                     not_max.sum().item(),
+                    float((top.squeeze(1) == labels).sum().item()),
                 ])
     return _frame(ids, types, ns, sums, vocab or _vocab(_lm_head(model)))
 

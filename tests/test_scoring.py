@@ -112,9 +112,9 @@ def test_encoding_truncates_prompt_end_and_response_start(tokenizer, probes, enc
 def test_fast_scorer_matches_naive(model, encoded, naive):
     fast = score_probes(model, encoded)
     assert fast.columns == ["example_id", "response_type", "logp_sum", "n_tokens", "logp_mean", "argmax_logp_sum",
-                            "A_o", "p_e", "energy", "except_argmax"]
+                            "A_o", "p_e", "energy", "except_argmax", "argmax_match"]
     assert fast.schema == naive.schema == pl.Schema(SCORE_SCHEMA)
-    assert fast.dtypes == [pl.String, pl.String, pl.Float64, pl.Int64, pl.Float64] + [pl.Float64] * 5
+    assert fast.dtypes == [pl.String, pl.String, pl.Float64, pl.Int64, pl.Float64] + [pl.Float64] * 5 + [pl.Int64]
     assert fast.select("example_id", "response_type").equals(naive.select("example_id", "response_type"))
     assert fast["n_tokens"].to_list() == naive["n_tokens"].to_list()
     assert fast["n_tokens"].to_list() == [len(r) for ep in encoded for r in ep.response_ids]
@@ -218,7 +218,7 @@ def test_bounds_and_bad_input(model, tokenizer, probes):
 def _brute_metrics(logit_rows: list[list[float]], labels: list[int]) -> dict[str, float]:
     """The §7 formulas by brute force in Python float64, straight from the definitions."""
     V = len(logit_rows[0])
-    norms, pes, energies, except_ = [], [], [], 0.0
+    norms, pes, energies, except_, match = [], [], [], 0.0, 0
     for row, y in zip(logit_rows, labels):
         m = max(row)
         w = [math.exp(x - m) for x in row]
@@ -229,9 +229,10 @@ def _brute_metrics(logit_rows: list[list[float]], labels: list[int]) -> dict[str
         pes.append(math.sqrt(math.fsum((p - (v == y)) ** 2 for v, p in enumerate(pi))))
         energies.append(1.0 - pi[y])
         except_ += math.log(math.fsum(w[v] for v in range(V) if v != top) / z)  # log(1 - max pi), no cancellation
+        match += top == y   # ties: the first maximal token is the argmax, as torch.argmax
     n = len(labels)
     return {"A_o": math.sqrt(V * (sum(norms) / n) ** 2 + V - 2), "p_e": sum(pes) / n,
-            "energy": sum(energies) / n, "except_argmax": except_}
+            "energy": sum(energies) / n, "except_argmax": except_, "argmax_match": match}
 
 
 def test_token_stats_hand_computed_and_stable_at_max_prob_one():
@@ -258,6 +259,9 @@ def test_token_stats_hand_computed_and_stable_at_max_prob_one():
         assert stats[i, 3].item() == pytest.approx(b["p_e"], abs=1e-6)
         assert stats[i, 4].item() == pytest.approx(b["energy"], abs=1e-6)
         assert stats[i, 5].item() == pytest.approx(b["except_argmax"], rel=1e-5, abs=1e-5)
+        assert stats[i, 6].item() == b["argmax_match"]
+    # the label is the argmax only where it holds the (first) maximal logit: row 3
+    assert stats[:, 6].tolist() == [0.0, 0.0, 0.0, 1.0, 0.0]
     assert stats[3, 5].item() == pytest.approx(math.log(3) - 40, rel=1e-6)
     assert stats[4, 5].item() == pytest.approx(math.log(3) - 300, rel=1e-6)
     assert stats[4, 3].item() == pytest.approx(math.sqrt(2), abs=1e-6)  # pi = e_0, label 1
