@@ -10,6 +10,7 @@ import polars as pl
 import pytest
 import torch
 
+from ldpipe.analysis.squeeze_stats import squeeze_diagnostics, start_end
 from ldpipe.analysis.squeezing import generation_prompts, has_repeat, peakiness, repeater_stats
 from ldpipe.catalog import query, refresh_catalog
 from ldpipe.models import TinyModelConfig, build_model, train_tokenizer
@@ -62,21 +63,79 @@ def test_generation_prompts_pick_trained_and_held_out():
     assert generation_prompts(prefs, probes, 1)["example_id"].to_list() == ["t2", "h1"]
 
 
-def test_squeezing_view_known_values(tmp_path):
+def _traj(run_id: str, rows) -> pl.DataFrame:
+    """Trajectory rows (step, example, type, logp_sum, argmax_logp_sum, n_tokens, argmax_match)."""
+    return pl.DataFrame([{"run_id": run_id, "config_hash": "h", "phase": "dpo", "step": st, "epoch": 0.0,
+                          "example_id": e, "response_type": t, "logp_sum": float(lp), "n_tokens": n,
+                          "logp_mean": lp / n, "argmax_logp_sum": float(am), "argmax_match": m}
+                         for st, e, t, lp, am, n, m in rows], schema=TRAJECTORY_SCHEMA)
+
+
+# Two prompts a, b; y+ of a has 4 tokens, of b 8; y- of a has 5 tokens. Step 0 -> step 4: y* gains, y+ falls.
+KNOWN = [(0, "a", "chosen", -10, -6, 4, 2), (0, "b", "chosen", -20, -12, 8, 4), (0, "a", "rejected", -50, -1, 5, 0),
+         (4, "a", "chosen", -14, -3, 4, 1), (4, "b", "chosen", -26, -9, 8, 2), (4, "a", "rejected", -60, -1, 5, 0)]
+
+
+def test_squeeze_diagnostics_known_values():
+    d = squeeze_diagnostics(_traj("x.dpo", KNOWN))
+    assert d["step"].to_list() == [0, 4] and d["n_examples"].to_list() == [2, 2]
+    s0, s4 = d.row(0, named=True), d.row(1, named=True)
+    # gap per token: a (−6 − −10)/4 = 1, b (−12 − −20)/8 = 1 -> 1; at step 4: 11/4 and 17/8 -> (2.75 + 2.125)/2
+    assert s0["gap_per_token"] == pytest.approx(1.0) and s4["gap_per_token"] == pytest.approx(2.4375)
+    assert s0["argmax_share"] == pytest.approx(6 / 12) and s4["argmax_share"] == pytest.approx(3 / 12)
+    assert s0["rejected_logp_per_token"] == pytest.approx(-10.0) and s4["rejected_logp_per_token"] == -12.0
+    assert s4["argmax_gap"] == pytest.approx(14.0)
+    assert start_end(d) == {"gap_per_token_start": 1.0, "gap_per_token_end": 2.4375, "argmax_share_start": 0.5,
+                            "argmax_share_end": 0.25, "rejected_logp_per_token_start": -10.0,
+                            "rejected_logp_per_token_end": -12.0}
+    # shards written before argmax_match existed: the share is unknown, not 0
+    old = squeeze_diagnostics(_traj("x.dpo", KNOWN).with_columns(pl.lit(None, pl.Int64).alias("argmax_match")))
+    assert old["argmax_share"].null_count() == 2 and old["gap_per_token"].to_list() == d["gap_per_token"].to_list()
+
+
+def test_squeezing_view_known_values_match_the_library(tmp_path):
     store = Store(tmp_path / "store")
-    for step, (lp_a, am_a, lp_b, am_b) in ((0, (-10, -6, -20, -12)), (4, (-14, -3, -26, -9))):
-        rows = [("a", "chosen", lp_a, am_a), ("b", "chosen", lp_b, am_b), ("a", "rejected", -50.0, -1.0)]
-        df = pl.DataFrame([{"run_id": "x.dpo", "config_hash": "h", "phase": "dpo", "step": step, "epoch": 0.0,
-                            "example_id": e, "response_type": t, "logp_sum": float(lp), "n_tokens": 4,
-                            "logp_mean": lp / 4, "argmax_logp_sum": float(am)} for e, t, lp, am in rows],
-                          schema=TRAJECTORY_SCHEMA)
-        store.write_shard("trajectories", df, partition={"run_id": "x.dpo"}, name=f"step-{step}")
+    traj = _traj("x.dpo", KNOWN)
+    for step in (0, 4):
+        store.write_shard("trajectories", traj.filter(pl.col("step") == step), partition={"run_id": "x.dpo"},
+                          name=f"step-{step}")
     refresh_catalog(tmp_path / "c.duckdb", tmp_path / "store", REPO / "sql")
     v = query(tmp_path / "c.duckdb", "select * from squeezing order by step")
     assert v["n_examples"].to_list() == [2, 2]
     last = v.row(1, named=True)
     assert last["mean_logp_chosen"] == -20 and last["mean_logp_argmax"] == -6
     assert last["delta_chosen"] == -5 and last["delta_argmax"] == 3 and last["argmax_gap"] == 14
+    assert last["delta_gap"] == pytest.approx(8.0)
+    lib = squeeze_diagnostics(traj)
+    for col in ("gap_per_token", "argmax_share", "rejected_logp_per_token", "argmax_gap", "mean_logp_argmax"):
+        assert v[col].to_list() == pytest.approx(lib[col].to_list()), col
+
+
+def _dpo_check(rows):
+    from ldpipe.analysis.directions import evaluate_run
+    from ldpipe.spec import RunSpec
+
+    run = RunSpec(name="dpo", algo="dpo")
+    return {c.name: c for c in evaluate_run(run, _traj("x.dpo", rows))}["dpo_squeezing_argmax_rises"]
+
+
+def test_squeezing_check_asks_for_argmax_gain_and_a_wider_gap():
+    c = _dpo_check(KNOWN)   # y* +3, y+ −5: gap widens by 8
+    assert c.passed and c.metadata["delta_argmax"] == 3 and c.metadata["delta_gap"] == 8
+    assert c.metadata["chosen_fell"] is True and c.metadata["gap_per_token_end"] == 2.4375
+    # y+ rising does not fail it, as long as y* gains more (y+ +6 at step 4: delta +1, gap +2)
+    up = [(st, e, t, lp + (6 if st == 4 and t == "chosen" else 0), am, n, m) for st, e, t, lp, am, n, m in KNOWN]
+    c = _dpo_check(up)
+    assert c.passed and c.metadata["chosen_fell"] is False and c.metadata["delta_gap"] == 2
+    # y* gains but y+ gains more: the gap narrows, no squeeze
+    narrow = [(st, e, t, lp + (12 if st == 4 and t == "chosen" else 0), am, n, m) for st, e, t, lp, am, n, m in KNOWN]
+    c = _dpo_check(narrow)
+    assert not c.passed and c.metadata["delta_argmax"] == 3 and c.metadata["delta_gap"] == -4
+    # the gap widens because y+ falls, but y* falls too: no squeeze
+    fall = [(st, e, t, lp - (10 if st == 4 and t == "chosen" else 0), am - (5 if st == 4 else 0), n, m)
+            for st, e, t, lp, am, n, m in KNOWN]
+    c = _dpo_check(fall)
+    assert not c.passed and c.metadata["delta_argmax"] == -2 and c.metadata["delta_gap"] == 13
 
 
 @pytest.mark.slow

@@ -6,6 +6,12 @@ type with it, while the argmax response y* (teacher-forced on y+) gains ("squeez
 y-) before DPO shrinks DPO's collateral decline. Each check here reports the measured deltas whether it passes or
 not: the thresholds are the paper's signs, never tuned to the data.
 
+The squeezing check follows the reference implementation's committed DPO runs (Ren & Sutherland's repository,
+exp_results): with the argmax bug fixed, Pythia-410M and Qwen1.5-0.5B DPO at lr 5e-7 moved y* by +20.4 and
++15.7 nats while y+ ended −4.2 and −27.1 below its start; other runs have y+ rising (Pythia-410M, +5.7) or
+falling (Pythia-1B, −6.7). The invariant is that the argmax path gains and pulls away from y+, so the check asks
+exactly that, and reports whether y+ fell as a separate measured number.
+
 A delta is the change of the mean over probe prompts of log π(y|x) (sum over response tokens) between a run's
 first evaluation (step 0, its start checkpoint) and its last.
 """
@@ -16,12 +22,19 @@ from dataclasses import dataclass, field
 
 import polars as pl
 
+from ldpipe.analysis.squeeze_stats import squeeze_diagnostics, start_end
 from ldpipe.spec import EXTEND_SUPERVISE, ExperimentSpec, RunSpec
 from ldpipe.store import Store
 
 SFT_RISE = ("chosen", "irr_train")
 SFT_FALL = ("irr_hum", "random_permute", "random_nonhum")
 NEARLY_ALL = 0.8   # "nearly every type falls": at least this share of the probe types ends below its start
+SQUEEZE_DESCRIPTION = (
+    "Measured (squeezing; definition from the reference implementation's fixed-code DPO runs, where y* rose "
+    "+20.4 / +15.7 nats while y+ fell −4.2 / −27.1): over the {A} run, mean log π(y*) (the argmax path "
+    "teacher-forced on y+) rises AND the mean gap log π(y*) − log π(y+) widens. Whether y+ falls is reported "
+    "in the metadata (chosen_fell), not part of the pass condition; so are the per-token gap, the share of y+ "
+    "positions that are the argmax, and the valley depth of y−.")
 
 
 @dataclass(frozen=True)
@@ -52,8 +65,7 @@ def run_checks(run: RunSpec) -> list[tuple[str, str]]:
                                         "of all probe types."),
         (f"{a}_nearly_every_type_falls", f"Measured (paper §4): under {A}, at least {NEARLY_ALL:.0%} of the probe "
                                          "types end below their start. Metadata: the share that fell."),
-        (f"{a}_squeezing_argmax_rises", f"Measured (squeezing, paper §4): under {A}, mean log π(y*) (argmax "
-                                        "teacher-forced on y+) rises while log π(y+) falls."),
+        (f"{a}_squeezing_argmax_rises", SQUEEZE_DESCRIPTION.format(A=A)),
     ]
 
 
@@ -102,7 +114,7 @@ def evaluate_run(run: RunSpec, traj: pl.DataFrame) -> list[CheckOutcome]:
         f"{run.algo}_widens_chosen_rejected_gap": lambda: _gap(deltas),
         f"{run.algo}_rejected_falls_fastest": lambda: _rejected_fastest(deltas),
         f"{run.algo}_nearly_every_type_falls": lambda: _nearly_all_fall(deltas),
-        f"{run.algo}_squeezing_argmax_rises": lambda: _squeezing(d),
+        f"{run.algo}_squeezing_argmax_rises": lambda: _squeezing(d, traj),
     }
     return [CheckOutcome(n, *by_name[n]()) for n in names]
 
@@ -151,14 +163,18 @@ def _nearly_all_fall(deltas: dict[str, float]) -> tuple[bool, dict]:
     return share >= NEARLY_ALL, meta
 
 
-def _squeezing(d: pl.DataFrame) -> tuple[bool, dict]:
+def _squeezing(d: pl.DataFrame, traj: pl.DataFrame) -> tuple[bool, dict]:
     row = d.filter(pl.col("response_type") == "chosen")
     if row.is_empty():
         return False, {"reason": "the probe set has no 'chosen' (y+) rows"}
     r = row.row(0, named=True)
-    meta = {"delta_chosen": round(r["delta"], 4), "delta_argmax": round(_nan(r["argmax_delta"]), 4),
+    delta_argmax = r["argmax_delta"]
+    delta_gap = None if delta_argmax is None else delta_argmax - r["delta"]
+    meta = {"delta_argmax": round(_nan(delta_argmax), 4), "delta_gap": round(_nan(delta_gap), 4),
+            "delta_chosen": round(r["delta"], 4), "chosen_fell": bool(r["delta"] < 0),
             "argmax_start": round(_nan(r["argmax_start"]), 4), "argmax_end": round(_nan(r["argmax_end"]), 4)}
-    ok = r["argmax_delta"] is not None and r["argmax_delta"] > 0 and r["delta"] < 0
+    meta.update({k: v for k, v in start_end(squeeze_diagnostics(traj)).items() if v is not None})
+    ok = delta_argmax is not None and delta_argmax > 0 and delta_gap > 0
     return ok, meta
 
 
