@@ -5,35 +5,48 @@ real HH-style dataset is too broad for such a model to condition on the prompt. 
 attribute of one FICTIONAL entity, so the right answer depends on the prompt, and answering entity A with entity
 B's value ("hallucination borrowing") can be counted against the `facts` table.
 
+Answers have the entropy of real text (so that SFT cannot memorise y+ token by token, and DPO's argmax path y*
+has room to pull away from it): a chosen answer states the fact in one of several phrasings, sometimes adds a
+supporting sentence, then continues with 0-4 free-text remarks from a grammar with real branching and Zipf-skewed
+word choice (ldpipe.synthetic_remarks). Lengths spread like chat answers (about 6 to 60 words).
+
+Rejected answers are plausible text in the same language, written with the "odd" (flat) word choice that a
+model trained on chosen answers finds unlikely, and spread along a similarity-to-y+ axis (REJECTED_KINDS, the
+kind recorded per example in the `kinds` table): the chosen phrasing with a wrong value, a true fact nobody
+asked for, a refusal, remarks about something else.
+
 Four template families keep the SFT texts apart:
 - SFT answers (chosen, and the wrong-value / off-topic rejected answers),
-- meaning-keeping rephrases (`*_gptsemantic`: other words, same facts),
-- format-keeping rephrases (`*_gptformat`: the same template with other values),
+- meaning-keeping rephrases (`*_gptsemantic`: other words, same facts, every remark in its synonym wording),
+- format-keeping rephrases (`*_gptformat`: the same templates with other values, every remark slot changed),
 - corpus statements (a third wording, the only one used for facts that SFT texts state).
 Filler text comes from a small grammar (`human_sentence`) that avoids the world's names and values.
 
 The pretraining corpus must teach the LANGUAGE of every response type (a real base model knows how answers are
 worded; it has just not seen these question/answer pairs), without teaching the answers themselves. So every
-template family above, refusals included, and the filler grammar occur in the corpus, but only instantiated on
-(entity, attribute, value) combinations that no preference example states:
+template family above, refusals, remarks in both wordings and both styles, and the filler grammar occur in the
+corpus, but only instantiated on (entity, attribute, value) combinations that no preference example states:
 - "free" facts of world entities: true facts that no example's prompt, chosen, rejected or rephrase states,
 - "outsiders": made-up people who are not in the world (so not in `facts`); each has one fixed fact row, so the
   corpus never contradicts itself, and they supply the "same template, other value" sentences,
 - "strangers": made-up names that only ever get refusals, so refusals never deny knowing a world entity.
-Facts that examples state appear only as corpus statements, which is why no chosen answer (nor its first
-sentence) occurs verbatim. The corpus never says anything false about a world entity. Dialogues use exactly
-the prompts' "\n\nHuman: ...\n\nAssistant: ..." format, so an answer follows "Assistant:" as it does in SFT.
+Facts that examples state appear only as corpus statements, and no sentence of any prompt, answer or rephrase
+occurs in the corpus (a remark that would is drawn again). The corpus never says anything false about a world
+entity. Dialogues use exactly the prompts' "\n\nHuman: ...\n\nAssistant: ..." format, so an answer follows
+"Assistant:" as it does in SFT.
 """
 from __future__ import annotations
 
 import itertools
 import json
 import random
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import polars as pl
 
+from ldpipe import synthetic_remarks as R
 from ldpipe.atomic import write_bytes, write_json, write_parquet
 from ldpipe.errors import DataValidationError
 from ldpipe.schema import PREFERENCE_SCHEMA, conform
@@ -48,9 +61,19 @@ FACTS_SCHEMA: dict[str, pl.DataType] = {
     "entity_split": pl.String,   # "train" | "test": the split whose prompts ask about this entity
     "example_id": pl.String,     # the example asking this fact (one row per asking example), else null
 }
-REJECTED_KINDS = ("refusal", "wrong_value", "off_topic")
+KINDS_SCHEMA: dict[str, pl.DataType] = {
+    "example_id": pl.String,
+    "rejected_kind": pl.String,  # one of REJECTED_KINDS: how the rejected answer relates to the chosen one
+}
+# Rejected answers, from most to least similar to the chosen one: the chosen phrasing with a wrong value (shares
+# template and entity), a true fact nobody asked for (shares entity and answer shape), a refusal (shares the
+# entity), remarks about something else (shares only the language).
+REJECTED_KINDS = ("wrong_value", "off_topic", "refusal", "unrelated")
+SUPPORT_PROBABILITY = 0.5   # an answer adds a supporting sentence this often
+CORPUS_USUAL_SHARE = 0.7    # corpus replies with the usual word choice (the rest: the odd one of rejected answers)
+CORPUS_SYNONYM_SHARE = 0.5  # corpus replies whose remarks use the synonym wording
 # Bumped whenever the same config yields a different corpus, so cached base models can be told apart.
-CORPUS_VERSION = 2
+CORPUS_VERSION = 3
 
 
 @dataclass(frozen=True)
@@ -286,6 +309,15 @@ def human_sentence(rng: random.Random, n_words: int) -> str:
 
 # ----------------------------------------------------------------------------- generation
 
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+
+
+def sentences(text: str) -> list[str]:
+    """The sentences of a text (dialogue markers dropped), split after ., ! or ? and whitespace."""
+    flat = text.replace("\n\nHuman: ", " ").replace("\n\nAssistant: ", " ").replace("\n\nAssistant:", " ")
+    return [x.strip() for x in _SENTENCE_END.split(flat) if x.strip()]
+
+
 def _sentence_case(s: str) -> str:
     return s[:1].upper() + s[1:]
 
@@ -319,6 +351,7 @@ class _Example:
     prompt: str
     chosen: str
     rejected: str
+    rejected_kind: str
     rephrases: dict[str, tuple[str, str]] = field(default_factory=dict)  # type -> (response, provenance)
     # (entity, attribute) facts whose true value this example's prompt or responses state
     stated: set[tuple[str, str]] = field(default_factory=set)
@@ -354,48 +387,88 @@ class _World:
             prompt = f"\n\nHuman: {q1}\n\nAssistant: {a1}" + prompt
             stated.add((entity, other))
 
-        # chosen and its two rephrases
-        ai, si = rng.randrange(3), rng.randrange(3)
-        mi, ms = rng.randrange(3), rng.randrange(3)
+        # chosen: the fact in one of its phrasings, maybe a supporting sentence, then free-text remarks
+        # ("usual" word choice); its rephrases keep the structure and change the words or the values
         swapped = _other_value(rng, self.values_of(attribute, entity), {value})
-        chosen = (" " + _render(ANSWERS[attribute][ai], entity, value) + " "
-                  + _render(SUPPORTS[attribute][si], entity, value))
+        chosen_fact = _Fact.draw(rng, attribute, "usual")
+        remarks = R.draw_remarks(rng, attribute, "usual")
+        chosen = chosen_fact.answer(entity, value, remarks)
         reph = {
-            "chosen_gptsemantic": (" " + _render(MEANING_ANSWERS[attribute][mi], entity, value) + " "
-                                   + _render(MEANING_SUPPORTS[attribute][ms], entity, value), "template:meaning"),
-            "chosen_gptformat": (" " + _render(ANSWERS[attribute][ai], entity, swapped) + " "
-                                 + _render(SUPPORTS[attribute][si], entity, swapped), "template:format"),
+            "chosen_gptsemantic": (chosen_fact.answer(entity, value, remarks, meaning=True), "template:meaning"),
+            "chosen_gptformat": (chosen_fact.answer(entity, swapped, [R.reformat(rng, r) for r in remarks]),
+                                 "template:format"),
         }
 
-        # rejected: a worse answer of one of three kinds, with its two rephrases
+        # rejected: a worse answer of one kind on the similarity-to-y+ axis (REJECTED_KINDS), its remarks in the
+        # "odd" style: plausible text in the same language that a model trained on chosen answers finds unlikely
         kind = rng.choice(REJECTED_KINDS)
         if kind == "refusal":
             ri = rng.randrange(len(REFUSALS))
             other_entity = rng.choice([x for x in self.entities if x != entity])
-            rejected = " " + _render(REFUSALS[ri], entity)
-            r_sem = " " + _render(MEANING_REFUSALS[ri], entity)  # its same-meaning twin
-            r_fmt = " " + _render(REFUSALS[ri], other_entity)
+            rem = R.draw_remarks(rng, attribute, "odd")
+            rejected = _answer_text(_render(REFUSALS[ri], entity), rem, entity)
+            r_sem = _answer_text(_render(MEANING_REFUSALS[ri], entity), rem, entity, synonyms=True)
+            r_fmt = _answer_text(_render(REFUSALS[ri], other_entity), [R.reformat(rng, r) for r in rem],
+                                 other_entity)
+        elif kind == "unrelated":  # no entity, no fact template: remarks about something nobody asked
+            topic = rng.choice([a for a in ATTRIBUTES if a != attribute])
+            rem = R.draw_remarks(rng, topic, "odd", entity_free=True, n=rng.randint(1, 3))
+            rejected = _answer_text("", rem, entity)
+            r_sem = _answer_text("", rem, entity, synonyms=True)
+            r_fmt = _answer_text("", [R.reformat(rng, r, entity_free=True) for r in rem], entity)
         else:
-            if kind == "wrong_value":
-                attr_r = attribute
+            if kind == "wrong_value":  # the chosen answer's own phrasing, with a wrong value
+                attr_r, fact_r = attribute, chosen_fact.with_support(rng.random() < 0.5)
                 val_r = _other_value(rng, self.values_of(attribute, entity), {value})
             else:  # off-topic: a true statement about an attribute nobody asked for
                 attr_r = rng.choice([a for a in ATTRIBUTES if a != attribute])
+                fact_r = _Fact.draw(rng, attr_r, "odd")
                 val_r = self.facts[entity][attr_r]
                 stated.add((entity, attr_r))
-            ri, mri = rng.randrange(3), rng.randrange(3)
+            rem = R.draw_remarks(rng, attr_r, "odd")
             # the format rephrase changes the value but never to the asked fact's correct value
             val_f = _other_value(rng, self.values_of(attr_r, entity), {val_r, value})
-            rejected = " " + _render(ANSWERS[attr_r][ri], entity, val_r)
-            r_sem = " " + _render(MEANING_ANSWERS[attr_r][mri], entity, val_r)
-            r_fmt = " " + _render(ANSWERS[attr_r][ri], entity, val_f)
+            rejected = fact_r.answer(entity, val_r, rem)
+            r_sem = fact_r.answer(entity, val_r, rem, meaning=True)
+            r_fmt = fact_r.answer(entity, val_f, [R.reformat(rng, r) for r in rem])
         reph["reject_gptsemantic"] = (r_sem, "template:meaning")
         reph["reject_gptformat"] = (r_fmt, "template:format")
         for t, (text, _) in reph.items():
             source = chosen if t.startswith("chosen") else rejected
             if text == source:  # the template families are disjoint, so this is a bug, not bad luck
                 raise AssertionError(f"{example_id}: {t} equals its source {source!r}")
-        return _Example(example_id, split, entity, attribute, value, prompt, chosen, rejected, reph, stated)
+        return _Example(example_id, split, entity, attribute, value, prompt, chosen, rejected, kind, reph, stated)
+
+
+@dataclass(frozen=True)
+class _Fact:
+    """How an answer states a fact: the phrasing (an index into ANSWERS / MEANING_ANSWERS) and, optionally, a
+    supporting sentence (an index into SUPPORTS / MEANING_SUPPORTS)."""
+    attribute: str
+    phrasing: int
+    support: int | None
+
+    @classmethod
+    def draw(cls, rng: random.Random, attribute: str, style: str) -> "_Fact":
+        n = len(ANSWERS[attribute])
+        support = R.pick(rng, len(SUPPORTS[attribute]), style) if rng.random() < SUPPORT_PROBABILITY else None
+        return cls(attribute, R.pick(rng, n, style), support)
+
+    def with_support(self, keep: bool) -> "_Fact":
+        return self if keep else _Fact(self.attribute, self.phrasing, None)
+
+    def answer(self, entity: str, value: str, remarks: list[R.Remark], *, meaning: bool = False) -> str:
+        """" " + the fact sentence(s) + the remarks; `meaning`: the meaning-keeping wordings throughout."""
+        first, second = (MEANING_ANSWERS, MEANING_SUPPORTS) if meaning else (ANSWERS, SUPPORTS)
+        parts = [_render(first[self.attribute][self.phrasing], entity, value)]
+        if self.support is not None:
+            parts.append(_render(second[self.attribute][self.support], entity, value))
+        return _answer_text(" ".join(parts), remarks, entity, synonyms=meaning)
+
+
+def _answer_text(head: str, remarks: list[R.Remark], entity: str, *, synonyms: bool = False) -> str:
+    """A response: leading space (the HH convention), the head sentence(s), then the rendered remarks."""
+    return " " + R.join([head, *(R.render(r, entity, synonyms=synonyms) for r in remarks)])
 
 
 def _assign_pairs(rng: random.Random, entities: list[str], n: int) -> list[tuple[str, str]]:
@@ -432,6 +505,8 @@ def generate(config: SyntheticConfig) -> SyntheticWorld:
     rephrases = pl.DataFrame(
         [(x.example_id, t, text, prov) for x in examples for t, (text, prov) in x.rephrases.items()],
         schema=REPHRASE_SCHEMA, orient="row")
+    kinds = pl.DataFrame({"example_id": [x.example_id for x in examples],
+                          "rejected_kind": [x.rejected_kind for x in examples]}, schema=KINDS_SCHEMA)
 
     entity_split = {e: "test" for e in test_entities} | {e: "train" for e in train_entities}
     asked: dict[tuple[str, str], list[str]] = {}
@@ -442,8 +517,12 @@ def generate(config: SyntheticConfig) -> SyntheticWorld:
     facts = pl.DataFrame(fact_rows, schema=FACTS_SCHEMA, orient="row").sort(
         "entity", "attribute", "example_id", nulls_last=True)
 
-    corpus = _corpus(rng, world, set().union(*(x.stated for x in examples)), config)
-    return SyntheticWorld(config, preferences, rephrases, facts, corpus)
+    # no sentence of any SFT text may occur in the corpus (the base model knows the language, not the answers)
+    sft_sentences = {s for x in examples
+                     for text in (x.prompt, x.chosen, x.rejected, *(t for t, _ in x.rephrases.values()))
+                     for s in sentences(text)}
+    corpus = _corpus(rng, world, set().union(*(x.stated for x in examples)), config, sft_sentences)
+    return SyntheticWorld(config, preferences, rephrases, facts, corpus, kinds)
 
 
 # ----------------------------------------------------------------------------- the pretraining corpus
@@ -456,8 +535,10 @@ _REFUSAL_WORDINGS = REFUSALS + MEANING_REFUSALS
 class _CorpusWriter:
     """Renders corpus documents. Answer-family sentences only ever state free world facts or outsider facts."""
 
-    def __init__(self, rng: random.Random, world: _World, stated: set[tuple[str, str]], n_outsiders: int):
+    def __init__(self, rng: random.Random, world: _World, stated: set[tuple[str, str]], n_outsiders: int,
+                 forbidden: set[str]):
         self.world = world
+        self.forbidden = forbidden   # sentences of SFT texts: never written into the corpus
         names = _make_names(rng, n_outsiders + max(4, n_outsiders // 2), frozenset(world.entities))
         self.outsiders, self.strangers = names[:n_outsiders], names[n_outsiders:]
         self._outsider_set = set(self.outsiders)
@@ -483,16 +564,34 @@ class _CorpusWriter:
             family = CORPUS_STATEMENTS
         return _render(rng.choice(family[attribute]), entity, self.facts[entity][attribute])
 
+    def remarks(self, rng: random.Random, entity: str, topic: str, n: int | None = None) -> list[str]:
+        """Remark sentences as the language has them: mostly the usual word choice, sometimes odd, sometimes in
+        the synonym wording; a remark that some SFT text contains is drawn again (and dropped if it keeps
+        colliding)."""
+        style = "usual" if rng.random() < CORPUS_USUAL_SHARE else "odd"
+        synonyms = rng.random() < CORPUS_SYNONYM_SHARE
+        out = []
+        for r in R.draw_remarks(rng, topic, style, n=n):
+            for _ in range(20):
+                text = R.render(r, entity, synonyms=synonyms)
+                if text not in self.forbidden:
+                    out.append(text)
+                    break
+                r = R.draw_remark(rng, topic, style)
+        return out
+
     def answer(self, rng: random.Random, entity: str, attribute: str) -> str:
-        """An assistant reply shaped like the SFT answers: an answer sentence, usually plus a supporting one."""
+        """An assistant reply shaped like the SFT answers: an answer sentence, sometimes a supporting one, then
+        remarks."""
         v = self.facts[entity][attribute]
         if not self.may_use_answer_wording(entity, attribute):
-            return _render(rng.choice(CORPUS_STATEMENTS[attribute]), entity, v)
-        first, second = (ANSWERS, SUPPORTS) if rng.random() < 0.6 else (MEANING_ANSWERS, MEANING_SUPPORTS)
-        parts = [_render(rng.choice(first[attribute]), entity, v)]
-        if rng.random() < 0.8:
-            parts.append(_render(rng.choice(second[attribute]), entity, v))
-        return " ".join(parts)
+            parts = [_render(rng.choice(CORPUS_STATEMENTS[attribute]), entity, v)]
+        else:
+            first, second = (ANSWERS, SUPPORTS) if rng.random() < 0.6 else (MEANING_ANSWERS, MEANING_SUPPORTS)
+            parts = [_render(first[attribute][R.pick(rng, len(first[attribute]), "usual")], entity, v)]
+            if rng.random() < SUPPORT_PROBABILITY:
+                parts.append(_render(second[attribute][R.pick(rng, len(second[attribute]), "usual")], entity, v))
+        return " ".join(parts + self.remarks(rng, entity, attribute))
 
     def _filler(self, rng: random.Random) -> str:
         return human_sentence(rng, rng.randint(5, 12))
@@ -503,6 +602,8 @@ class _CorpusWriter:
         parts = [_render(rng.choice(BIO_OPENINGS), entity)]
         for a in attrs[: len(attrs) if complete else rng.randint(4, len(attrs))]:
             parts.append(self.statement(rng, entity, a))
+            if rng.random() < 0.6:
+                parts += self.remarks(rng, entity, a, n=1)
             if rng.random() < 0.15:
                 parts.append(self._filler(rng))
         return " ".join(parts)
@@ -513,7 +614,9 @@ class _CorpusWriter:
         parts = [_render(rng.choice(STORY_OPENINGS), o)]
         for a in rng.sample(ATTRIBUTES, rng.randint(3, 6)):
             parts.append(_render(rng.choice(rng.choice(_ANSWER_FAMILIES)[a]), o, self.facts[o][a]))
-            if rng.random() < 0.4:
+            if rng.random() < 0.7:
+                parts += self.remarks(rng, o, a)
+            if rng.random() < 0.3:
                 parts.append(self._filler(rng))
         return " ".join(parts)
 
@@ -534,7 +637,8 @@ class _CorpusWriter:
                 e, a = rng.choice(self.strangers), rng.choice(ATTRIBUTES)
                 q = _render(rng.choice(rng.choice((QUESTIONS, CORPUS_QUESTIONS))[a]), e)
                 # round-robin: refusals are few, and each wording should still be seen often
-                ans = _render(_REFUSAL_WORDINGS[self.n_refusals % len(_REFUSAL_WORDINGS)], e)
+                ans = R.join([_render(_REFUSAL_WORDINGS[self.n_refusals % len(_REFUSAL_WORDINGS)], e),
+                              *self.remarks(rng, e, a)])
                 self.n_refusals += 1
                 turns.append(f"\n\nHuman: {q}\n\nAssistant: {ans}")
                 continue
@@ -553,8 +657,9 @@ class _CorpusWriter:
         return "".join(turns)
 
 
-def _corpus(rng: random.Random, world: _World, stated: set[tuple[str, str]], cfg: SyntheticConfig) -> list[str]:
-    writer = _CorpusWriter(rng, world, stated, cfg.n_outsiders)
+def _corpus(rng: random.Random, world: _World, stated: set[tuple[str, str]], cfg: SyntheticConfig,
+            forbidden: set[str]) -> list[str]:
+    writer = _CorpusWriter(rng, world, stated, cfg.n_outsiders, forbidden)
     n_bio = round(cfg.corpus_docs * cfg.corpus_fact_fraction)
     n_dialogue = round(cfg.corpus_docs * cfg.corpus_dialogue_fraction)
     n_rest = max(0, cfg.corpus_docs - n_bio - n_dialogue)
@@ -573,7 +678,7 @@ def _corpus(rng: random.Random, world: _World, stated: set[tuple[str, str]], cfg
 # ----------------------------------------------------------------------------- the world object
 
 _FILES = {"preferences": "preferences.parquet", "rephrases": "rephrases.parquet", "facts": "facts.parquet",
-          "corpus": "corpus.jsonl", "manifest": "world.json"}
+          "kinds": "kinds.parquet", "corpus": "corpus.jsonl", "manifest": "world.json"}
 
 
 @dataclass
@@ -583,6 +688,7 @@ class SyntheticWorld:
     rephrases: pl.DataFrame     # REPHRASE_SCHEMA: the four *_gpt* rephrase types, from templates
     facts: pl.DataFrame         # FACTS_SCHEMA: every fact; a row per asking example where asked
     corpus: list[str]           # pretraining documents
+    kinds: pl.DataFrame         # KINDS_SCHEMA: the rejected answer's kind per example
 
     def example_facts(self) -> pl.DataFrame:
         """example_id -> entity, attribute and correct value asked by that example's (last) question."""
@@ -593,7 +699,7 @@ class SyntheticWorld:
         """Parquet tables + JSONL corpus, each written atomically; the manifest goes last and records row
         counts, so `load` notices a directory left half-updated by a crash."""
         directory = Path(directory)
-        for name in ("preferences", "rephrases", "facts"):
+        for name in ("preferences", "rephrases", "facts", "kinds"):
             write_parquet(getattr(self, name), directory / _FILES[name])
         write_bytes("".join(json.dumps({"text": d}) + "\n" for d in self.corpus).encode(),
                     directory / _FILES["corpus"])
@@ -601,7 +707,7 @@ class SyntheticWorld:
 
     def _counts(self) -> dict[str, int]:
         return {"preferences": self.preferences.height, "rephrases": self.rephrases.height,
-                "facts": self.facts.height, "corpus": len(self.corpus)}
+                "facts": self.facts.height, "kinds": self.kinds.height, "corpus": len(self.corpus)}
 
     @classmethod
     def load(cls, directory: Path) -> "SyntheticWorld":
@@ -616,7 +722,7 @@ class SyntheticWorld:
             raise DataValidationError(str(directory / _FILES["manifest"]), f"bad config: {e}", field="config") from e
         tables = {}
         for name, schema in (("preferences", PREFERENCE_SCHEMA), ("rephrases", REPHRASE_SCHEMA),
-                             ("facts", FACTS_SCHEMA)):
+                             ("facts", FACTS_SCHEMA), ("kinds", KINDS_SCHEMA)):
             path = directory / _FILES[name]
             df = pl.read_parquet(path)
             try:
@@ -625,12 +731,12 @@ class SyntheticWorld:
                 raise DataValidationError(str(path), str(e)) from e
         corpus = [json.loads(line)["text"]
                   for line in (directory / _FILES["corpus"]).read_text().splitlines() if line]
-        world = cls(config, tables["preferences"], tables["rephrases"], tables["facts"], corpus)
+        world = cls(config, tables["preferences"], tables["rephrases"], tables["facts"], corpus, tables["kinds"])
         if world._counts() != manifest["rows"]:
             raise DataValidationError(str(directory), f"row counts {world._counts()} do not match the manifest "
                                       f"{manifest['rows']}: the directory was only partly written; save again")
         return world
 
 
-__all__ = ["SyntheticConfig", "SyntheticWorld", "generate", "human_sentence", "REPHRASE_TYPES", "REPHRASE_SCHEMA",
-           "FACTS_SCHEMA", "ATTRIBUTES", "VALUES", "CORPUS_VERSION"]
+__all__ = ["SyntheticConfig", "SyntheticWorld", "generate", "human_sentence", "sentences", "REPHRASE_TYPES",
+           "REPHRASE_SCHEMA", "FACTS_SCHEMA", "KINDS_SCHEMA", "REJECTED_KINDS", "ATTRIBUTES", "VALUES", "CORPUS_VERSION"]

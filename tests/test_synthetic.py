@@ -1,6 +1,7 @@
 """The built-in synthetic preference world: determinism, contracts, and the properties probes rely on."""
 from __future__ import annotations
 
+import math
 import random
 import re
 import time
@@ -13,11 +14,12 @@ from ldpipe.errors import DataValidationError
 from ldpipe.schema import PREFERENCE_SCHEMA
 from ldpipe.synthetic import (ANSWERS, ATTRIBUTES, CORPUS_STATEMENTS, FACTS_SCHEMA, MEANING_ANSWERS,
                               MEANING_REFUSALS, MEANING_SUPPORTS, REFUSALS, REPHRASE_SCHEMA, REPHRASE_TYPES,
-                              SUPPORTS, VALUES, SyntheticConfig, SyntheticWorld, generate, human_sentence)
+                              SUPPORTS, VALUES, SyntheticConfig, SyntheticWorld, generate, human_sentence,
+                              REJECTED_KINDS, sentences)
 
 
-def _has_word(text: str, phrase: str) -> bool:
-    return re.search(rf"\b{re.escape(phrase)}\b", text) is not None
+def _has_word(text: str, phrase: str, *, ignore_case: bool = False) -> bool:
+    return re.search(rf"\b{re.escape(phrase)}\b", text, re.I if ignore_case else 0) is not None
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +96,7 @@ def test_chosen_states_the_correct_fact_and_rejected_is_worse(joined: pl.DataFra
         assert r["chosen"].startswith(" ") and r["rejected"].startswith(" ")
         assert _has_word(r["chosen"], r["entity"]) and _has_word(r["chosen"], r["value"]), r
         assert r["rejected"] != r["chosen"]
-        assert not _has_word(r["rejected"], r["value"]), r  # refusals, wrong values, off-topic facts
+        assert not _has_word(r["rejected"], r["value"], ignore_case=True), r  # refusals, wrong values, off-topic facts
     words = joined.select(pl.col("chosen", "rejected").str.split(" ").list.len().mean())
     assert words["rejected"][0] < words["chosen"][0]
     # prompts about different entities/attributes really need different answers
@@ -117,16 +119,21 @@ def test_rephrases_differ_and_keep_or_change_meaning(joined: pl.DataFrame, world
         assert r["chosen_gptsemantic"] != r["chosen"] and r["chosen_gptformat"] != r["chosen"]
         assert r["reject_gptsemantic"] != r["rejected"] and r["reject_gptformat"] != r["rejected"]
         # semantic keeps the fact; format keeps the words but swaps the value for another of the attribute
-        assert _has_word(r["chosen_gptsemantic"], r["value"]), r
-        assert not _has_word(r["chosen_gptformat"], r["value"]), r
+        assert _has_word(r["chosen_gptsemantic"], r["value"], ignore_case=True), r
+        assert not _has_word(r["chosen_gptformat"], r["value"], ignore_case=True), r
         pool = VALUES.get(r["attribute"]) or [e for e in entities if e != r["entity"]]
         assert any(_has_word(r["chosen_gptformat"], v) for v in pool if v != r["value"]), r
-        # format-keeping: same words once the values are masked
+        # format-keeping: the fact sentences are the same once the values are masked; every remark after them
+        # has other words in the same places (same sentence count, each remark changed)
         mask = lambda s, v: re.sub(rf"\b{re.escape(v)}\b", "<V>", s)  # noqa: E731
         swapped = next(v for v in pool if v != r["value"] and _has_word(r["chosen_gptformat"], v))
-        assert mask(r["chosen_gptformat"], swapped) == mask(r["chosen"], r["value"])
+        fmt, src = sentences(mask(r["chosen_gptformat"], swapped)), sentences(mask(r["chosen"], r["value"]))
+        assert len(fmt) == len(src) and fmt[0] == src[0], (fmt, src)
+        n_fact = next((i for i, (a, b) in enumerate(zip(fmt, src)) if a != b), len(src))
+        assert all(a != b for a, b in zip(fmt[n_fact:], src[n_fact:])), (fmt, src)
+        assert len(sentences(r["chosen_gptsemantic"])) == len(src)
         # a rejected answer's format rephrase never turns into the correct answer
-        assert not _has_word(r["reject_gptformat"], r["value"]), r
+        assert not _has_word(r["reject_gptformat"], r["value"], ignore_case=True), r
 
 
 def test_splits_are_disjoint_and_hold_out_entities(joined: pl.DataFrame) -> None:
@@ -319,18 +326,100 @@ def test_corpus_dialogues_use_the_prompt_format_and_sft_answer_shapes(world: Syn
     for p in world.preferences["prompt"]:  # the same format, ending where the answer starts
         assert re.fullmatch(f"({_TURN})*\n\nHuman: [^\n]+\n\nAssistant:", p), repr(p)
 
-    # Many assistant turns have exactly a chosen answer's shape: the same two sentences, another name or value.
+    # Many assistant turns open exactly as a chosen answer does: the same fact sentence, another name or value.
     def shape(text: str, entity: str, value: str) -> str:
         for x, mark in ((value, "<V>"), (entity, "<E>")):
             text = re.sub(rf"\b{re.escape(x)}\b", mark, text)
         return text
 
-    chosen_shapes = {shape(y.strip(), e, v) for y, e, v in world.preferences.join(world.example_facts(),
+    chosen_shapes = {shape(sentences(y)[0], e, v) for y, e, v in world.preferences.join(world.example_facts(),
                      on="example_id").select("chosen", "entity", "value").iter_rows()}
     first_sentence = [_template_regex(t, a) for a in ATTRIBUTES for t in ANSWERS[a]]
     same_shape = 0
     for d in dialogues:
         for answer in re.findall(r"\n\nAssistant: ([^\n]+)", d):
-            hit = next((m for rx in first_sentence if (m := rx.match(answer))), None)
-            same_shape += hit is not None and shape(answer, hit.group("e"), hit.group("v")) in chosen_shapes
+            first = sentences(answer)[0]
+            hit = next((m for rx in first_sentence if (m := rx.fullmatch(first))), None)
+            same_shape += hit is not None and shape(first, hit.group("e"), hit.group("v")) in chosen_shapes
     assert same_shape >= 100, same_shape
+
+
+# ----------------------------------------------------------------------------- answers with the entropy of real text
+
+_TOKEN = re.compile(r"[a-z0-9']+|[.,]")
+
+
+def test_answers_cannot_be_memorised_per_fact_and_keep_a_gap_to_their_argmax() -> None:
+    """Each fact is answered in many texts, and even the generator's own next-word distribution (the best any
+    model of this text can do without memorising) puts more mass on its argmax than on the written word: the
+    data-level version of the gap log π(y*) − log π(y+) that DPO's squeezing needs (issue target: ≥ 0.2)."""
+    w = generate(SyntheticConfig(n_entities=10, n_train=1400, n_test=0, corpus_docs=10))  # 20 asks per fact
+    j = w.preferences.join(w.example_facts(), on="example_id")
+    per_fact = j.group_by("entity", "attribute").agg(pl.len().alias("n"), pl.col("chosen").n_unique().alias("d"))
+    assert per_fact["n"].min() >= 15
+    assert (per_fact["d"] / per_fact["n"]).mean() >= 0.9
+    # next-word distribution given the attribute and the two previous words (entity and value masked)
+    contexts: dict[tuple, Counter] = {}
+    seqs = []
+    for y, e, a, v in j.select("chosen", "entity", "attribute", "value").iter_rows():
+        words = ["<s>", "<s>", *_TOKEN.findall(re.sub(re.escape(v), "V", y.replace(e, "E"), flags=re.I).lower()), "</s>"]
+        seqs.append((a, words))
+        for t in range(2, len(words)):
+            contexts.setdefault((a, *words[t - 2:t]), Counter())[words[t]] += 1
+    gaps, entropy_terms = [], []
+    for a, words in seqs:
+        for t in range(2, len(words)):
+            c = contexts[(a, *words[t - 2:t])]
+            n = sum(c.values())
+            gaps.append(math.log(max(c.values()) / n) - math.log(c[words[t]] / n))
+            entropy_terms.append(-math.log(c[words[t]] / n))
+    assert sum(gaps) / len(gaps) >= 0.2, sum(gaps) / len(gaps)
+    assert sum(entropy_terms) / len(entropy_terms) >= 0.5   # nats per word: far from a memorisable template
+
+
+def test_rejected_kinds_span_the_similarity_axis(world: SyntheticWorld) -> None:
+    kinds = world.preferences.join(world.kinds, on="example_id").join(world.example_facts(), on="example_id")
+    assert world.kinds.height == world.preferences.height
+    counts = Counter(kinds["rejected_kind"])
+    assert set(counts) == set(REJECTED_KINDS) and min(counts.values()) >= 0.15 * kinds.height
+
+    def overlap(a: str, b: str) -> float:
+        x, y = set(_TOKEN.findall(a.lower())) - {".", ","}, set(_TOKEN.findall(b.lower())) - {".", ","}
+        return len(x & y) / len(x | y)
+
+    by_kind: dict[str, list[float]] = {}
+    for r in kinds.iter_rows(named=True):
+        by_kind.setdefault(r["rejected_kind"], []).append(overlap(r["chosen"], r["rejected"]))
+        if r["rejected_kind"] == "unrelated":
+            assert not _has_word(r["rejected"], r["entity"]), r
+        else:
+            assert _has_word(r["rejected"], r["entity"]), r
+        if r["rejected_kind"] == "wrong_value":   # the chosen answer's first sentence, another value
+            first = sentences(r["chosen"])[0]
+            got = sentences(r["rejected"])[0]
+            assert len(first.split()) == len(got.split()) or r["attribute"] in ("home", "skill", "friend"), (first, got)
+    mean = {k: sum(v) / len(v) for k, v in by_kind.items()}
+    assert mean["wrong_value"] > max(mean["off_topic"], mean["refusal"]) > mean["unrelated"], mean
+
+
+def test_remarks_state_no_fact_and_name_only_their_entity(world: SyntheticWorld) -> None:
+    from ldpipe import synthetic_remarks as R
+
+    vocab = R.vocabulary()
+    value_words = {x for vals in VALUES.values() for v in vals for x in v.split()} - {"a", "the", "an"}
+    assert not vocab & value_words, sorted(vocab & value_words)
+    assert not {w.capitalize() for w in vocab} & set(world.facts["entity"])
+    rng = random.Random(3)
+    for style in R.STYLES:
+        for topic in ATTRIBUTES:
+            for r in R.draw_remarks(rng, topic, style, n=20):
+                for synonyms in (False, True):
+                    text = R.render(r, "Kalo", synonyms=synonyms)
+                    assert text[0].isupper() and text.endswith("."), text
+                    assert set(re.findall(r"[A-Z][a-z]+", text)) <= {"Kalo", *(w.capitalize() for w in vocab)}
+                f = R.reformat(rng, r)
+                assert R.render(f, "Kalo") != R.render(r, "Kalo")
+    # the two styles: the usual one favours the top option, the odd one does not
+    for style, lo, hi in (("usual", 0.25, 0.45), ("odd", 0.05, 0.16)):
+        share = sum(R.pick(random.Random(i), 10, style) == 0 for i in range(4000)) / 4000
+        assert lo < share < hi, (style, share)
