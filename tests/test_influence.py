@@ -472,3 +472,32 @@ def test_projected_rank1_preconditioner_against_exact(data):
 def _linear_names(m):
     from ldpipe.influence import _covered_names
     return set(_covered_names(m, dict(m.named_parameters())))
+
+
+def test_heatmap_gives_the_dpo_column_its_own_colour_scale():
+    """SFT cells near 1 and DPO cells near 1e-4 (the default run's magnitudes): on one scale the DPO column is
+    blank, so it gets a block and a colour limit of its own."""
+    import polars as pl
+
+    from ldpipe.analysis.influence_runs import heatmap_blocks, plot_heatmap
+    from ldpipe.schema import INFLUENCE_HEATMAP_SCHEMA
+
+    rows = []
+    for scope in ("same_prompt", "other_prompt"):
+        for k, trained in enumerate(("chosen", "rejected", "dpo")):
+            for j, observed in enumerate(("chosen", "irr_hum", "rejected")):
+                v = (1.0 + k + j) * (1e-4 if trained == "dpo" else 1.0) * (-1 if j == 1 else 1)
+                rows.append({"run_id": "x.sft", "checkpoint": "accumulated", "checkpoint_step": None,
+                             "trained_type": trained, "observed_type": observed, "scope": scope, "entk_mean": None,
+                             "value": v, "n": 4})
+    df = pl.DataFrame(rows, schema=INFLUENCE_HEATMAP_SCHEMA)
+    blocks = heatmap_blocks(df)
+    assert [(b["scope"], b["kind"], b["cols"]) for b in blocks] == [
+        ("same_prompt", "sft", ["chosen", "rejected"]), ("same_prompt", "dpo", ["dpo"]),
+        ("other_prompt", "sft", ["chosen", "rejected"]), ("other_prompt", "dpo", ["dpo"])]
+    sft, dpo = blocks[0], blocks[1]
+    assert 1.0 <= sft["limit"] <= 4.0 and 1e-4 <= dpo["limit"] <= 5e-4   # each from its own cells
+    assert dpo["matrix"][:, 0].tolist() == pytest.approx([3e-4, -4e-4, 5e-4])
+    assert plot_heatmap(df, title="t").startswith(b"\x89PNG")
+    with pytest.raises(LdpipeError, match="no rows"):
+        heatmap_blocks(df, "final")

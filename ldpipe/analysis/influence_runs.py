@@ -540,37 +540,62 @@ def _compute_heatmap(spec, run, files, *, device, log):
         "run_id", "checkpoint_step", "trained_type", "observed_type", "scope", nulls_last=True)
 
 
-def plot_heatmap(df: pl.DataFrame, *, title: str, checkpoint: str = "accumulated") -> bytes:
-    """PNG: rows observed types, columns trained-on types (+ dpo); one panel per scope; diverging colours at 0."""
-    from matplotlib.colors import TwoSlopeNorm
+def _colour_limit(mat: np.ndarray) -> tuple[float, int]:
+    """(limit, saturated cells): the 90th percentile of |value|, so a few huge cells (e.g. random tokens on
+    themselves) do not wash out every other cell; larger cells saturate (the table has the numbers)."""
+    finite = np.abs(mat[np.isfinite(mat)])
+    lim = float(np.percentile(finite, 90)) if finite.size else 1.0
+    return lim, int((finite > lim).sum()) if finite.size else 0
 
+
+def heatmap_blocks(df: pl.DataFrame, checkpoint: str = "accumulated") -> list[dict]:
+    """The heat map's panels: per scope, the SFT columns as one block and the DPO column as a block of its own
+    (its values are orders of magnitude smaller: β(1−σ) scales its update, so on a shared colour scale it
+    would look empty). Each block: scope, kind ("sft" | "dpo"), rows, cols, matrix, limit, saturated."""
     part = df.filter(pl.col("checkpoint") == checkpoint)
     if part.is_empty():
         raise LdpipeError(f"plot_heatmap: no rows for checkpoint {checkpoint!r}")
-    cols = sorted(t for t in part["trained_type"].unique().to_list() if t != "dpo")
-    cols += ["dpo"] if "dpo" in part["trained_type"].to_list() else []
+    trained = set(part["trained_type"].to_list())
+    groups = [("sft", sorted(t for t in trained if t != "dpo")), ("dpo", ["dpo"] if "dpo" in trained else [])]
     rows_ = sorted(part["observed_type"].unique().to_list())
-    scopes = [s for s in ("same_prompt", "other_prompt") if s in part["scope"].to_list()]
-    fig, axes = subplots(1, len(scopes), figsize=(1.0 + 0.55 * len(cols) * len(scopes) + 2, 0.4 * len(rows_) + 2.5),
-                    squeeze=False)
-    for ax, scope in zip(axes[0], scopes):
-        mat = np.full((len(rows_), len(cols)), np.nan)
-        for t, o, v in part.filter(pl.col("scope") == scope).select("trained_type", "observed_type", "value").rows():
-            mat[rows_.index(o), cols.index(t)] = v
-        # colour limit at the 90th percentile of |value|: a few huge cells (e.g. random tokens on themselves)
-        # would otherwise wash out every other cell; larger cells saturate (the table has the numbers)
-        finite = np.abs(mat[np.isfinite(mat)])
-        lim = float(np.percentile(finite, 90)) if finite.size else 1.0
-        clipped = int((finite > lim).sum()) if finite.size else 0
+    blocks = []
+    for scope in (s for s in ("same_prompt", "other_prompt") if s in part["scope"].to_list()):
+        cells = part.filter(pl.col("scope") == scope).select("trained_type", "observed_type", "value").rows()
+        for kind, cols in groups:
+            if not cols:
+                continue
+            mat = np.full((len(rows_), len(cols)), np.nan)
+            for t, o, v in cells:
+                if t in cols:
+                    mat[rows_.index(o), cols.index(t)] = v
+            lim, saturated = _colour_limit(mat)
+            blocks.append({"scope": scope, "kind": kind, "rows": rows_, "cols": cols, "matrix": mat, "limit": lim,
+                           "saturated": saturated})
+    return blocks
+
+
+def plot_heatmap(df: pl.DataFrame, *, title: str, checkpoint: str = "accumulated") -> bytes:
+    """PNG: rows observed types, columns trained-on types; per scope the SFT columns and, beside them, the DPO
+    column on its own colour scale (heatmap_blocks); diverging colours centred at 0."""
+    from matplotlib.colors import TwoSlopeNorm
+
+    blocks = heatmap_blocks(df, checkpoint)
+    widths = [len(b["cols"]) for b in blocks]
+    n_rows = len(blocks[0]["rows"])
+    fig, axes = subplots(1, len(blocks), figsize=(2.0 + 0.55 * sum(widths) + 1.6 * len(blocks), 0.4 * n_rows + 2.8),
+                         squeeze=False, gridspec_kw={"width_ratios": [max(w, 1.6) for w in widths]})
+    for ax, b in zip(axes[0], blocks):
+        lim, mat = b["limit"], b["matrix"]
         im = ax.imshow(np.clip(mat, -lim, lim) if lim > 0 else mat, cmap="RdBu_r",
                        norm=TwoSlopeNorm(0.0, -lim or -1.0, lim or 1.0), aspect="auto")
-        ax.set_xticks(range(len(cols)), cols, rotation=60, ha="right", fontsize=7)
-        ax.set_yticks(range(len(rows_)), rows_, fontsize=7)
-        ax.set_xlabel("trained on (SFT type, or DPO)")
-        ax.set_title(scope.replace("_", " ") + (f" ({clipped} cells beyond ±{lim:.3g} saturate)" if clipped else ""),
-                     fontsize=9)
-        fig.colorbar(im, ax=ax, fraction=0.046, extend="both" if clipped else "neither",
-                     label="Δ log π (nats, per update)")
+        ax.set_xticks(range(len(b["cols"])), b["cols"], rotation=60, ha="right", fontsize=7)
+        ax.set_yticks(range(n_rows), b["rows"] if ax is axes[0][0] else [""] * n_rows, fontsize=7)
+        what = "SFT on each type" if b["kind"] == "sft" else "DPO (own scale)"
+        sat = f"\n{b['saturated']} cells beyond ±{lim:.3g} saturate" if b["saturated"] else ""
+        ax.set_title(f"{b['scope'].replace('_', ' ')}: {what}\ncolour limit ±{lim:.3g}{sat}", fontsize=8)
+        fig.colorbar(im, ax=ax, fraction=0.08 if b["kind"] == "dpo" else 0.046,
+                     extend="both" if b["saturated"] else "neither",
+                     label="Δ log π (nats, per update)" if b["kind"] == "sft" else None)
     axes[0][0].set_ylabel("observed response type")
-    fig.suptitle(title, fontsize=10)
+    fig.suptitle(title + " (the DPO column has its own colour scale)", fontsize=10)
     return figure_png(fig)
