@@ -21,6 +21,7 @@ from ldpipe.errors import DataValidationError, LdpipeError
 from ldpipe.schema import ONPOLICY_PAIRS_TABLE_SCHEMA, TRAIN_METRICS_SCHEMA, TRAJECTORY_SCHEMA
 from ldpipe.schema import GENERATION_BORROWING_SCHEMA, GENERATION_STATS_SCHEMA, WIN_RATE_JUDGMENT_SCHEMA
 from ldpipe.schema import AKG_SCHEMA, INFLUENCE_AGREEMENT_SCHEMA, INFLUENCE_HEATMAP_SCHEMA, INFLUENCE_SCHEMA
+from ldpipe.schema import PROBE_PAIRS_SCHEMA
 from ldpipe.store import Store, remove_stale_temps
 
 KNOWN_TABLES: dict[str, dict[str, pl.DataType]] = {
@@ -34,6 +35,7 @@ KNOWN_TABLES: dict[str, dict[str, pl.DataType]] = {
     "influence_agreement": INFLUENCE_AGREEMENT_SCHEMA,
     "akg": AKG_SCHEMA,
     "influence_heatmap": INFLUENCE_HEATMAP_SCHEMA,
+    "probe_pairs": PROBE_PAIRS_SCHEMA,
 }
 
 # Statement types that cannot change the database, files, settings or extensions.

@@ -27,6 +27,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
         if unknown:
             raise LdpipeError(f"unknown experiment(s) {sorted(unknown)}; declared: {[s.name for s in specs]}")
         specs = [s for s in specs if s.name in wanted]
+    else:
+        studies = [s.name for s in specs if not s.run_by_default]
+        specs = [s for s in specs if s.run_by_default]
+        for name in studies:
+            print(f"skipping experiment {name!r} (run_by_default: false); run it with `ldpipe run -e {name}`")
     if not specs:
         raise LdpipeError(f"no experiments declared in {declarations_dir()}")
     defs = build_defs(specs)

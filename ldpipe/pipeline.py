@@ -313,6 +313,7 @@ def build_probes(spec: ExperimentSpec, files: ExperimentFiles, log: Log = print)
     types = sorted(probes["response_type"].unique().to_list())
     report = check_probe_set(probes, types)
     written = _write_if_changed(probes, files.probes)
+    pairs = _write_probe_pairs(spec, files, probes)
     built = sorted(t for t in out_types if status.get(t) == "built")
     cache_report = {"built": built, "reused": sorted(t for t in out_types if status.get(t) == "reused")}
     llm_report = {t: info.get(t, {}) for t in llm_types if t in pool}
@@ -325,7 +326,25 @@ def build_probes(spec: ExperimentSpec, files: ExperimentFiles, log: Log = print)
         f"{'' if written else '; file unchanged'}")
     return {"rows": probes.height, "prompts": probes["example_id"].n_unique(), "types": types,
             "skipped": skipped, "checks": report, "llm": llm_report, "cache": cache_report, "written": written,
-            "path": str(files.probes)}
+            "path": str(files.probes), "rejected_kinds": pairs}
+
+
+def _write_probe_pairs(spec: ExperimentSpec, files: ExperimentFiles, probes: pl.DataFrame) -> dict[str, int]:
+    """The store table probe_pairs (how each probe prompt's y- relates to its y+), one shard per experiment;
+    returns the count of probe prompts per rejected kind ("unknown" where the dataset records none)."""
+    from ldpipe.probes import pair_similarity
+    from ldpipe.schema import PROBE_PAIRS_SCHEMA
+    from ldpipe.store import Store
+
+    kinds = None
+    if spec.dataset.kind == "synthetic":
+        from ldpipe.synthetic import SyntheticWorld
+
+        kinds = SyntheticWorld.load(files.world).kinds
+    df = pair_similarity(probes, spec.name, kinds)
+    Store(files.paths.store).write_shard("probe_pairs", df, partition={"experiment": spec.name}, name="probe_pairs",
+                                         schema=PROBE_PAIRS_SCHEMA)
+    return dict(sorted(df.group_by(pl.col("rejected_kind").fill_null("unknown")).len().iter_rows()))
 
 
 def _reference_types(path: Path, ps, limit: int | None, types: list[str]) -> tuple[pl.DataFrame, dict, dict]:

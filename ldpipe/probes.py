@@ -399,6 +399,30 @@ class TypeCache:
 
 # ----------------------------------------------------------------------------- checks
 
+_OVERLAP_WORD = re.compile(r"[a-z0-9']+")
+
+
+def word_overlap(a: str, b: str) -> float:
+    """Jaccard overlap of the lower-cased word sets of two texts (0 when both are empty)."""
+    x, y = set(_OVERLAP_WORD.findall(a.lower())), set(_OVERLAP_WORD.findall(b.lower()))
+    return len(x & y) / len(x | y) if x | y else 0.0
+
+
+def pair_similarity(probes: pl.DataFrame, experiment: str, kinds: pl.DataFrame | None = None) -> pl.DataFrame:
+    """PROBE_PAIRS_SCHEMA rows: per probe prompt with both y+ and y-, their word overlap and (from `kinds`, an
+    example_id -> rejected_kind table, when the dataset records one) the kind of the rejected answer."""
+    from ldpipe.schema import PROBE_PAIRS_SCHEMA
+
+    wide = {t: dict(probes.filter(pl.col("response_type") == t).select("example_id", "response").iter_rows())
+            for t in ("chosen", "rejected")}
+    ids = sorted(set(wide["chosen"]) & set(wide["rejected"]))
+    label = dict(kinds.select("example_id", "rejected_kind").iter_rows()) if kinds is not None else {}
+    return pl.DataFrame({"experiment": [experiment] * len(ids), "example_id": ids,
+                         "rejected_kind": [label.get(i) for i in ids],
+                         "word_overlap": [word_overlap(wide["chosen"][i], wide["rejected"][i]) for i in ids]},
+                        schema=PROBE_PAIRS_SCHEMA)
+
+
 def check_probe_set(probes: pl.DataFrame, types: Sequence[str]) -> dict:
     """Measured facts about a probe set, for asset checks: gaps, shuffle validity, leaks, lengths."""
     src = "probes"
@@ -463,6 +487,7 @@ def length_table(report: dict) -> pl.DataFrame:
 
 
 __all__ = ["ProbeRecipe", "ProbeBuild", "build_probe_set", "check_probe_set", "shuffle_words", "OFFLINE_TYPES",
+           "pair_similarity", "word_overlap",
            "REPHRASE_TYPES", "MODEL_TYPES", "MODEL_STAGE_TYPES", "select_indices", "random_token_rows",
            "build_custom_type", "custom_type_inputs", "TypeCache", "content_hash", "file_hash", "frame_hash",
            "length_table"]

@@ -48,6 +48,14 @@ TRAJECTORY_SCHEMA: dict[str, pl.DataType] = {
     "argmax_match": pl.Int64,     # response positions whose token is the argmax of pi_l (null in older shards)
 }
 
+# How each probe prompt's rejected answer relates to its chosen one (written by the probe-set stage).
+PROBE_PAIRS_SCHEMA: dict[str, pl.DataType] = {
+    "experiment": pl.String,
+    "example_id": pl.String,
+    "rejected_kind": pl.String,   # the dataset's own label when it has one (built-in world: REJECTED_KINDS), else null
+    "word_overlap": pl.Float64,   # |words(y+) ∩ words(y-)| / |words(y+) ∪ words(y-)|, words = lower-cased [a-z0-9']+
+}
+
 # Training metrics: one row per optimizer step.
 TRAIN_METRICS_SCHEMA: dict[str, pl.DataType] = {
     "run_id": pl.String,
@@ -104,6 +112,7 @@ GENERATION_BORROWING_SCHEMA: dict[str, pl.DataType] = {
     "n_foreign_values": pl.Int64,  # ... that are facts of other entities and not of the prompt's entity
     "fact_borrow_share": pl.Float64,  # n_foreign_values / n_fact_values (null: none mentioned / not synthetic)
     "correct_value": pl.Boolean,   # synthetic only: the asked fact's true value is mentioned
+    "repeats": pl.Boolean,         # some word n-gram (generation_analysis.repeat_ngram) occurs twice (null: older)
 }
 
 # LLM-judge verdicts: one row per (checkpoint pair, prompt, A/B order) (ldpipe.analysis.winrate).

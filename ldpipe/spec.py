@@ -407,6 +407,9 @@ class InfluenceSpec(_Strict):
 class ExperimentSpec(_Strict):
     name: str
     description: str = ""
+    # false: a study run on request (`ldpipe run -e <name>`, the UI, `dg launch --job <name>_pipeline`), not by a
+    # plain `ldpipe run` or the nightly schedule
+    run_by_default: bool = True
     dataset: DatasetSpec = DatasetSpec()
     probes: ProbeSpec = ProbeSpec()
     model: ModelSpec = ModelSpec()

@@ -30,7 +30,8 @@ def traj(run: str, step: int) -> pl.DataFrame:
     rows = [
         {"run_id": run, "config_hash": "h", "phase": "sft", "step": step, "epoch": step / 4,
          "example_id": ex, "response_type": rt, "logp_sum": lp * 3, "n_tokens": 3, "logp_mean": lp,
-         "argmax_logp_sum": -1.0, "A_o": 1.0, "p_e": 0.5, "energy": 0.4, "except_argmax": -0.1}
+         "argmax_logp_sum": -1.0, "A_o": 1.0, "p_e": 0.5, "energy": 0.4, "except_argmax": -0.1,
+         "argmax_match": 1}
         for ex, base in (("e1", -2.0), ("e2", -4.0))
         for rt, lp in (("chosen", base + 0.1 * step), ("rejected", base - 0.2 * step))
     ]

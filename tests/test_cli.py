@@ -108,8 +108,14 @@ def test_run_with_smoke_preset_trains_fewer_steps(tiny_project, monkeypatch, cap
     yaml = (tiny_project / "assets" / "tiny.yaml").read_text()
     (tiny_project / "assets" / "tiny.yaml").write_text(
         yaml + "influence: {enabled: false}\ngeneration_analysis: {enabled: false}\n")
+    # a study declared next to it is not part of a plain `ldpipe run`
+    (tiny_project / "assets" / "study.yaml").write_text(
+        yaml.replace("name: tiny", "name: study\nrun_by_default: false"))
     monkeypatch.setenv("DAGSTER_HOME", str(tiny_project / ".dagster_home"))
     assert main(["run", "--preset", "smoke", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "skipping experiment 'study' (run_by_default: false); run it with `ldpipe run -e study`" in out
+    assert not (tiny_project / ".ldpipe" / "datasets" / "study").exists()
     metrics = Store(tiny_project / ".ldpipe" / "store").read("train_metrics", run_id="tiny.sft")
     # declared: 32 train prompts, batch 8, 1 epoch = 4 steps; smoke caps n_train at 16 -> 2 steps
     assert RUN_PRESETS["smoke"]["n_train"] == 16
@@ -121,5 +127,5 @@ def test_run_with_smoke_preset_trains_fewer_steps(tiny_project, monkeypatch, cap
     secs = [v for _, v in steps]
     assert len(steps) >= 5 and secs == sorted(secs, reverse=True) and min(secs) >= 0
     assert any("sft" in k for k, _ in steps)
-    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("Slowest steps: "))
+    line = next(x for x in out.splitlines() if x.startswith("Slowest steps: "))
     assert line.startswith(f"Slowest steps: {steps[0][0]} ")

@@ -198,3 +198,18 @@ def test_bad_inputs_give_clear_errors(world: SyntheticWorld) -> None:
                                        & (pl.col("response_type") == "chosen_gptformat")))
     with pytest.raises(DataValidationError, match="no 'chosen_gptformat' rephrase for probe example 'syn-train-00000'"):
         build_probe_set(world.preferences, ProbeRecipe(n_examples=5, selection="first"), rephrases=partial)
+
+
+def test_pair_similarity_records_kind_and_word_overlap(build, world: SyntheticWorld) -> None:
+    from ldpipe.probes import pair_similarity, word_overlap
+    from ldpipe.schema import PROBE_PAIRS_SCHEMA
+
+    assert word_overlap("The cat sat.", "the CAT ran") == pytest.approx(2 / 4) and word_overlap("", "") == 0.0
+    pairs = pair_similarity(build.probes, "exp", world.kinds)
+    assert pairs.schema == pl.Schema(PROBE_PAIRS_SCHEMA) and pairs.height == 40
+    kinds = dict(world.kinds.iter_rows())
+    assert all(kinds[e] == k for e, k in pairs.select("example_id", "rejected_kind").iter_rows())
+    assert pairs["word_overlap"].is_between(0, 1).all() and pairs["word_overlap"].n_unique() > 10
+    # without the dataset's labels the kind is unknown, the measured overlap is the same
+    plain = pair_similarity(build.probes, "exp")
+    assert plain["rejected_kind"].null_count() == 40 and plain["word_overlap"].equals(pairs["word_overlap"])

@@ -201,3 +201,58 @@ def test_materialize_generation_assets(tiny_project):
     checks = {c.check_name: c for c in result.get_asset_check_evaluations()}
     toy = checks["negative_gradient_on_valley_squeezes_into_argmax"]
     assert toy.passed and toy.metadata["only_argmax_rises"].value is True
+
+
+def test_squeezing_by_rejected_view_known_values(tmp_path):
+    """Four probe prompts: two with a y- like y+ (kind wrong_value, overlap 0.4), two unlike (unrelated, 0.05);
+    y* gains only on the unlike ones; repeats from the generations at the start and final checkpoints."""
+    from ldpipe.schema import GENERATION_BORROWING_SCHEMA, PROBE_PAIRS_SCHEMA
+
+    store = Store(tmp_path / "store")
+    rows = []
+    for e, (d_lp, d_am) in {"a": (-4, -2), "b": (-2, 0), "c": (-6, 4), "d": (-2, 6)}.items():
+        rows += [(0, e, "chosen", -20, -10, 10, 5), (8, e, "chosen", -20 + d_lp, -10 + d_am, 10, 5)]
+    store.write_shard("trajectories", _traj("x.dpo", rows), partition={"run_id": "x.dpo"}, name="all")
+    store.write_shard("probe_pairs", pl.DataFrame(
+        {"experiment": ["x"] * 4, "example_id": list("abcd"),
+         "rejected_kind": ["wrong_value", "wrong_value", "unrelated", "unrelated"],
+         "word_overlap": [0.4, 0.4, 0.05, 0.05]}, schema=PROBE_PAIRS_SCHEMA), partition={"experiment": "x"},
+        name="probe_pairs")
+    gen = [{"run_id": "x.dpo", "checkpoint": ck, "step": st, "example_id": e, "split": "train", "generation": "g",
+            "ngram": 3, "n_ngrams": 1, "n_own": 0, "n_borrowed": 0, "repeats": rep}
+           for ck, st, reps in (("start", 0, [False, False, False, False]), ("final", 8, [False, False, True, True]))
+           for e, rep in zip("abcd", reps)]
+    store.write_shard("generation_borrowing", pl.DataFrame(gen, schema_overrides=GENERATION_BORROWING_SCHEMA)
+                      .select(pl.col(c).cast(t) if c in gen[0] else pl.lit(None, t).alias(c)
+                              for c, t in GENERATION_BORROWING_SCHEMA.items()),
+                      partition={"run_id": "x.dpo"}, name="generation_borrowing")
+    refresh_catalog(tmp_path / "c.duckdb", tmp_path / "store", REPO / "sql")
+    v = query(tmp_path / "c.duckdb", "select * from squeezing_by_rejected order by bucket_by, bucket")
+    by = {(r["bucket_by"], r["bucket"]): r for r in v.iter_rows(named=True)}
+    assert set(by) == {("rejected_kind", "unrelated"), ("rejected_kind", "wrong_value"),
+                       ("word_overlap", "0.0-0.1"), ("word_overlap", "0.3-1.0")}
+    near, far = by[("rejected_kind", "wrong_value")], by[("rejected_kind", "unrelated")]
+    assert near["n_examples"] == 2 and near["delta_argmax"] == -1 and near["delta_chosen"] == -3
+    assert near["delta_gap"] == 2 and far["delta_argmax"] == 5 and far["delta_gap"] == 9
+    assert far["gap_per_token_start"] == 1 and far["gap_per_token_end"] == pytest.approx(1.9)
+    assert far["repeater_rate_start"] == 0 and far["repeater_rate_end"] == 1 and near["repeater_rate_end"] == 0
+    assert by[("word_overlap", "0.0-0.1")]["delta_gap"] == far["delta_gap"]
+    assert near["mean_word_overlap"] == pytest.approx(0.4)
+
+
+def test_study_comparisons_pair_runs_and_compare_squeeze():
+    from ldpipe.analysis.directions import collateral_pairs, compare_squeeze, sft_length_pairs
+    from ldpipe.spec import load_experiment
+
+    spec = load_experiment(REPO / "assets" / "squeezing_study.yaml")
+    assert not spec.run_by_default
+    assert [(a.name, b.name) for a, b in sft_length_pairs(spec)] == [("dpo_after_1ep", "dpo_after_4ep")]
+    # the extend run is compared with the DPO after the plain SFT of the same number of optimizer steps
+    assert [(a.name, b.name) for a, b in collateral_pairs(spec)] == [("dpo_after_4ep", "dpo_after_extend")]
+    default = load_experiment(REPO / "assets" / "default.yaml")
+    assert default.run_by_default and sft_length_pairs(default) == []
+    more = compare_squeeze("longer_sft_squeezes_more", [("a", {"delta_gap": 1.0}, "b", {"delta_gap": 3.0})])
+    assert more.passed and more.metadata["second_delta_gap"] == 3.0
+    assert not compare_squeeze("extend_sft_squeezes_less", [("a", {"delta_gap": 1.0}, "b", {"delta_gap": 3.0})]).passed
+    assert compare_squeeze("extend_sft_squeezes_less", [("a", {"delta_gap": 3.0}, "b", {"delta_gap": 1.0})]).passed
+    assert not compare_squeeze("longer_sft_squeezes_more", []).passed    # nothing measured is not a pass

@@ -21,7 +21,7 @@ def traj(run: str, step: int, examples: list[str], *, logp: float = -2.0) -> pl.
         "run_id": [run] * n, "config_hash": ["h0"] * n, "phase": ["sft"] * n, "step": [step] * n,
         "epoch": [step / 10] * n, "example_id": examples, "response_type": ["chosen"] * n,
         "logp_sum": [logp * 4] * n, "n_tokens": [4] * n, "logp_mean": [logp] * n, "argmax_logp_sum": [-1.0] * n,
-        **{c: [0.5] * n for c in ("A_o", "p_e", "energy", "except_argmax")},
+        **{c: [0.5] * n for c in ("A_o", "p_e", "energy", "except_argmax")}, "argmax_match": [2] * n,
     })
 
 

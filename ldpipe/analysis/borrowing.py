@@ -24,7 +24,7 @@ from typing import Callable, Mapping, Sequence
 import polars as pl
 
 from ldpipe.analysis.plots import figure_png, run_colours, subplots
-from ldpipe.analysis.squeezing import ngram_list, word_list
+from ldpipe.analysis.squeezing import has_repeat, ngram_list, word_list
 from ldpipe.errors import DataValidationError
 from ldpipe.schema import GENERATION_BORROWING_SCHEMA
 
@@ -99,12 +99,14 @@ class FactIndex:
 
 
 def score_generations(prompts: pl.DataFrame, generations: Sequence[str], answers: AnswerIndex,
-                      facts: FactIndex | None) -> list[dict]:
-    """One row per prompt (columns example_id, split, prompt, chosen) with its generation's borrowing scores."""
+                      facts: FactIndex | None, repeat_ngram: int = 3) -> list[dict]:
+    """One row per prompt (columns example_id, split, prompt, chosen) with its generation's borrowing scores and
+    whether it repeats a word n-gram (the squeezing analysis's repeater definition)."""
     rows = []
     for (eid, split, prompt, chosen), gen in zip(prompts.select("example_id", "split", "prompt", "chosen").iter_rows(),
                                                  generations):
-        row = {"example_id": eid, "split": split, "generation": gen, **answers.score(eid, prompt, chosen, gen)}
+        row = {"example_id": eid, "split": split, "generation": gen, **answers.score(eid, prompt, chosen, gen),
+               "repeats": has_repeat(gen, repeat_ngram)}
         row.update(facts.score(eid, gen) if facts is not None else
                    {"n_fact_values": None, "n_foreign_values": None, "fact_borrow_share": None, "correct_value": None})
         rows.append(row)
@@ -145,7 +147,7 @@ def run_borrowing(spec, files, store, *, device: str = "auto", log: Log = print)
                     ck.path, prompts["prompt"].to_list(), cfg, files.data_dir / "generation_cache", device=dev,
                     load=lambda: load_model_and_tokenizer(ck.path, device=dev,
                                                           local_files_only=not spec.model.allow_download))
-                memo[key] = score_generations(prompts, gens, answers, facts)
+                memo[key] = score_generations(prompts, gens, answers, facts, g.repeat_ngram)
             rows += [{"run_id": ck.run_id, "checkpoint": ck.label, "step": ck.step, **r} for r in memo[key]]
         df = pl.DataFrame(rows, schema_overrides=GENERATION_BORROWING_SCHEMA, infer_schema_length=None)
         df = df.select(list(GENERATION_BORROWING_SCHEMA)).cast(GENERATION_BORROWING_SCHEMA)

@@ -180,23 +180,91 @@ def _squeezing(d: pl.DataFrame, traj: pl.DataFrame) -> tuple[bool, dict]:
 
 # ---------------------------------------------------------------- plain-SFT vs extend-SFT before DPO
 
+def _sft_passes(run: RunSpec | None) -> float:
+    """Passes over the preference pairs an SFT run makes (extend-SFT sees each pair twice per epoch)."""
+    if run is None or run.algo != "sft":
+        return 0.0
+    return run.epochs * (2 if run.supervise == EXTEND_SUPERVISE else 1)
+
+
+def _parent_supervise(spec: ExperimentSpec, r: RunSpec) -> str | None:
+    p = spec.parent(r)
+    return p.supervise if p is not None and p.algo == "sft" else None
+
+
 def collateral_pairs(spec: ExperimentSpec) -> list[tuple[RunSpec, RunSpec]]:
     """(DPO after plain SFT on y+, DPO after extend-SFT on y+ and y-) pairs of the same algo, from start_from
-    chains. Each extend-DPO run is paired with the first plain one, preferring the same beta, lr and epochs."""
-    def parent_supervise(r: RunSpec) -> str | None:
-        p = spec.parent(r)
-        return p.supervise if p is not None and p.algo == "sft" else None
-
+    chains. Each extend-DPO run is paired with one plain run: the same beta, lr and epochs if possible, then the
+    parent SFT with the closest number of optimizer passes (the paper compares equal SFT budgets)."""
     prefs = [r for r in spec.runs if r.algo != "sft"]
-    plain = [r for r in prefs if parent_supervise(r) == "chosen"]
-    extend = [r for r in prefs if parent_supervise(r) == EXTEND_SUPERVISE]
+    plain = [r for r in prefs if _parent_supervise(spec, r) == "chosen"]
+    extend = [r for r in prefs if _parent_supervise(spec, r) == EXTEND_SUPERVISE]
     pairs = []
     for e in extend:
         same = [p for p in plain if p.algo == e.algo]
-        same.sort(key=lambda p: (p.beta, p.lr, p.epochs) != (e.beta, e.lr, e.epochs))
+        same.sort(key=lambda p: ((p.beta, p.lr, p.epochs) != (e.beta, e.lr, e.epochs),
+                                 abs(_sft_passes(spec.parent(p)) - _sft_passes(spec.parent(e)))))
         if same:
             pairs.append((same[0], e))
     return pairs
+
+
+def sft_length_pairs(spec: ExperimentSpec) -> list[tuple[RunSpec, RunSpec]]:
+    """(DPO after a shorter plain SFT, the same DPO after a longer one): pairs of preference runs with equal
+    settings whose parents are plain SFT runs that differ only in their number of epochs."""
+    def key(r: RunSpec, parent: RunSpec) -> tuple:
+        return (r.algo, r.beta, r.lr, r.epochs, r.batch_size, r.label_smoothing, r.optimizer,
+                parent.lr, parent.batch_size, parent.optimizer)
+
+    plain = [(r, spec.parent(r)) for r in spec.runs if r.algo != "sft" and _parent_supervise(spec, r) == "chosen"]
+    pairs = []
+    for i, (a, pa) in enumerate(plain):
+        for b, pb in plain[i + 1:]:
+            if key(a, pa) == key(b, pb) and pa.epochs != pb.epochs:
+                pairs.append((a, b) if pa.epochs < pb.epochs else (b, a))
+    return pairs
+
+
+def squeeze_summary(d: pl.DataFrame) -> dict[str, float]:
+    """A DPO run's squeeze from its type_deltas: the changes of mean log π(y*) and log π(y+) and of their gap
+    (empty when the run has no y+ rows)."""
+    row = d.filter(pl.col("response_type") == "chosen")
+    if row.is_empty() or row["argmax_delta"][0] is None:
+        return {}
+    r = row.row(0, named=True)
+    return {"delta_argmax": round(r["argmax_delta"], 4), "delta_chosen": round(r["delta"], 4),
+            "delta_gap": round(r["argmax_delta"] - r["delta"], 4)}
+
+
+# What the run-comparing squeeze checks expect of the second run of each pair, and why (fixed before any run).
+SQUEEZE_COMPARISONS = {
+    "longer_sft_squeezes_more": (
+        "more", "Measured (Ren & Sutherland 2025: the squeezing effect is stronger the peakier the model, and longer "
+                "SFT makes it peakier): DPO after the longer plain SFT widens the gap log π(y*) − log π(y+) more "
+                "than the same DPO after the shorter SFT. Squeeze = change of that gap over the DPO run (nats)."),
+    "extend_sft_squeezes_less": (
+        "less", "Measured (Ren & Sutherland 2025, the extend method: SFT on y+ and y- lifts y- out of the valley, "
+                "so DPO's negative gradient squeezes less): DPO after extend-SFT widens the gap log π(y*) − "
+                "log π(y+) less than the same DPO after plain SFT. Squeeze = change of that gap over the DPO run."),
+}
+
+
+def compare_squeeze(name: str, pairs: list[tuple[str, dict[str, float], str, dict[str, float]]]) -> CheckOutcome:
+    """`name` in SQUEEZE_COMPARISONS, over (first run, its squeeze_summary, second run, its squeeze_summary):
+    passes when every pair's second run squeezes more (or less, as the check expects) than its first."""
+    want = SQUEEZE_COMPARISONS[name][0]
+    rows, ok = [], bool(pairs)
+    for a, sa, b, sb in pairs:
+        ga, gb = sa.get("delta_gap"), sb.get("delta_gap")
+        holds = ga is not None and gb is not None and (gb > ga if want == "more" else gb < ga)
+        rows.append({"first_run": a, "second_run": b, "expected": f"second squeezes {want}",
+                     **{f"first_{k}": v for k, v in sa.items()}, **{f"second_{k}": v for k, v in sb.items()},
+                     "holds": holds})
+        ok = ok and holds
+    meta: dict = {"pairs": rows}
+    if len(rows) == 1:
+        meta.update({k: v for k, v in rows[0].items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
+    return CheckOutcome(name, ok, meta)
 
 
 def nontarget_mean(deltas: dict[str, float]) -> float:

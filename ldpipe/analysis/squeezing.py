@@ -143,25 +143,38 @@ def run_squeezing(spec, files, store, *, device: str = "auto", log: Log = print)
 
 
 def plot_squeezing(curves: pl.DataFrame, stats: pl.DataFrame, *, title: str) -> bytes:
-    """PNG: (left) change of mean log π(y+) (solid) and log π(y*) (dashed) per run from the squeezing view;
-    (middle) mean max-prob and (right) repeater rate per checkpoint step."""
-    fig, axes = subplots(1, 3, figsize=(13, 4))
+    """PNG, one colour per run. Top: change of mean log π(y+) (solid) and log π(y*) (dashed) from the squeezing
+    view; the per-token gap (y* − y+) along y+; the share of y+ positions that are the argmax. Bottom: the valley
+    depth of y− (per-token log π(y−)); mean max-prob and repeater rate per checkpoint step. The top middle panel
+    says at a glance whether a setting CAN squeeze: near 0, y+ is the argmax path and y* cannot pull away."""
+    fig, axes = subplots(2, 3, figsize=(13, 7.5))
+    ax = axes.flatten()
     colours = run_colours([*curves["run_id"].to_list(), *stats["run_id"].to_list()])
     for rid, c in colours.items():
         part = curves.filter(pl.col("run_id") == rid).sort("step")
         if not part.is_empty():
-            axes[0].plot(part["step"], part["delta_chosen"], "-", color=c, label=f"{rid} y+")
-            axes[0].plot(part["step"], part["delta_argmax"], "--", color=c, label=f"{rid} y*")
+            ax[0].plot(part["step"], part["delta_chosen"], "-", color=c, label=f"{rid} y+")
+            ax[0].plot(part["step"], part["delta_argmax"], "--", color=c, label=f"{rid} y*")
+            for i, col in ((1, "gap_per_token"), (2, "argmax_share"), (3, "rejected_logp_per_token")):
+                if col in part.columns and part[col].null_count() < part.height:
+                    ax[i].plot(part["step"], part[col], "-", color=c, label=rid)
         s = stats.filter(pl.col("run_id") == rid).sort("step")
         if not s.is_empty():
-            axes[1].plot(s["step"], s["mean_max_prob"], "o-", color=c, label=rid)
-            axes[2].plot(s["step"], s["repeater_rate"], "o-", color=c, label=rid)
-    axes[0].axhline(0, color="black", linewidth=0.5)
-    axes[0].set(xlabel="optimizer step", ylabel="change since step 0 (nats)", title="log π(y+) vs log π(y*)")
-    axes[1].set(xlabel="checkpoint step", ylabel="mean max_v π(v)", title="peakiness along y+")
-    axes[2].set(xlabel="checkpoint step", ylabel="share of generations", title="repeater rate (greedy)",
-                ylim=(-0.05, 1.05))
-    for ax in axes:
-        ax.legend(fontsize=6)
+            ax[4].plot(s["step"], s["mean_max_prob"], "o-", color=c, label=rid)
+            ax[5].plot(s["step"], s["repeater_rate"], "o-", color=c, label=rid)
+    ax[0].axhline(0, color="black", linewidth=0.5)
+    ax[1].axhline(0, color="black", linewidth=0.5)
+    ax[0].set(xlabel="optimizer step", ylabel="change since step 0 (nats)", title="log π(y+) vs log π(y*)")
+    ax[1].set(xlabel="optimizer step", ylabel="nats per token of y+",
+              title="gap log π(y*) − log π(y+) per token\n(≈0: y+ is the argmax path, nothing to squeeze into)")
+    ax[2].set(xlabel="optimizer step", ylabel="share of y+ positions", title="y+ token is the argmax",
+              ylim=(-0.05, 1.05))
+    ax[3].set(xlabel="optimizer step", ylabel="nats per token of y−",
+              title="valley depth: log π(y−) per token\n(lower: a deeper valley, a stronger squeeze)")
+    ax[4].set(xlabel="checkpoint step", ylabel="mean max_v π(v)", title="peakiness along y+")
+    ax[5].set(xlabel="checkpoint step", ylabel="share of generations", title="repeater rate (greedy)",
+              ylim=(-0.05, 1.05))
+    for a in ax:
+        a.legend(fontsize=6)
     fig.suptitle(title, fontsize=10)
     return figure_png(fig)

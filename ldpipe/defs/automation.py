@@ -28,12 +28,14 @@ NIGHTLY_CRON = "0 3 * * *"
 
 def automation(specs: list[ExperimentSpec]) -> tuple[list, list]:
     """(schedules, sensors) for the declared experiments."""
-    runs = dg.AssetSelection.keys(*[dg.AssetKey([s.name, f"run_{r.name}"]) for s in specs for r in s.runs])
+    runs = dg.AssetSelection.keys(*[dg.AssetKey([s.name, f"run_{r.name}"]) for s in specs if s.run_by_default
+                                    for r in s.runs])
     nightly = dg.ScheduleDefinition(
         name="nightly_declared_runs", cron_schedule=NIGHTLY_CRON, execution_timezone="UTC",
         target=runs.upstream() | runs.downstream(), default_status=dg.DefaultScheduleStatus.STOPPED,
-        description="Every night at 03:00 UTC: materialize every declared run, what it needs (dataset, probe set, "
-                    "base model, parent runs) and what reads it (catalog, curves, analyses).")
+        description="Every night at 03:00 UTC: materialize every declared run of the experiments run by default, "
+                    "what it needs (dataset, probe set, base model, parent runs) and what reads it (catalog, curves, "
+                    "analyses).")
     return [nightly], [_declarations_sensor(specs)]
 
 

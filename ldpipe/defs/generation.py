@@ -24,7 +24,9 @@ def generation_assets(spec: ExperimentSpec) -> list:
     k = lambda *parts: dg.AssetKey([exp, *parts])  # noqa: E731
 
     @dg.asset(key=k("squeezing"), group_name=exp, deps=[CATALOG_KEY], pool="gpu", kinds={"pytorch", "duckdb"},
-              description="Squeezing: log π(y*) vs log π(y+) over training (view squeezing), and per checkpoint the "
+              description="Squeezing: log π(y*) vs log π(y+) over training with the diagnostics that say whether a "
+                          "setting can squeeze (per-token gap, argmax share, valley depth of y-; view squeezing), "
+                          "per kind of rejected answer (view squeezing_by_rejected), and per checkpoint the "
                           "peakiness of next-token distributions along y+ and the repeater rate of greedy "
                           "generations (table generation_stats).")
     def squeezing(context: dg.AssetExecutionContext, ldpipe_home: LdpipeHome,
@@ -45,7 +47,11 @@ def generation_assets(spec: ExperimentSpec) -> list:
         if not curves.is_empty():
             last = curves.filter(pl.col("step") == pl.col("step").max().over("run_id"))
             meta["final_change"] = dg.MetadataValue.md(md_table(
-                last.select("run_id", "phase", "step", "delta_chosen", "delta_argmax", "argmax_gap"), 40))
+                last.select("run_id", "phase", "step", "delta_chosen", "delta_argmax", "delta_gap", "gap_per_token",
+                            "argmax_share", "rejected_logp_per_token"), 40))
+            first = curves.filter(pl.col("step") == pl.col("step").min().over("run_id"))
+            meta["can_it_squeeze_at_start"] = dg.MetadataValue.md(md_table(
+                first.select("run_id", "phase", "gap_per_token", "argmax_share", "rejected_logp_per_token"), 40))
         return dg.MaterializeResult(metadata=meta)
 
     @dg.asset(key=k("borrowing"), group_name=exp, deps=[CATALOG_KEY], pool="gpu", kinds={"pytorch", "duckdb"},
