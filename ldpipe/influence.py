@@ -157,6 +157,20 @@ def _flat_precond(precond: Precond | None, selected, device) -> torch.Tensor | N
     return torch.cat([precond[n].detach().reshape(-1).to(device=device, dtype=torch.float32) for n, _ in selected])
 
 
+def untouched_moved(model: nn.Module, train_pairs: Sequence[Union[Pair, Update]], untouched: dict[str, torch.Tensor],
+                    *, params: Sequence[str] | None = None) -> int:
+    """How many coordinates that the optimizer state has never updated (`untouched[name]`: a bool mask per
+    parameter, e.g. Adam's v == 0) the training directions move. A first-order preconditioner is undefined
+    there: Adam's first update of a coordinate is ~lr * sign(g), not linear in g, and 1/(sqrt(v) + eps)
+    would blow the prediction up by ~1/eps."""
+    selected = _select(model, params)
+    pairs, combos = _unique_pairs(_as_updates(train_pairs))
+    d = _combine(per_sequence_gradients(model, pairs, params=params), combos)
+    mask = torch.cat([untouched[n].reshape(-1).to(d.device) if n in untouched
+                      else torch.zeros(p.numel(), dtype=torch.bool, device=d.device) for n, p in selected])
+    return int((d[:, mask] != 0).any(dim=0).sum())
+
+
 @contextmanager
 def _weights_restored(model: nn.Module, tensors: Sequence[torch.Tensor]):
     """Weights, .grad fields and train/eval mode restored bit-exactly on exit (eval mode inside)."""

@@ -118,6 +118,13 @@ def preconditioner(st: dict, model: torch.nn.Module | None = None) -> tuple[dict
     return out, f"{kind} state at step {t}"
 
 
+def untouched(st: dict) -> dict[str, torch.Tensor]:
+    """Per parameter, the coordinates the optimizer has never updated (second moment exactly 0: no gradient
+    reached them yet, e.g. embedding rows of tokens not seen in any batch)."""
+    key = "exp_avg_sq" if st["optimizer"] in ("adam", "adamw") else "square_avg"
+    return {n: s[key] == 0 for n, s in st["state"].items() if key in s}
+
+
 def load_into(optimizer: torch.optim.Optimizer, model: torch.nn.Module, st: dict) -> torch.optim.Optimizer:
     """Fill a freshly made optimizer over `model`'s parameters with the saved state (a real continuation)."""
     named = dict(model.named_parameters())

@@ -92,8 +92,12 @@ def test_scoring_bench_side_by_side_with_flop_bound():
     for r in rows.values():      # the same scores from all three methods
         assert r["max_abs_diff_vs_reference"] < 1e-3
         assert r["gflop_per_s"] == pytest.approx(r["gflop"] / r["seconds"])
-    # prefix sharing and response-only logits do less than half the reference's work on this probe set
-    assert rows["ldpipe"]["gflop"] < 0.6 * rows["reference"]["gflop"] == pytest.approx(0.6 * rows["padded"]["gflop"])
+    # prefix sharing and response-only logits save the repeated prompts' work: ldpipe's share of the reference's
+    # FLOPs tracks the response tokens' share of all tokens the reference feeds (plus each prompt once)
+    ctx = rep["context"]
+    assert rows["reference"]["gflop"] == pytest.approx(rows["padded"]["gflop"])
+    assert rows["ldpipe"]["gflop"] / rows["reference"]["gflop"] < ctx["response_tokens"] / ctx["sequence_tokens"] + 0.15
+    assert rows["ldpipe"]["gflop"] < rows["reference"]["gflop"]
     # nothing runs faster than the machine's own matmul peak, so the bound is above what was reached
     assert 0 < rows["ldpipe"]["share_of_peak"] < 1
     assert rep["context"]["speedup_bound_at_peak"] > rows["ldpipe"]["speedup_vs_reference"]

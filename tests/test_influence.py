@@ -501,3 +501,21 @@ def test_heatmap_gives_the_dpo_column_its_own_colour_scale():
     assert plot_heatmap(df, title="t").startswith(b"\x89PNG")
     with pytest.raises(LdpipeError, match="no rows"):
         heatmap_blocks(df, "final")
+
+
+def test_untouched_coordinates_moved_by_training_directions(model, data):
+    """Coordinates an optimizer never updated (v == 0) have no first-order preconditioner: count the ones the
+    training directions move. Embedding rows of tokens outside the pairs are never moved."""
+    from ldpipe.influence import untouched_moved
+
+    pairs = data[0][:2]
+    emb = model.get_input_embeddings().weight
+    name = next(n for n, p in model.named_parameters() if p is emb)
+    used = sorted({t for p, r in pairs for t in p + r})
+    unused = [t for t in range(emb.shape[0]) if t not in set(used)][:5]
+    mask = torch.zeros_like(emb, dtype=torch.bool)
+    mask[unused] = True
+    assert untouched_moved(model, pairs, {name: mask}) == 0
+    mask[pairs[0][0][0]] = True   # the row of a prompt token the pairs feed: all its coordinates move
+    assert untouched_moved(model, pairs, {name: mask}) == emb.shape[1]
+    assert untouched_moved(model, pairs, {}) == 0

@@ -38,8 +38,8 @@ import torch
 from ldpipe.analysis.plots import figure_png, subplots
 from ldpipe.errors import LdpipeError
 from ldpipe.influence import (Update, agreement, akg_factors, exact_entk, naive_one_step, naive_optimizer_step,
-                              optimizer_drift, per_sequence_gradients, projected_entk)
-from ldpipe.optim_state import load_into, load_optimizer_state, preconditioner
+                              optimizer_drift, per_sequence_gradients, projected_entk, untouched_moved)
+from ldpipe.optim_state import load_into, load_optimizer_state, preconditioner, untouched
 from ldpipe.schema import AKG_SCHEMA, INFLUENCE_AGREEMENT_SCHEMA, INFLUENCE_HEATMAP_SCHEMA, INFLUENCE_SCHEMA
 from ldpipe.spec import EXTEND_SUPERVISE, ExperimentSpec, InfluenceSpec, RunSpec
 
@@ -288,8 +288,9 @@ class _RunContext:
         model, tok = self._load(ckpt.path, device=self.dev)
         return model, tok
 
-    def optimizer_state(self, ckpt: Checkpoint, model, log: Log) -> tuple[dict | None, dict | None, str]:
-        """(saved state, preconditioner, label) of the run's optimizer at `ckpt`; None with a logged reason."""
+    def optimizer_state(self, ckpt: Checkpoint, model, log: Log, updates=None) -> tuple[dict | None, dict | None, str]:
+        """(saved state, preconditioner, label) of the run's optimizer at `ckpt`; None with a logged reason (also
+        when the training `updates` move coordinates the state has never updated: no linearisation there)."""
         if ckpt.name == "start":  # the run's own optimizer is fresh there (a parent's final state is not it)
             st, why = None, "the run starts with a fresh optimizer"
         else:
@@ -299,6 +300,13 @@ class _RunContext:
                                                       else ("rmsprop",)):
             st, why = None, f"saved state is {st['optimizer']}, the run declares {self.run.optimizer}"
         pre, label = (preconditioner(st, model) if st is not None else (None, why))
+        if pre is not None and updates is not None:
+            n = untouched_moved(model, updates, untouched(st))
+            if n:
+                pre, label = None, (f"{st['optimizer']} state at step {st['step']} has never updated {n} coordinate(s) "
+                                    "that the influence examples move (no gradient reached them yet, e.g. "
+                                    "embedding rows of tokens in no batch so far): the first-order preconditioner "
+                                    "is undefined there (Adam's first update is ~lr·sign(g)), SGD direction used")
         if pre is None:
             log(f"[{self.run_id}] {ckpt.name}: SGD direction only, no preconditioned influence: {label}")
             return st, None, "fresh" if st is None else f"{st['optimizer']}@{st['step']}"
@@ -335,7 +343,7 @@ def _compute_influence(spec, run, files, *, device, log):
         eta = ctx.lr_eff[ckpt.step]
 
         lr_t, clip_t = ctx.factors[ckpt.step]
-        st, pre, label = ctx.optimizer_state(ckpt, model, log)
+        st, pre, label = ctx.optimizer_state(ckpt, model, log, updates)
 
         def emit(method: str, i: int, values, entk=None, precond=None):
             u = ctx.units[i]
