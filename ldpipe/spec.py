@@ -17,7 +17,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from ldpipe.errors import SpecError
 from ldpipe.schema import CORE_RESPONSE_TYPES
 
-_NAME = re.compile(r"^[a-z][a-z0-9_]{0,40}$")
+_NAME = re.compile(r"[a-z][a-z0-9_]{0,40}\Z")   # with .match: the whole string (no trailing newline)
+_NAME_RULE = "[a-z][a-z0-9_]{0,40} exactly (a lower-case letter, then up to 40 lower-case letters, digits or '_')"
 
 
 def _known_types(types: tuple[str, ...] | None) -> tuple[str, ...] | None:
@@ -29,7 +30,8 @@ def _known_types(types: tuple[str, ...] | None) -> tuple[str, ...] | None:
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # every float must be finite: `epochs: .inf` is a declaration error, not an OverflowError at run time
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class SyntheticSpec(_Strict):
@@ -118,7 +120,7 @@ class CustomTypeSpec(_Strict):
     @classmethod
     def _name_ok(cls, v: str) -> str:
         if not _NAME.match(v):
-            raise ValueError(f"custom type name {v!r} must match {_NAME.pattern}")
+            raise ValueError(f"custom type name {v!r} must match {_NAME_RULE}")
         return v
 
     @model_validator(mode="after")
@@ -296,7 +298,7 @@ class RunSpec(_Strict):
     @classmethod
     def _name_ok(cls, v: str) -> str:
         if not _NAME.match(v):
-            raise ValueError(f"run name {v!r} must match {_NAME.pattern}")
+            raise ValueError(f"run name {v!r} must match {_NAME_RULE}")
         return v
 
     @model_validator(mode="after")
@@ -422,7 +424,7 @@ class ExperimentSpec(_Strict):
     @classmethod
     def _name_ok(cls, v: str) -> str:
         if not _NAME.match(v):
-            raise ValueError(f"experiment name {v!r} must match {_NAME.pattern}")
+            raise ValueError(f"experiment name {v!r} must match {_NAME_RULE}")
         return v
 
     @model_validator(mode="after")
@@ -537,15 +539,56 @@ def parse_experiment(data: Any, *, source: str) -> ExperimentSpec:
         raise SpecError(f"{source}: invalid experiment declaration:\n{_format_errors(e)}") from None
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key repeated in one mapping (plain YAML keeps the last one silently: a second
+    `runs:` would replace the first, a repeated `lr:` would change the run)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                first = seen.get(key)
+            except TypeError:        # an unhashable key: the base class reports it
+                break
+            if first is not None:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (first at line {first.line + 1})", key_node.start_mark)
+            seen[key] = key_node.start_mark
+        return super().construct_mapping(node, deep=deep)
+
+
+_MAX_YAML_DEPTH = 50   # declarations nest a few levels; deeper is a mistake (and would overflow the parser)
+
+
+def _yaml_depth(text: str) -> int:
+    depth = best = 0
+    for ev in yaml.parse(text, Loader=yaml.SafeLoader):
+        if isinstance(ev, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
+            depth += 1
+            best = max(best, depth)
+            if best > _MAX_YAML_DEPTH:
+                return best
+        elif isinstance(ev, (yaml.MappingEndEvent, yaml.SequenceEndEvent)):
+            depth -= 1
+    return best
+
+
 def load_experiment(path: Path) -> ExperimentSpec:
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
         raise SpecError(f"{path}: not valid UTF-8 at byte {e.start}") from None
+    except OSError as e:   # a directory named x.yaml, a symlink loop, no permission, ...
+        raise SpecError(f"{path}: cannot read the declaration: {e.strerror or e}") from None
     try:
-        data = yaml.safe_load(text)
+        if _yaml_depth(text) > _MAX_YAML_DEPTH:
+            raise SpecError(f"{path}: nested more than {_MAX_YAML_DEPTH} levels deep; a declaration needs a few")
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader subclass)
     except yaml.YAMLError as e:
-        raise SpecError(f"{path}: YAML syntax error: {e}") from None
+        raise SpecError(f"{path}: YAML error: {e}") from None
+    except RecursionError:
+        raise SpecError(f"{path}: nested too deeply to parse") from None
     return parse_experiment(data, source=str(path))
 
 

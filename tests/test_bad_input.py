@@ -76,6 +76,14 @@ YAML_KINDS = {
     "yaml_unknown_supervise_type": ("name: x\nruns:\n  - {name: a, supervise: irr_hmu}\n",
                                     ("runs.0", "supervise 'irr_hmu' is not a response type")),
     "yaml_empty_string": ("name: ''\n", ("name", "must match")),
+    # a repeated key would silently replace the first (a second `runs:` drops every run declared before it)
+    "yaml_duplicate_key": ("name: x\nruns:\n  - {name: a}\nruns:\n  - {name: b}\n",
+                           ("duplicate key 'runs'", "first at line 2")),
+    "yaml_duplicate_nested_key": ("name: x\nruns:\n  - {name: a, lr: 0.1, lr: 0.2}\n", ("duplicate key 'lr'",)),
+    "yaml_name_with_newline": ('name: "x\\n"\n', ("name", "must match", "exactly")),
+    "yaml_infinite_float": ("name: x\nruns:\n  - {name: a, epochs: .inf}\n", ("runs.0.epochs", "finite number")),
+    "yaml_deep_nesting": ("name: x\ndescription: " + "[" * 20000 + "]" * 20000 + "\n",
+                          ("nested more than 50 levels",)),
 }
 
 
@@ -176,6 +184,21 @@ def test_good_steps_still_ran(dagster_run):
     assert "bad_model_path/dataset" in mats and "bad_model_path/probe_set" in mats
     assert (home / "datasets" / "bad_model_path" / "preferences.parquet").is_file()
     assert set(failures) == {f"{k}__{DATA_KINDS[k][3]}" for k in DATA_KINDS}
+
+
+@pytest.mark.parametrize("oddity", ["directory", "symlink_loop"])
+def test_unreadable_declaration_is_one_line_and_exit_2(oddity, tmp_path):
+    decl = tmp_path / "assets" / "x.yaml"
+    decl.parent.mkdir()
+    if oddity == "directory":
+        decl.mkdir()
+    else:
+        decl.symlink_to(decl.name)   # x.yaml -> x.yaml
+    r = subprocess.run([LDPIPE, "check", "--dir", str(decl.parent)], capture_output=True, text=True, timeout=120,
+                       env=_env(tmp_path, tmp_path / ".ldpipe"))
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert str(decl) in r.stderr and "cannot read the declaration" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
 
 
 @pytest.mark.parametrize("kind", sorted(YAML_KINDS))
