@@ -585,8 +585,10 @@ def load_experiment(path: Path) -> ExperimentSpec:
         if _yaml_depth(text) > _MAX_YAML_DEPTH:
             raise SpecError(f"{path}: nested more than {_MAX_YAML_DEPTH} levels deep; a declaration needs a few")
         data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader subclass)
-    except yaml.YAMLError as e:
+    except yaml.constructor.ConstructorError as e:   # e.g. a duplicate key
         raise SpecError(f"{path}: YAML error: {e}") from None
+    except yaml.YAMLError as e:
+        raise SpecError(f"{path}: YAML syntax error: {e}") from None
     except RecursionError:
         raise SpecError(f"{path}: nested too deeply to parse") from None
     return parse_experiment(data, source=str(path))
