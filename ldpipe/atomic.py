@@ -52,6 +52,18 @@ def write_bytes(data: bytes, path: Path) -> Path:
     return path
 
 
+def write_with(write, path: Path) -> Path:
+    """Atomically create `path` with `write(tmp_path)` (any writer that takes a path)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp(path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
 def fsync_dir(d: Path) -> None:
     """Flush a directory entry (e.g. after os.replace) so the rename survives a power loss; best effort."""
     try:

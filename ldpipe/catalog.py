@@ -188,12 +188,47 @@ def _check_one(stmt: duckdb.Statement) -> None:
                       "`ldpipe sql` only runs SELECT/WITH/FROM/DESCRIBE/SHOW/SUMMARIZE/EXPLAIN/VALUES/TABLE")
 
 
+_VIEW_GLOB = re.compile(r"read_parquet\('((?:[^']|'')+?)/[A-Za-z_][A-Za-z0-9_]*/\*\*/\*\.parquet'")
+
+
+def store_roots(catalog_path: Path) -> set[Path]:
+    """The store directories a catalog's table views read (empty when there is no readable catalog)."""
+    try:
+        con = connect_readonly(catalog_path)
+    except LdpipeError:
+        return set()
+    try:
+        sqls = [r[0] for r in con.execute("select sql from duckdb_views() where not internal").fetchall()]
+    except duckdb.Error:
+        return set()
+    finally:
+        con.close()
+    return {Path(m.group(1).replace("''", "'")).resolve() for q in sqls if q for m in _VIEW_GLOB.finditer(q)}
+
+
+# DuckDB result types polars cannot import: shown as text instead of failing the query.
+_AS_TEXT = ("INTERVAL", "UNION")
+
+
 def query(catalog_path: Path, sql: str) -> pl.DataFrame:
     check_readonly_statement(sql)
     con = connect_readonly(catalog_path)
     try:
-        return con.sql(sql).pl()
+        rel = con.sql(sql)
+        if rel is None:
+            raise LdpipeError("the statement returned no result")
+        text = [c for c, t in zip(rel.columns, rel.types) if any(k in str(t).upper() for k in _AS_TEXT)]
+        if text:
+            rel = rel.project(", ".join(f"cast({_q(c)} as varchar) as {_q(c)}" if c in text else _q(c)
+                                        for c in rel.columns))
+        return rel.pl()
     except duckdb.Error as e:
         raise LdpipeError(f"query failed: {e}") from None
+    except RuntimeError as e:
+        if "interrupt" in str(e).lower():       # DuckDB turns Ctrl-C during a query into this
+            raise KeyboardInterrupt from None
+        raise LdpipeError(f"query failed: {e}") from None
+    except pl.exceptions.PolarsError as e:
+        raise LdpipeError(f"query failed: the result cannot be converted: {str(e).splitlines()[0]}") from None
     finally:
         con.close()

@@ -11,7 +11,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from ldpipe.catalog import query
+from ldpipe.atomic import write_with
+from ldpipe.catalog import query, store_roots
 from ldpipe.errors import LdpipeError
 from ldpipe.paths import Paths
 
@@ -24,18 +25,25 @@ def add_sql_arguments(parser: argparse.ArgumentParser) -> None:
                         help="table (default) shows at most --limit rows; csv and json print every row")
     parser.add_argument("--limit", type=int, default=50, help="rows shown by --format table (default 50)")
     parser.add_argument("--output", type=Path, default=None,
-                        help="write every row to this file instead of printing; .csv or .parquet by extension")
+                        help="write every row to this file instead of printing; .csv or .parquet by extension "
+                             "(never inside the ldpipe home; an existing file only with --force)")
+    parser.add_argument("--force", action="store_true", help="let --output replace an existing file")
     # None -> resolved at run time, so LDPIPE_HOME set after the parser was built still counts.
     parser.add_argument("--catalog", type=Path, default=None,
                         help="catalog file (default: <LDPIPE_HOME>/catalog.duckdb)")
 
 
 def run_sql(args: argparse.Namespace) -> int:
-    """Run the query; returns the exit code (2 with a one-line message on stderr for any user error)."""
+    """Run the query; returns the exit code (2 with a one-line message on stderr for any user error, 130 for
+    Ctrl-C)."""
     try:
         _run(args)
-    except (LdpipeError, duckdb.Error, OSError) as e:
-        print(f"ldpipe sql: {e}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print("ldpipe sql: interrupted", file=sys.stderr)
+        return 130
+    except (LdpipeError, duckdb.Error, OSError, pl.exceptions.PolarsError) as e:
+        print(f"ldpipe sql: {str(e).splitlines()[0] if isinstance(e, pl.exceptions.PolarsError) else e}",
+              file=sys.stderr)
         return 2
     return 0
 
@@ -48,17 +56,44 @@ def _run(args: argparse.Namespace) -> None:
         raise LdpipeError(f"--output {output}: unknown extension; use one of {sorted(_EXPORTERS)}")
     if args.limit < 0:
         raise LdpipeError(f"--limit must be >= 0, got {args.limit}")
+    if output is not None:
+        _check_output(output, catalog, force=args.force)
     df = query(catalog, sql)
     if output is not None:
+        if output.suffix.lower() == ".csv":
+            _csv_ready(df, f"--output {output}")
         output.parent.mkdir(parents=True, exist_ok=True)
-        _EXPORTERS[output.suffix.lower()](df, output)
+        write_with(lambda tmp: _EXPORTERS[output.suffix.lower()](df, tmp), output)
         print(f"wrote {df.height} row(s) to {output}")
     elif args.format == "csv":
+        _csv_ready(df, "--format csv")
         sys.stdout.write(df.write_csv())
     elif args.format == "json":
         sys.stdout.write(df.write_json() + "\n")
     else:
         _print_table(df, args.limit)
+
+
+def _check_output(output: Path, catalog: Path, *, force: bool) -> None:
+    """--output never writes into an ldpipe home (the store, datasets and catalog are the record) and replaces
+    an existing file only with --force."""
+    target = output.expanduser().resolve()
+    homes = {Paths.default().home.resolve(), Path(catalog).expanduser().resolve().parent, *store_roots(catalog)}
+    for home in homes:
+        if target == home or home in target.parents:
+            raise LdpipeError(f"--output {output} is inside the ldpipe home {home}, which holds the record "
+                              "(store, datasets, catalog); write the result somewhere else")
+    if target.is_dir():
+        raise LdpipeError(f"--output {output} is a directory; give a file name ending in .csv or .parquet")
+    if target.exists() and not force:
+        raise LdpipeError(f"--output {output} exists; pass --force to replace it")
+
+
+def _csv_ready(df: pl.DataFrame, what: str) -> None:
+    nested = [f"{c} ({t})" for c, t in df.schema.items() if t.is_nested()]
+    if nested:
+        raise LdpipeError(f"{what}: CSV cannot hold nested values, and column(s) {', '.join(nested)} are nested; "
+                          "use --format json or --output <file>.parquet, or unnest them in the query")
 
 
 def _print_table(df: pl.DataFrame, limit: int) -> None:

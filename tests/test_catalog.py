@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import io
 import subprocess
 import sys
@@ -306,3 +307,62 @@ def test_old_shards_missing_a_new_known_column_get_typed_nulls(project: dict[str
     refresh(project)
     out = query(project["catalog"], "select loss, rewards_margin from train_metrics")
     assert out["loss"].to_list() == [2.0] and out["rewards_margin"].to_list() == [None]
+
+
+def test_run_sql_output_never_overwrites_the_record_or_an_existing_file(
+        project: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    refresh(project)
+    cat = str(project["catalog"])
+    home = project["catalog"].parent
+    shard = Store(project["store"]).shards("trajectories")[0]
+    before = shard.read_bytes()
+    # a store shard (inside the home that holds the catalog): refused, the shard untouched
+    assert run_sql(sql_args("select 1 as a", "--catalog", cat, "--output", str(shard), "--force")) == 2
+    assert "inside the ldpipe home" in capsys.readouterr().err and shard.read_bytes() == before
+    assert run_sql(sql_args("select 1 as a", "--catalog", cat, "--output", str(home / "x.csv"))) == 2
+    assert not (home / "x.csv").exists()
+    # an existing file elsewhere: only with --force
+    out = tmp_path / "elsewhere" / "r.csv"
+    assert run_sql(sql_args("select 1 as a", "--catalog", cat, "--output", str(out))) == 0
+    assert run_sql(sql_args("select 2 as a", "--catalog", cat, "--output", str(out))) == 2
+    assert "exists; pass --force" in capsys.readouterr().err and out.read_text() == "a\n1\n"
+    assert run_sql(sql_args("select 2 as a", "--catalog", cat, "--output", str(out), "--force")) == 0
+    assert out.read_text() == "a\n2\n"
+
+
+@pytest.mark.parametrize("sql, fmt, rc, text", [
+    ("select [1, 2] as x", "csv", 2, "CSV cannot hold nested values"),
+    ("select {'a': 1} as s", "csv", 2, "column(s) s"),
+    ("select interval 1 day as i", "csv", 0, "1 day"),            # shown as text, not a conversion error
+    ("select union_value(k := 7) as u", "table", 0, "7"),
+    ("select [1, 2] as x", "json", 0, "[1,2]"),
+])
+def test_run_sql_result_types_end_in_a_result_or_one_line(project: dict[str, Path], sql: str, fmt: str, rc: int,
+                                                          text: str, capsys: pytest.CaptureFixture[str]) -> None:
+    refresh(project)
+    assert run_sql(sql_args(sql, "--catalog", str(project["catalog"]), "--format", fmt)) == rc
+    captured = capsys.readouterr()
+    assert text in (captured.err if rc else captured.out) and "Traceback" not in captured.err
+    if rc:
+        assert len(captured.err.strip().splitlines()) == 1
+
+
+def test_ctrl_c_during_a_query_exits_130_in_one_line(project: dict[str, Path]) -> None:
+    import signal
+    import time
+
+    refresh(project)
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "ldpipe"), "sql", "--catalog", str(project["catalog"]),
+                             "select sum(i * i) from range(100000000000) t(i)"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        time.sleep(4)      # python start-up and the query under way (it runs for minutes)
+        assert proc.poll() is None
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+    assert proc.returncode == 130, err
+    assert err.strip() == "ldpipe sql: interrupted" and out == ""
