@@ -51,6 +51,10 @@ class Paths:
     def plots(self) -> Path:
         return self.home / "plots"
 
+    @property
+    def scratch(self) -> Path:        # per-process scratch folders (worker error files); swept when dead
+        return self.home / "tmp"
+
     def ensure(self) -> "Paths":
         for p in (self.store, self.models, self.datasets, self.plots):
             p.mkdir(parents=True, exist_ok=True)

@@ -200,6 +200,40 @@ def writer_alive(path: Path) -> bool | None:
     return True
 
 
+def scratch_dir(root: Path, prefix: str):
+    """A TemporaryDirectory under `root` named "<prefix>-<pid>-..." (so a sweep can tell a dead owner), after
+    removing the folders of dead owners that a killed process left behind."""
+    import tempfile
+
+    root.mkdir(parents=True, exist_ok=True)
+    sweep_scratch(root)
+    return tempfile.TemporaryDirectory(prefix=f"{prefix}-{os.getpid()}-", dir=root)
+
+
+def sweep_scratch(root: Path) -> int:
+    """Remove the scratch folders under `root` whose owning process (the PID in the name) is gone."""
+    import shutil
+
+    removed = 0
+    for d in root.iterdir() if root.is_dir() else ():
+        m = re.match(r"[A-Za-z_]+-(\d+)-", d.name)
+        if not (d.is_dir() and m):
+            continue
+        pid = int(m.group(1))
+        if pid == os.getpid():
+            continue
+        try:
+            os.kill(pid, 0)
+            continue
+        except ProcessLookupError:
+            pass
+        except OSError:
+            continue
+        shutil.rmtree(d, ignore_errors=True)
+        removed += 1
+    return removed
+
+
 def remove_stale_temps(paths, *, older_than_s: float = 3600, dead_after_s: float = DEAD_WRITER_GRACE_S) -> int:
     """Delete the temp files among `paths` that no writer will finish: older than `older_than_s`, or older
     than `dead_after_s` with their writer's PID gone. A live writer's file is never touched (a reused PID only

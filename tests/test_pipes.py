@@ -47,8 +47,13 @@ def test_run_through_pipes_matches_the_library_and_reports_checks(tiny_project):
     defs = build_defs(specs)
     instance = dg.DagsterInstance.ephemeral()
     mine = _assets(defs, "dataset", "probe_set", "base_model", "run_sft", "run_dpo", "paper_directions")
+    # a folder a killed worker left behind (its PID is gone) is swept; the workers' own scratch lives under the home
+    stale = tiny_project / ".ldpipe" / "tmp" / "worker-999999999-x"
+    stale.mkdir(parents=True)
+    (stale / "error.json").write_text("{}")
     result = dg.materialize(mine, resources=RESOURCES, instance=instance)
     assert result.success
+    assert (tiny_project / ".ldpipe" / "tmp").is_dir() and not list((tiny_project / ".ldpipe" / "tmp").iterdir())
     mats = {m.asset_key.to_user_string(): m.materialization.metadata for m in result.get_asset_materialization_events()}
     assert RUN_KEYS <= set(mats["tiny/run_sft"])
     assert RUN_KEYS | {"start_from", "parent_config_hash", "final_rewards_margin"} <= set(mats["tiny/run_dpo"])

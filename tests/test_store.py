@@ -185,3 +185,23 @@ def test_concurrent_writers_of_one_shard_never_expose_a_partial_file(tmp_path: P
     assert [p.wait() for p in procs] == [0, 0]
     assert files_under(tmp_path) == ["t/run=r/same.parquet"]
     assert store.read("t")["writer"][0] in {"w1", "w2"}
+
+
+def test_scratch_folders_of_dead_owners_are_swept_live_ones_kept(tmp_path):
+    import subprocess
+    import sys
+
+    from ldpipe.store import scratch_dir, sweep_scratch
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
+                          check=True, timeout=60).stdout.strip()
+    (tmp_path / f"worker-{dead}-abc").mkdir()
+    (tmp_path / f"worker-{dead}-abc" / "error.json").write_text("{}")
+    (tmp_path / "worker-1-init").mkdir()            # PID 1 is alive: never touched
+    (tmp_path / "notes").mkdir()                    # not a scratch name: never touched
+    assert sweep_scratch(tmp_path) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes", "worker-1-init"]
+    with scratch_dir(tmp_path, "worker") as d:      # a new one is named after this process
+        assert Path(d).parent == tmp_path and Path(d).name.startswith(f"worker-{os.getpid()}-")
+        assert sweep_scratch(tmp_path) == 0 and Path(d).exists()
+    assert not Path(d).exists()

@@ -10,7 +10,6 @@ itself if the launching process dies.
 
 import json
 import sys
-import tempfile
 from enum import Enum
 from pathlib import Path
 
@@ -26,7 +25,7 @@ from ldpipe.defs.probes import probe_keys
 from ldpipe.defs.resources import Compute, LdpipeHome
 from ldpipe.errors import SpecError
 from ldpipe.spec import ExperimentSpec, RunSpec, apply_run_overrides
-from ldpipe.store import Store
+from ldpipe.store import Store, scratch_dir
 from ldpipe.worker import ERROR_FILE_ENV
 
 # How long the worker gets to stop after SIGINT before the step gives up waiting.
@@ -109,7 +108,8 @@ def _run_asset(spec: ExperimentSpec, declared: RunSpec):
         extras = {"spec": spec.model_dump(mode="json"), "run": declared.name, "overrides": config.model_dump(mode="json"),
                   "home": str(ldpipe_home.paths().home), "device": compute.device}
         client = dg.PipesSubprocessClient(termination_timeout_seconds=TERMINATION_TIMEOUT_S)
-        with tempfile.TemporaryDirectory(prefix="ldpipe-worker-") as tmp:
+        # under the home, not the system temp dir: a killed run's folder stays findable and is swept next time
+        with scratch_dir(ldpipe_home.paths().scratch, "worker") as tmp:
             err_file = Path(tmp) / "error.json"
             try:
                 invocation = client.run(context=context, extras=extras,
