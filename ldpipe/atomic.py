@@ -4,8 +4,10 @@ A reader (or a crash) never sees a half-written file.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
+import shutil
 import uuid
 from pathlib import Path
 from typing import Any
@@ -76,3 +78,28 @@ def fsync_dir(d: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+_DISK_FULL = ("no space left", "storagefull", "file write failed", "disk quota")
+
+
+def is_disk_full(e: BaseException | None) -> bool:
+    """ENOSPC, however the writer reports it: an OSError, safetensors' IoError text ("StorageFull"), torch's
+    "file write failed"; the exception's causes are followed."""
+    for _ in range(5):
+        if e is None:
+            return False
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        text = str(e).lower()
+        if any(k in text or k in text.replace(" ", "") for k in _DISK_FULL):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def free_space(d: Path) -> str:
+    try:
+        return f"{shutil.disk_usage(d).free / 2**20:.1f} MiB"
+    except OSError:
+        return "unknown"

@@ -12,9 +12,11 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import time
 from dataclasses import dataclass
+from glob import escape as glob_escape
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
@@ -30,6 +32,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from ldpipe.atomic import free_space, is_disk_full
 from ldpipe.errors import LdpipeError
 
 EOS_TOKEN = "<|endoftext|>"
@@ -368,15 +371,24 @@ def save_checkpoint(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, 
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    _sweep_dead_siblings(path)
     # with_name, not with_suffix: a name like "sft-v1.2" must not lose its ".2".
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
     if tmp.exists():
         shutil.rmtree(tmp)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    (tmp / METADATA_FILE).write_text(json.dumps(metadata or {}, indent=2, sort_keys=True, default=str))
-    if extra is not None:
-        extra(tmp)
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / METADATA_FILE).write_text(json.dumps(metadata or {}, indent=2, sort_keys=True, default=str))
+        if extra is not None:
+            extra(tmp)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)    # never leave a half-written checkpoint behind
+        if is_disk_full(e):
+            raise LdpipeError(f"no space left on {path.parent} while writing the checkpoint {path.name} "
+                              f"({free_space(path.parent)} free); free some space and rerun (nothing was replaced)"
+                              ) from None
+        raise
     old = None
     if path.exists():
         # os.replace cannot overwrite a non-empty directory: move the old one aside first.
@@ -386,6 +398,25 @@ def save_checkpoint(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, 
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
     return path
+
+
+def _sweep_dead_siblings(path: Path) -> None:
+    """Remove `<name>.tmp-<pid>` / `<name>.old-<pid>` folders of processes that are gone (a crash or a full disk
+    left them; a live writer's folder is never touched)."""
+    for d in path.parent.glob(f"{glob_escape(path.name)}.[to][ml][pd]-*"):
+        m = re.fullmatch(re.escape(path.name) + r"\.(?:tmp|old)-(\d+)", d.name)
+        if not (m and d.is_dir()):
+            continue
+        pid = int(m.group(1))
+        if pid == os.getpid():
+            continue
+        try:
+            os.kill(pid, 0)
+            continue
+        except ProcessLookupError:
+            shutil.rmtree(d, ignore_errors=True)
+        except OSError:
+            continue
 
 
 def read_metadata(path: Path) -> dict:

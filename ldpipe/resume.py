@@ -25,7 +25,7 @@ import numpy as np
 import polars as pl
 import torch
 
-from ldpipe.atomic import fsync_dir
+from ldpipe.atomic import free_space, fsync_dir, is_disk_full
 from ldpipe.errors import LdpipeError
 from ldpipe.store import Store
 
@@ -89,8 +89,12 @@ def save(run_dir: Path, step: int, *, meta: dict, model, optimizer, scheduler, o
         if final.exists():                       # os.replace cannot overwrite a non-empty directory
             shutil.rmtree(final)
         os.replace(tmp, final)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if is_disk_full(e):
+            raise LdpipeError(f"no space left on {root} while writing the resume checkpoint of step {step} "
+                              f"({free_space(root)} free); free some space and rerun: training resumes from the "
+                              "last checkpoint that was written") from None
         raise
     fsync_dir(root)
     for d in root.iterdir():   # the newest checkpoint is the only one a rerun uses; temp dirs are a killed save's

@@ -225,3 +225,57 @@ def test_attention_without_cudnn_only_changes_cuda():
         assert not torch.backends.cuda.cudnn_sdp_enabled()
         assert torch.backends.cuda.math_sdp_enabled()
     assert torch.backends.cuda.cudnn_sdp_enabled() == before
+
+
+_DISK_FULL_SCRIPT = """
+import sys
+from pathlib import Path
+from ldpipe.errors import LdpipeError
+from ldpipe.models import TinyModelConfig, build_model, save_checkpoint, train_tokenizer
+
+root = Path(sys.argv[1])
+tok = train_tokenizer([f"word{i} and more text {i % 5}" for i in range(50)], vocab_size=300)
+model = build_model(TinyModelConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64), len(tok))
+try:
+    save_checkpoint(model, tok, root / "runs" / "final")
+    print("SAVED")
+except LdpipeError as e:
+    print("ERROR", e)
+print("LEFT", sorted(p.name for p in (root / "runs").iterdir()))
+"""
+
+
+def test_a_full_disk_leaves_no_temp_checkpoint_and_says_so(tmp_path):
+    """A real full disk: a 64 KiB tmpfs in a private mount namespace (unshare -rm), smaller than the checkpoint."""
+    import shutil
+    import subprocess
+    import sys
+
+    if shutil.which("unshare") is None:
+        pytest.skip("no unshare(1) to mount a tiny filesystem without root")
+    mnt = tmp_path / "tiny"
+    mnt.mkdir()
+    r = subprocess.run(["unshare", "-rm", "sh", "-c",
+                        'mount -t tmpfs -o size=64k tmpfs "$1" && exec "$2" -c "$3" "$1"', "sh",
+                        str(mnt), sys.executable, _DISK_FULL_SCRIPT], capture_output=True, text=True, timeout=300)
+    if "mount" in r.stderr and r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs in a user namespace here: {r.stderr.strip()[:200]}")
+    assert r.returncode == 0, r.stderr
+    assert f"ERROR no space left on {mnt / 'runs'}" in r.stdout, r.stdout
+    assert "LEFT []" in r.stdout                  # no final.tmp-* behind
+
+
+def test_a_dead_writers_temp_checkpoint_is_swept_by_the_next_save(tokenizer, tmp_path):
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
+                          check=True, timeout=60).stdout.strip()
+    runs = tmp_path / "runs"
+    (runs / f"final.tmp-{dead}").mkdir(parents=True)
+    (runs / f"final.tmp-{dead}" / "model.safetensors").write_bytes(b"half")
+    (runs / "final.tmp-1").mkdir()                # PID 1 is alive: not ours to remove
+    model = build_model(TinyModelConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64),
+                        len(tokenizer))
+    save_checkpoint(model, tokenizer, runs / "final")
+    assert sorted(p.name for p in runs.iterdir()) == ["final", "final.tmp-1"]
