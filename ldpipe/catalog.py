@@ -206,6 +206,49 @@ def store_roots(catalog_path: Path) -> set[Path]:
     return {Path(m.group(1).replace("''", "'")).resolve() for q in sqls if q for m in _VIEW_GLOB.finditer(q)}
 
 
+def relocate_if_moved(catalog_path: Path) -> tuple[Path, Path] | None:
+    """Views hold the absolute store path of their refresh. If the catalog's home was moved or copied (its views
+    read a store other than the `store/` beside it, and that one exists), rebuild the catalog with every view
+    pointed at the store beside it: a moved home keeps working, a copied one reads its own shards, and external
+    readers (duckdb CLI, Python) keep plain absolute paths. Returns (old store, new store) when it rebuilt."""
+    catalog_path = Path(catalog_path).resolve()
+    here = (catalog_path.parent / "store").resolve()
+    roots = store_roots(catalog_path)
+    if not roots or here in roots or not here.is_dir() or len(roots) != 1:
+        return None
+    old = roots.pop()
+    con = connect_readonly(catalog_path)
+    try:
+        views = [r[0] for r in con.execute(
+            "select sql from duckdb_views() where not internal order by view_oid").fetchall() if r[0]]
+    finally:
+        con.close()
+    old_lit, new_lit = _lit(str(old) + "/")[:-1], _lit(str(here) + "/")[:-1]   # "'<root>/" as it appears
+    tmp = catalog_path.with_name(f"{catalog_path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex}")
+    try:
+        con = duckdb.connect(str(tmp))
+        try:
+            pending = [sql.replace(old_lit, new_lit) for sql in views]
+            while pending:      # in passes, so a view is created after the views it reads
+                failed = []
+                for sql in pending:
+                    try:
+                        con.execute(sql)
+                    except duckdb.CatalogException:
+                        failed.append(sql)
+                if len(failed) == len(pending):
+                    raise LdpipeError(f"cannot rebuild the views of {catalog_path} for the moved store: "
+                                      "run `ldpipe catalog refresh`")
+                pending = failed
+        finally:
+            con.close()
+        os.replace(tmp, catalog_path)
+    finally:
+        tmp.unlink(missing_ok=True)
+        Path(f"{tmp}.wal").unlink(missing_ok=True)
+    return old, here
+
+
 # DuckDB result types polars cannot import: shown as text instead of failing the query.
 _AS_TEXT = ("INTERVAL", "UNION")
 

@@ -113,6 +113,19 @@ def _cmd_sql(args: argparse.Namespace) -> int:
     return run_sql(args)
 
 
+def _cmd_catalog(args: argparse.Namespace) -> int:
+    from ldpipe import pipeline
+    from ldpipe.paths import Paths, project_dir
+
+    paths = Paths.default()
+    sql_dir = Path(args.sql_dir) if args.sql_dir else project_dir() / "sql"
+    info = pipeline.refresh(paths, sql_dir)
+    n = sum(info["tables"].values())
+    print(f"catalog {info['path']}: {len(info['views'])} views over {n} shard(s) in {paths.store} "
+          f"(sql views from {sql_dir})")
+    return 0
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
     from ldpipe.bench import run_bench
 
@@ -172,6 +185,12 @@ def build_parser() -> argparse.ArgumentParser:
                    "each method's faster; others min(2, cores))")
     b.add_argument("--json", help="also write the report to this JSON file")
     b.set_defaults(func=_cmd_bench)
+
+    cat = sub.add_parser("catalog", help="rebuild the DuckDB catalog of the ldpipe home (e.g. after moving it)")
+    cat_sub = cat.add_subparsers(dest="catalog_command", required=True)
+    refresh = cat_sub.add_parser("refresh", help="views over <LDPIPE_HOME>/store and the project's sql/*.sql")
+    refresh.add_argument("--sql-dir", help="directory of the SQL views (default: <project>/sql)")
+    refresh.set_defaults(func=_cmd_catalog)
 
     from ldpipe.sqlcli import add_sql_arguments
 

@@ -12,7 +12,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from ldpipe.atomic import write_with
-from ldpipe.catalog import query, store_roots
+from ldpipe.catalog import query, relocate_if_moved, store_roots
 from ldpipe.errors import LdpipeError
 from ldpipe.paths import Paths
 
@@ -56,6 +56,10 @@ def _run(args: argparse.Namespace) -> None:
         raise LdpipeError(f"--output {output}: unknown extension; use one of {sorted(_EXPORTERS)}")
     if args.limit < 0:
         raise LdpipeError(f"--limit must be >= 0, got {args.limit}")
+    moved = relocate_if_moved(catalog) if Path(catalog).is_file() else None
+    if moved is not None:
+        print(f"ldpipe sql: the catalog read {moved[0]} (its home was moved or copied); its views now read "
+              f"{moved[1]}", file=sys.stderr)
     if output is not None:
         _check_output(output, catalog, force=args.force)
     df = query(catalog, sql)

@@ -366,3 +366,44 @@ def test_ctrl_c_during_a_query_exits_130_in_one_line(project: dict[str, Path]) -
             proc.wait(timeout=10)
     assert proc.returncode == 130, err
     assert err.strip() == "ldpipe sql: interrupted" and out == ""
+
+
+def test_a_moved_home_keeps_working_and_a_copy_reads_its_own_shards(
+        project: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import shutil
+
+    from ldpipe.cli import main
+
+    # a home laid out as ldpipe lays it out: <home>/store and <home>/catalog.duckdb
+    home = tmp_path / "home"
+    shutil.move(str(project["store"]), str(home / "store"))
+    refresh_catalog(home / "catalog.duckdb", home / "store", project["sql"])
+    count = "select count(*) as n from trajectories"
+
+    moved = tmp_path / "elsewhere" / "moved"
+    moved.parent.mkdir()
+    shutil.move(str(home), str(moved))
+    monkeypatch.setenv("LDPIPE_HOME", str(moved))
+    assert main(["sql", "--format", "csv", count]) == 0
+    out = capsys.readouterr()
+    assert out.out.splitlines() == ["n", "24"] and "its views now read" in out.err and str(moved) in out.err
+    assert main(["sql", "--format", "csv", count]) == 0 and capsys.readouterr().err == ""   # rebuilt once
+
+    copy = tmp_path / "copy"
+    shutil.copytree(moved, copy)
+    shutil.rmtree(copy / "store" / "trajectories" / "run_id=r2")   # change the copy only
+    monkeypatch.setenv("LDPIPE_HOME", str(copy))
+    assert main(["sql", "--format", "csv", count]) == 0
+    assert capsys.readouterr().out.splitlines() == ["n", "12"]
+    monkeypatch.setenv("LDPIPE_HOME", str(moved))
+    assert main(["sql", "--format", "csv", count]) == 0
+    assert capsys.readouterr().out.splitlines() == ["n", "24"]
+
+    # `ldpipe catalog refresh` rebuilds from the home's store and the sql views
+    Store(moved / "store").write_shard("trajectories", traj("r3", 0), partition={"run_id": "r3"}, name="probes",
+                                       schema=TRAJECTORY_SCHEMA)
+    assert main(["catalog", "refresh", "--sql-dir", str(project["sql"])]) == 0
+    assert "views over 7 shard(s)" in capsys.readouterr().out
+    assert main(["sql", "--format", "csv", count]) == 0
+    assert capsys.readouterr().out.splitlines() == ["n", "28"]
