@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import time
 import uuid
 from pathlib import Path
@@ -25,6 +26,7 @@ from ldpipe.schema import conform
 SHARD_SUFFIX = ".parquet"
 _TMP_MARK = ".tmp-"                        # "<name>.parquet.tmp-<pid>-<uuid>": never matches *.parquet
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")   # table names become SQL view names
+ARCHIVE_DIR = "_archive"   # records of earlier configurations, moved out of the tables (Store.archive_partition)
 # A temp file whose writer process is gone is removed once it is this old. The grace covers a writer in
 # another PID namespace (a container sharing the directory), whose live PID looks dead from here.
 DEAD_WRITER_GRACE_S = 60.0
@@ -113,7 +115,9 @@ class Store:
     def tables(self) -> list[str]:
         if not self.root.is_dir():
             return []
-        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and _IDENT.match(p.name))
+        # names starting with "_" are not tables: ARCHIVE_DIR holds records moved aside
+        return sorted(p.name for p in self.root.iterdir()
+                      if p.is_dir() and _IDENT.match(p.name) and not p.name.startswith("_"))
 
     def shards(self, table: str) -> list[Path]:
         d = self.table_dir(table)
@@ -164,6 +168,40 @@ class Store:
         self._prune_empty_dirs(d)
         return removed
 
+    def partition_values(self, table: str, partition: dict[str, str], column: str) -> set:
+        """The distinct values of `column` in one partition's shards (read column-wise, not whole shards)."""
+        src = self.shard_path(table, partition, "x").parent
+        out: set = set()
+        for p in sorted(src.rglob(f"*{SHARD_SUFFIX}")) if src.is_dir() else ():
+            try:
+                with open(p, "rb") as f:
+                    lf = pl.scan_parquet(f, hive_partitioning=False)
+                    if column in lf.collect_schema().names():
+                        out.update(lf.select(pl.col(column).unique()).collect()[column].to_list())
+            except FileNotFoundError:
+                continue
+        return out
+
+    def archive_partition(self, table: str, partition: dict[str, str], tag: dict[str, str]) -> Path | None:
+        """Move a partition's folder (e.g. one run's shards) out of the table, to
+        `<root>/_archive/<k>=<v>/.../<table>/<partition>`: kept on disk, no longer read by views or `read`.
+        Returns the new location (None when the partition holds no shards)."""
+        src = self.shard_path(table, partition, "x").parent
+        if not src.is_dir() or not any(src.rglob(f"*{SHARD_SUFFIX}")):
+            return None
+        base = self.root / ARCHIVE_DIR
+        for k, v in tag.items():
+            base = base / f"{_check_ident(k, 'archive key')}={_encode(v, f'archive value for {k!r}')}"
+        dst = base / src.relative_to(self.root)
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        if dst.exists():   # an earlier record of the same tag: the newer one replaces it (same config, same rows)
+            old = dst.with_name(f"{dst.name}.old-{uuid.uuid4().hex[:8]}")
+            os.replace(dst, old)
+            shutil.rmtree(old, ignore_errors=True)
+        os.replace(src, dst)
+        fsync_dir(dst.parent)
+        return dst
+
     def clean_temp(self, older_than_s: float = 3600, dead_after_s: float = DEAD_WRITER_GRACE_S) -> int:
         """Delete temp files left by crashed writers; returns how many. See `remove_stale_temps`."""
         if not self.root.is_dir():
@@ -212,8 +250,6 @@ def scratch_dir(root: Path, prefix: str):
 
 def sweep_scratch(root: Path) -> int:
     """Remove the scratch folders under `root` whose owning process (the PID in the name) is gone."""
-    import shutil
-
     removed = 0
     for d in root.iterdir() if root.is_dir() else ():
         m = re.match(r"[A-Za-z_]+-(\d+)-", d.name)

@@ -23,7 +23,9 @@ import contextlib
 import functools
 import itertools
 import math
+import os
 import random
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,7 +37,7 @@ import torch
 
 from ldpipe import distributed, resume
 from ldpipe.losses import dpo_loss, ipo_loss, sft_loss
-from ldpipe.models import use_bf16, load_model_and_tokenizer, resolve_device, save_checkpoint
+from ldpipe.models import load_model_and_tokenizer, read_metadata, resolve_device, save_checkpoint, use_bf16
 from ldpipe.schema import ONPOLICY_PAIRS_TABLE_SCHEMA, TRAIN_METRICS_SCHEMA, TRAJECTORY_SCHEMA
 from ldpipe.optim_state import save_optimizer_state
 from ldpipe.scoring import EncodedProbe, batch_logps, encode_pair, score_probes
@@ -255,6 +257,42 @@ def _train_step_ddp(ddp, opt, sched, objective: Objective, idx: list[int], max_g
     return {"loss": means[0], "grad_norm": grad_norm, "clip_factor": clip, "lr": lr, **dict(zip(keys, means[1:]))}
 
 
+RUN_TABLES = ("trajectories", "train_metrics", "onpolicy_pairs")   # store tables partitioned by run_id
+ARCHIVE = "archive"   # <run dir>/archive/config_hash=<hash>/: an earlier configuration's checkpoints
+
+
+def keep_other_config(store: Store, out_dir: Path, run_id: str, config_hash: str, log: Log) -> list[str]:
+    """Before a fresh run replaces a run id's record: if that record (store rows, final checkpoint) is of another
+    configuration (a smoke preset over a full run, an edited declaration), move it aside instead of losing it.
+    Shards go to the store's archive (`Store.archive_partition`, no longer in any view), the final checkpoint
+    and snapshots to `<run dir>/archive/config_hash=<old>/`. A rerun of the same configuration replaces its
+    own record as before (it recomputes the same numbers). Returns what was moved."""
+    moved: list[str] = []
+    stored = set().union(*(store.partition_values(t, {"run_id": run_id}, "config_hash") for t in RUN_TABLES))
+    others = sorted(h for h in stored if h is not None and h != config_hash)
+    if others:
+        tag = {"config_hash": "+".join(others)}
+        for table in RUN_TABLES:
+            dst = store.archive_partition(table, {"run_id": run_id}, tag)
+            if dst is not None:
+                moved.append(str(dst))
+    final = Path(out_dir) / "final"
+    old = read_metadata(final).get("config_hash") if final.is_dir() else None
+    if old is not None and old != config_hash:
+        dst = Path(out_dir) / ARCHIVE / f"config_hash={old}"
+        if dst.exists():   # an earlier copy of the same configuration: replaced, as its store rows are
+            shutil.rmtree(dst)
+        dst.mkdir(parents=True)
+        for name in ("final", resume.SNAPSHOT_DIR):
+            if (Path(out_dir) / name).exists():
+                os.replace(Path(out_dir) / name, dst / name)
+        moved.append(str(dst))
+    if moved:
+        log(f"{run_id}: the stored record is of another configuration ({', '.join(others) or old}, this run is "
+            f"{config_hash}); kept it aside instead of replacing it: {'; '.join(moved)}")
+    return moved
+
+
 def _eval_frame(scores: pl.DataFrame, *, run_id: str, config_hash: str, phase: str, step: int,
                 epoch: float) -> pl.DataFrame:
     return scores.with_columns(
@@ -404,7 +442,8 @@ def run_training(
     if ckpt is None:
         # A fresh run starts clean: stale shards and snapshots of an earlier, longer run must not mix in.
         if main:
-            for table in ("trajectories", "train_metrics", "onpolicy_pairs"):
+            keep_other_config(store, out_dir, run_id, config_hash, log)
+            for table in RUN_TABLES:
                 store.delete_partition(table, {"run_id": run_id})
             resume.clear(out_dir, snapshots=True)
         objective.prepare(model, first_epoch(), dev)   # every rank: the full reference (DPO/IPO)

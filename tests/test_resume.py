@@ -141,6 +141,37 @@ def test_changed_config_starts_fresh_but_checkpoint_settings_do_not(world):
     pipeline.train_run(spec, run, files, device="cpu", log=lambda m: None)   # leave sft as declared
 
 
+def test_a_smoke_run_keeps_the_full_runs_record_aside(world):
+    """A run of another configuration (here the smoke preset over the declared run) never destroys the earlier
+    record: its shards move to the store's archive (no view reads them), its checkpoints to <run>/archive."""
+    from ldpipe.spec import apply_run_overrides
+
+    spec, files = world
+    run = spec.run("sft")
+    full = pipeline.train_run(spec, run, files, device="cpu", log=lambda m: None)
+    full_rows = _rows(files, "trajectories", spec.run_id(run))
+    smoke_run = apply_run_overrides(run, {"preset": "smoke"})
+    lines: list[str] = []
+    smoke = pipeline.train_run(spec, smoke_run, files, device="cpu", log=lines.append)
+    assert smoke["config_hash"] != full["config_hash"]
+    assert any("kept it aside instead of replacing it" in m for m in lines)
+    live = _rows(files, "trajectories", spec.run_id(run))
+    assert live["config_hash"].unique().to_list() == [smoke["config_hash"]]        # no mixing in the views
+    archived = files.paths.store / "_archive" / f"config_hash={full['config_hash']}"
+    kept = pl.read_parquet(str(archived / "trajectories" / "**" / "*.parquet")).sort(
+        "step", "example_id", "response_type")
+    assert kept.equals(full_rows.select(kept.columns))                              # the full record, intact
+    assert (archived / "train_metrics").is_dir()
+    old_final = files.run_dir(run) / "archive" / f"config_hash={full['config_hash']}" / "final"
+    assert read_metadata(old_final)["config_hash"] == full["config_hash"]
+    assert read_metadata(files.run_dir(run) / "final")["config_hash"] == smoke["config_hash"]
+    assert "_archive" not in Store(files.paths.store).tables()
+    # back to the declaration: the smoke record is kept aside in turn, the live record is the full one again
+    pipeline.train_run(spec, run, files, device="cpu", log=lambda m: None)
+    assert _rows(files, "trajectories", spec.run_id(run)).equals(full_rows)
+    assert (files.paths.store / "_archive" / f"config_hash={smoke['config_hash']}" / "trajectories").is_dir()
+
+
 def test_wiped_store_is_not_resumed(world, tmp_path):
     spec, files = world
     run = spec.run("sft")
