@@ -38,6 +38,21 @@ KNOWN_TABLES: dict[str, dict[str, pl.DataType]] = {
     "probe_pairs": PROBE_PAIRS_SCHEMA,
 }
 
+# Columns every shard of a known table must have (the rest may be missing in shards written before they existed).
+REQUIRED_COLUMNS: dict[str, tuple[str, ...]] = {
+    "trajectories": ("run_id", "config_hash", "step", "example_id", "response_type", "logp_sum"),
+    "train_metrics": ("run_id", "config_hash", "step", "loss"),
+    "onpolicy_pairs": ("run_id", "config_hash", "step"),
+    "generation_stats": ("run_id", "checkpoint", "step"),
+    "generation_borrowing": ("run_id", "checkpoint", "example_id"),
+    "win_rate_judgments": ("experiment", "model_a", "model_b", "example_id"),
+    "influence": ("run_id", "checkpoint", "method", "value"),
+    "influence_agreement": ("run_id", "checkpoint", "estimate"),
+    "akg": ("run_id", "checkpoint"),
+    "influence_heatmap": ("run_id", "checkpoint", "trained_type", "observed_type", "value"),
+    "probe_pairs": ("experiment", "example_id"),
+}
+
 # Statement types that cannot change the database, files, settings or extensions.
 # DESCRIBE/SHOW/SUMMARIZE/VALUES/TABLE/FROM all parse as SELECT.
 _READ_TYPES = {duckdb.StatementType.SELECT}
@@ -99,6 +114,8 @@ def _build(con: duckdb.DuckDBPyConnection, store: Store, sql_dir: Path | None) -
         schema = KNOWN_TABLES.get(table)
         if n == 0 and schema is None:
             continue                # an unknown, empty table has no columns to show
+        if schema is not None:
+            validate_shards(store, table, schema)
         con.execute(f"create view {_q(table)} as {_table_select(con, store, table, schema, n)}")
         views.append(table)
     for path in sorted(sql_dir.glob("*.sql")) if sql_dir is not None and sql_dir.is_dir() else []:
@@ -116,6 +133,55 @@ def _build(con: duckdb.DuckDBPyConnection, store: Store, sql_dir: Path | None) -
                            f"only use tables and views from files sorted before it): {e}") from None
         views.append(name)
     return views, counts
+
+
+def _kind(t) -> str:
+    """A coarse class of an Arrow type: shards may differ in width (int32/int64) or string flavour, not class."""
+    import pyarrow as pa
+
+    if pa.types.is_null(t):
+        return "null"
+    if pa.types.is_integer(t):
+        return "integer"
+    if pa.types.is_floating(t):
+        return "float"
+    if pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t):
+        return "string"
+    if pa.types.is_boolean(t):
+        return "boolean"
+    return str(t)
+
+
+def validate_shards(store: Store, table: str, schema: dict[str, pl.DataType]) -> None:
+    """Every shard of a known table has its required columns, no foreign column, and column types of the
+    schema's class; the first shard that does not fit is named (DataValidationError), so the refresh keeps the
+    old catalog instead of views with rows of nulls or queries that fail later without a file name."""
+    import pyarrow.parquet as pq
+
+    want = {f.name: _kind(f.type) for f in pl.DataFrame(schema=schema).to_arrow().schema}
+    required = REQUIRED_COLUMNS.get(table, tuple(schema)[:1])
+    for path in store.shards(table):
+        try:
+            got = pq.read_schema(path)
+        except FileNotFoundError:
+            continue
+        except Exception as e:  # noqa: BLE001 (pyarrow raises several types for a file that is not Parquet)
+            raise DataValidationError(str(path), f"store table {table!r}: not a readable Parquet shard: "
+                                      f"{str(e).splitlines()[0]}") from None
+        names = set(got.names)
+        missing = [c for c in required if c not in names]
+        if missing:
+            raise DataValidationError(str(path), f"store table {table!r}: shard lacks required column(s) "
+                                      f"{missing}; is it a foreign file? (move it out of {store.table_dir(table)})",
+                                      field=missing[0])
+        for f in got:
+            if f.name not in want:
+                raise DataValidationError(str(path), f"store table {table!r}: column {f.name!r} is not in the "
+                                          f"table's schema (known: {sorted(want)})", field=f.name)
+            k = _kind(f.type)
+            if k != "null" and k != want[f.name]:
+                raise DataValidationError(str(path), f"store table {table!r}: column {f.name!r} is {f.type}, the "
+                                          f"table's schema has {schema[f.name]}", field=f.name)
 
 
 def _table_select(con: duckdb.DuckDBPyConnection, store: Store, table: str,

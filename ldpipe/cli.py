@@ -104,7 +104,32 @@ def _cmd_check(args: argparse.Namespace) -> int:
                          ((r, s.run_config_hash(r)) for r in s.runs))
         print(f"{s.name}: dataset={s.dataset.kind} model={s.model.kind} runs=[{runs}]")
     print(f"{len(specs)} experiment(s) OK")
-    return 0
+    return _check_store() if args.store else 0
+
+
+def _check_store() -> int:
+    """Every shard fits its table's schema, and every finished run's shards are all there, unchanged, alone."""
+    from ldpipe.catalog import KNOWN_TABLES, validate_shards
+    from ldpipe.errors import DataValidationError
+    from ldpipe.paths import Paths
+    from ldpipe.store import Store
+
+    store = Store(Paths.default().store)
+    problems: list[str] = []
+    for table in sorted(set(store.tables()) & set(KNOWN_TABLES)):
+        try:
+            validate_shards(store, table, KNOWN_TABLES[table])
+        except DataValidationError as e:
+            problems.append(str(e))
+    found, counts = store.verify_manifests()
+    problems += found
+    for p in problems:
+        print(f"  {p}", file=sys.stderr)
+    n = sum(len(store.shards(t)) for t in store.tables())
+    verdict = f"{len(problems)} problem(s)" if problems else "OK"
+    print(f"store {store.root}: {verdict}; {n} shard(s), {counts['shards_verified']} checked against the "
+          f"manifests of {counts['manifests']} finished run(s)", file=sys.stderr if problems else sys.stdout)
+    return 2 if problems else 0
 
 
 def _cmd_sql(args: argparse.Namespace) -> int:
@@ -166,6 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("check", help="validate the experiment declarations in assets/")
     c.add_argument("--dir", help="declarations directory (default: <project>/assets)")
+    c.add_argument("--store", action="store_true", help="also check the store of the ldpipe home: shards that do "
+                   "not fit their table, and missing, changed or extra shards against what finished runs wrote")
     c.set_defaults(func=_cmd_check)
 
     b = sub.add_parser("bench", help="speed and memory benchmarks, measured side by side in one run (ratios)")

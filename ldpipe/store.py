@@ -19,7 +19,7 @@ from urllib.parse import quote
 
 import polars as pl
 
-from ldpipe.atomic import fsync_dir
+from ldpipe.atomic import fsync_dir, write_json
 from ldpipe.errors import DataValidationError, LdpipeError
 from ldpipe.schema import conform
 
@@ -27,6 +27,7 @@ SHARD_SUFFIX = ".parquet"
 _TMP_MARK = ".tmp-"                        # "<name>.parquet.tmp-<pid>-<uuid>": never matches *.parquet
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")   # table names become SQL view names
 ARCHIVE_DIR = "_archive"   # records of earlier configurations, moved out of the tables (Store.archive_partition)
+MANIFEST_DIR = "_manifests"   # per finished run: the shards it wrote (Store.write_manifest / verify_manifests)
 # A temp file whose writer process is gone is removed once it is this old. The grace covers a writer in
 # another PID namespace (a container sharing the directory), whose live PID looks dead from here.
 DEAD_WRITER_GRACE_S = 60.0
@@ -182,6 +183,12 @@ class Store:
                 continue
         return out
 
+    def archive_dir(self, tag: dict[str, str]) -> Path:
+        base = self.root / ARCHIVE_DIR
+        for k, v in tag.items():
+            base = base / f"{_check_ident(k, 'archive key')}={_encode(v, f'archive value for {k!r}')}"
+        return base
+
     def archive_partition(self, table: str, partition: dict[str, str], tag: dict[str, str]) -> Path | None:
         """Move a partition's folder (e.g. one run's shards) out of the table, to
         `<root>/_archive/<k>=<v>/.../<table>/<partition>`: kept on disk, no longer read by views or `read`.
@@ -189,10 +196,7 @@ class Store:
         src = self.shard_path(table, partition, "x").parent
         if not src.is_dir() or not any(src.rglob(f"*{SHARD_SUFFIX}")):
             return None
-        base = self.root / ARCHIVE_DIR
-        for k, v in tag.items():
-            base = base / f"{_check_ident(k, 'archive key')}={_encode(v, f'archive value for {k!r}')}"
-        dst = base / src.relative_to(self.root)
+        dst = self.archive_dir(tag) / src.relative_to(self.root)
         dst.parent.mkdir(parents=True, exist_ok=True)
         if dst.exists():   # an earlier record of the same tag: the newer one replaces it (same config, same rows)
             old = dst.with_name(f"{dst.name}.old-{uuid.uuid4().hex[:8]}")
@@ -201,6 +205,51 @@ class Store:
         os.replace(src, dst)
         fsync_dir(dst.parent)
         return dst
+
+    # -- manifests: what a finished run wrote, to tell a deleted or foreign shard later --------------
+    def manifest_path(self, key: str, value: str) -> Path:
+        return self.root / MANIFEST_DIR / f"{_check_ident(key, 'partition key')}={_encode(value, 'manifest')}.json"
+
+    def write_manifest(self, key: str, value: str, tables: tuple[str, ...]) -> Path:
+        """Record the shards (and row counts) of one partition (e.g. run_id=<run>) in `tables`, as written."""
+        import pyarrow.parquet as pq
+
+        shards = {str(p.relative_to(self.root)): pq.read_metadata(p).num_rows
+                  for t in tables for p in self._partition_shards(t, key, value)}
+        return write_json({"partition": {key: value}, "tables": list(tables), "shards": shards},
+                          self.manifest_path(key, value))
+
+    def _partition_shards(self, table: str, key: str, value: str) -> list[Path]:
+        d = self.shard_path(table, {key: value}, "x").parent
+        return sorted(p for p in d.rglob(f"*{SHARD_SUFFIX}") if p.is_file()) if d.is_dir() else []
+
+    def verify_manifests(self) -> tuple[list[str], dict[str, int]]:
+        """(problems, counts): every shard a manifest records must exist with its row count, and a recorded
+        partition must hold no other shard. Partitions without a manifest (unfinished runs, older homes) are
+        counted as unverified, not as problems."""
+        import json
+
+        import pyarrow.parquet as pq
+
+        problems: list[str] = []
+        counts = {"manifests": 0, "shards_verified": 0}
+        for mf in sorted((self.root / MANIFEST_DIR).glob("*.json")) if (self.root / MANIFEST_DIR).is_dir() else []:
+            m = json.loads(mf.read_text())
+            (key, value), = m["partition"].items()
+            counts["manifests"] += 1
+            present = {str(p.relative_to(self.root)): p for t in m["tables"]
+                       for p in self._partition_shards(t, key, value)}
+            for rel, n in sorted(m["shards"].items()):
+                if rel not in present:
+                    problems.append(f"missing shard {self.root / rel} ({n} rows recorded by {key}={value})")
+                    continue
+                rows = pq.read_metadata(present[rel]).num_rows
+                if rows != n:
+                    problems.append(f"changed shard {self.root / rel}: {rows} rows, {key}={value} wrote {n}")
+                counts["shards_verified"] += 1
+            for rel in sorted(set(present) - set(m["shards"])):
+                problems.append(f"extra shard {self.root / rel}: not written by {key}={value} (foreign or stale)")
+        return problems, counts
 
     def clean_temp(self, older_than_s: float = 3600, dead_after_s: float = DEAD_WRITER_GRACE_S) -> int:
         """Delete temp files left by crashed writers; returns how many. See `remove_stale_temps`."""

@@ -42,7 +42,7 @@ from ldpipe.schema import ONPOLICY_PAIRS_TABLE_SCHEMA, TRAIN_METRICS_SCHEMA, TRA
 from ldpipe.optim_state import save_optimizer_state
 from ldpipe.scoring import EncodedProbe, batch_logps, encode_pair, score_probes
 from ldpipe.spec import RunSpec
-from ldpipe.store import Store
+from ldpipe.store import MANIFEST_DIR, Store
 
 Log = Callable[[str], None]
 Ids = list[int]
@@ -276,6 +276,11 @@ def keep_other_config(store: Store, out_dir: Path, run_id: str, config_hash: str
             dst = store.archive_partition(table, {"run_id": run_id}, tag)
             if dst is not None:
                 moved.append(str(dst))
+        manifest = store.manifest_path("run_id", run_id)
+        if manifest.exists():   # it describes the archived shards, and goes with them
+            dst = store.archive_dir(tag) / MANIFEST_DIR
+            dst.mkdir(parents=True, exist_ok=True)
+            os.replace(manifest, dst / manifest.name)
     final = Path(out_dir) / "final"
     old = read_metadata(final).get("config_hash") if final.is_dir() else None
     if old is not None and old != config_hash:
@@ -443,6 +448,7 @@ def run_training(
         # A fresh run starts clean: stale shards and snapshots of an earlier, longer run must not mix in.
         if main:
             keep_other_config(store, out_dir, run_id, config_hash, log)
+            store.manifest_path("run_id", run_id).unlink(missing_ok=True)
             for table in RUN_TABLES:
                 store.delete_partition(table, {"run_id": run_id})
             resume.clear(out_dir, snapshots=True)
@@ -503,6 +509,7 @@ def run_training(
     if main:
         final = save_checkpoint(model, tokenizer, out_dir / "final", metadata=meta,
                                 extra=lambda d: save_optimizer_state(model, opt, d))
+        store.write_manifest("run_id", run_id, RUN_TABLES)   # lets `ldpipe check --store` spot lost shards
         resume.clear(out_dir)   # finished: a rerun trains from scratch (and rewrites every shard)
     if dp:   # the other ranks return what rank 0 wrote
         distributed.barrier()

@@ -407,3 +407,24 @@ def test_a_moved_home_keeps_working_and_a_copy_reads_its_own_shards(
     assert "views over 7 shard(s)" in capsys.readouterr().out
     assert main(["sql", "--format", "csv", count]) == 0
     assert capsys.readouterr().out.splitlines() == ["n", "28"]
+
+
+@pytest.mark.parametrize("foreign, needle", [
+    (pl.DataFrame({"a": [1], "b": ["x"]}), "lacks required column(s)"),             # someone else's file
+    (None, "column 'step' is"),                                                      # step written as text
+    (pl.DataFrame({"run_id": ["r9"], "config_hash": ["h"], "step": [0], "example_id": ["e"],
+                   "response_type": ["chosen"], "logp_sum": [-1.0], "score": [0.3]}), "column 'score' is not"),
+])
+def test_refresh_names_a_shard_that_does_not_fit(project: dict[str, Path], foreign,
+                                                                          needle: str) -> None:
+    refresh(project)
+    before = project["catalog"].read_bytes()
+    if foreign is None:   # a real shard's columns, with step as a string
+        foreign = traj("r9", 0).with_columns(pl.col("step").cast(pl.String))
+    bad = project["store"] / "trajectories" / "run_id=r9" / "extra.parquet"
+    bad.parent.mkdir(parents=True)
+    foreign.write_parquet(bad)
+    with pytest.raises(DataValidationError) as e:
+        refresh(project)
+    assert str(bad) in str(e.value) and needle in str(e.value)
+    assert project["catalog"].read_bytes() == before      # the refresh failed whole: the old catalog stays

@@ -322,3 +322,31 @@ def test_sigkill_mid_training_then_rerun_completes_exactly_once(tiny_project, mo
     assert fresh["resumed_from"] is None
     assert _rows(files, "trajectories", run_id).equals(resumed)
     assert _rows(files, "train_metrics", run_id).equals(resumed_metrics)
+
+
+def test_check_store_finds_lost_changed_and_foreign_shards(tmp_path, monkeypatch, capsys):
+    """A finished run records its shards; `ldpipe check --store` names a deleted, a rewritten and a foreign one."""
+    from ldpipe.cli import main
+
+    spec = _spec()
+    files = build_inputs(spec, tmp_path / "home")
+    run = spec.run("sft")
+    pipeline.train_run(spec, run, files, device="cpu", log=lambda m: None)
+    store = Store(files.paths.store)
+    assert store.manifest_path("run_id", "tiny.sft").is_file()
+    monkeypatch.setenv("LDPIPE_HOME", str(files.paths.home))
+    decl = tmp_path / "assets"
+    decl.mkdir()
+    (decl / "tiny.yaml").write_text(TINY_YAML)
+    assert main(["check", "--dir", str(decl), "--store"]) == 0
+    assert "OK;" in capsys.readouterr().out
+
+    shards = store.shards("trajectories")
+    shards[0].unlink()                                              # lost
+    pl.read_parquet(shards[1]).head(1).write_parquet(shards[1])     # rewritten with fewer rows
+    foreign = shards[2].with_name("foreign.parquet")
+    pl.DataFrame({"a": [1]}).write_parquet(foreign)                 # someone else's file
+    assert main(["check", "--dir", str(decl), "--store"]) == 2
+    err = capsys.readouterr().err
+    assert f"missing shard {shards[0]}" in err and f"changed shard {shards[1]}: 1 rows" in err
+    assert f"extra shard {foreign}" in err and "lacks required column(s)" in err and "4 problem(s)" in err   # the foreign file twice
