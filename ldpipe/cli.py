@@ -41,12 +41,21 @@ def _cmd_run(args: argparse.Namespace) -> int:
         from ldpipe.defs.training import preset_run_config
 
         run_config = {"ops": {k: v for s in specs for k, v in preset_run_config(s, args.preset)["ops"].items()}}
+    import uuid
+
+    from ldpipe.runguard import my_tags, recover_dead_runs, run_guarded
+
+    say = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     t0 = time.perf_counter()
-    with dg.DagsterInstance.get() as instance:
-        result = dg.materialize(assets, instance=instance, resources={"ldpipe_home": LdpipeHome(),
-                                                                      "compute": Compute(device=args.device)},
-                                run_config=run_config, tags={"ldpipe/launched_by": "ldpipe run"},
-                                raise_on_error=False)
+    with dg.DagsterInstance.get() as instance, dg.DagsterInstance.from_ref(instance.get_ref()) as watcher:
+        recover_dead_runs(instance, log=say)     # a killed earlier run would hold the gpu pool forever
+        invocation = uuid.uuid4().hex
+        tags = {"ldpipe/launched_by": "ldpipe run", **my_tags(invocation)}
+        # in a worker thread, so that SIGINT/SIGTERM reach this thread's handlers even while a step waits for a
+        # pool (Dagster only records them there); `watcher`, a second instance object, serves this thread
+        result = run_guarded(lambda: dg.materialize(
+            assets, instance=instance, resources={"ldpipe_home": LdpipeHome(), "compute": Compute(device=args.device)},
+            run_config=run_config, tags=tags, raise_on_error=False), instance=watcher, invocation=invocation, log=say)
         steps = step_durations(instance, result.run_id)
     wall = time.perf_counter() - t0
     paths = Paths.default()
@@ -77,6 +86,12 @@ def _cmd_ui(args: argparse.Namespace) -> int:
     from ldpipe.paths import project_dir
 
     home = ensure_dagster_home()
+    import dagster as dg
+
+    from ldpipe.runguard import recover_dead_runs
+
+    with dg.DagsterInstance.get() as instance:   # runs a killed UI session left STARTED would hold the gpu pool
+        recover_dead_runs(instance, log=lambda m: print(m, file=sys.stderr, flush=True))
     print(f"DAGSTER_HOME={home}; UI on http://{args.host}:{args.port}", flush=True)
     os.chdir(project_dir())
     # dg is installed next to this interpreter; the venv need not be activated

@@ -1,0 +1,136 @@
+"""`ldpipe run` as a user types it, killed and interrupted: a kill -9 must not wedge the next run on the `gpu` pool,
+and SIGTERM/SIGINT end it within seconds (143/130), freeing its claims and leaving no process behind."""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO
+
+LDPIPE = str(Path(sys.executable).parent / "ldpipe")
+LONG = "influence: {enabled: false}\ngeneration_analysis: {enabled: false}\n"
+
+
+def _project(tiny_project: Path) -> dict[str, str]:
+    decl = tiny_project / "assets" / "tiny.yaml"   # long enough to still be training when the signal comes
+    decl.write_text(decl.read_text().replace("epochs: 1,", "epochs: 4000,") + LONG)
+    shutil.copy(REPO / "dagster.yaml", tiny_project / "dagster.yaml")   # the gpu pool, limit 1
+    env = {**os.environ, "DAGSTER_HOME": str(tiny_project / ".dagster_home"), "LDPIPE_THREADS": "1"}
+    env.pop("PYTEST_CURRENT_TEST", None)
+    return env
+
+
+def _start(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
+    return subprocess.Popen([LDPIPE, "run", "--device", "cpu", *args], stdout=log.open("w"), stderr=subprocess.STDOUT,
+                            env=env, start_new_session=True)
+
+
+def _wait(cond, timeout_s: float, what: str) -> None:
+    end = time.monotonic() + timeout_s
+    while not cond():
+        if time.monotonic() > end:
+            raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
+        time.sleep(0.3)
+
+
+def _workers() -> list[int]:
+    out = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                if b"ldpipe.worker" in (d / "cmdline").read_bytes() and \
+                        (d / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+                    out.append(int(d.name))
+            except OSError:
+                pass
+    return out
+
+
+def _training(home: Path) -> bool:
+    shards = home / "store" / "trajectories" / "run_id=tiny.sft"
+    return shards.is_dir() and any(shards.glob("*.parquet"))
+
+
+def _reap(*procs: subprocess.Popen) -> None:
+    for p in procs:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait(timeout=30)
+    for w in _workers():
+        os.kill(w, signal.SIGKILL)
+
+
+def _instance_state(dagster_home: Path) -> tuple[list[str], list]:
+    import dagster as dg
+    from dagster._core.instance.ref import InstanceRef
+
+    with dg.DagsterInstance.from_ref(InstanceRef.from_dir(str(dagster_home))) as inst:
+        active = [r.run_id for r in inst.get_runs() if r.status.name in ("STARTED", "STARTING", "NOT_STARTED")]
+        return active, inst.event_log_storage.get_concurrency_info("gpu").claimed_slots
+
+
+@pytest.mark.slow
+def test_a_killed_run_does_not_wedge_the_next_one(tiny_project):
+    """The reproduction of issue 15: kill -9 `ldpipe run` mid-training, then run again."""
+    env = _project(tiny_project)
+    home = tiny_project / ".ldpipe"
+    first = _start([], env, tiny_project / "first.log")
+    second = None
+    try:
+        _wait(lambda: _training(home) or first.poll() is not None, 240, "the first run to train")
+        assert first.poll() is None, (tiny_project / "first.log").read_text()[-3000:]
+        os.killpg(first.pid, signal.SIGKILL)             # the launching process and whatever shares its group
+        first.wait(timeout=30)
+        _wait(lambda: not _workers(), 60, "the orphaned worker to stop by itself")
+        second = _start(["--preset", "smoke"], env, tiny_project / "second.log")
+        second.wait(timeout=300)                         # wedged before: waited forever on the gpu pool
+        out = (tiny_project / "second.log").read_text()
+        assert second.returncode == 0, out[-3000:]
+        assert "was still STARTED but its process (pid" in out and "freed its pool claims" in out
+    finally:
+        _reap(first, *([second] if second else []))
+    active, claimed = _instance_state(tiny_project / ".dagster_home")
+    assert active == [] and claimed == []
+
+
+@pytest.mark.slow
+def test_sigterm_while_waiting_for_the_pool_and_sigint_while_training(tiny_project):
+    env = _project(tiny_project)
+    home = tiny_project / ".ldpipe"
+    a = _start([], env, tiny_project / "a.log")
+    b = None
+    try:
+        _wait(lambda: _training(home) or a.poll() is not None, 240, "run A to train")
+        assert a.poll() is None, (tiny_project / "a.log").read_text()[-3000:]
+        b = _start(["--preset", "smoke"], env, tiny_project / "b.log")
+        _wait(lambda: "waits for pool 'gpu'" in (tiny_project / "b.log").read_text() or b.poll() is not None, 180,
+              "run B to say it waits for the gpu pool")
+        out_b = (tiny_project / "b.log").read_text()
+        assert b.poll() is None and "held by run" in out_b, out_b[-3000:]
+        t0 = time.monotonic()
+        b.send_signal(signal.SIGTERM)
+        b.wait(timeout=60)
+        assert b.returncode == 143 and time.monotonic() - t0 < 20
+        assert "marked failed (stopped by SIGTERM); its pool claims are freed" in (tiny_project / "b.log").read_text()
+        assert a.poll() is None                           # A keeps training
+
+        worker = _workers()
+        assert worker, "run A's training worker"
+        t0 = time.monotonic()
+        a.send_signal(signal.SIGINT)
+        a.wait(timeout=60)
+        out_a = (tiny_project / "a.log").read_text()
+        assert a.returncode == 130 and time.monotonic() - t0 < 30, out_a[-3000:]
+        assert "ldpipe: SIGINT: stopping the run" in out_a
+        _wait(lambda: not _workers(), 30, "no worker left")
+    finally:
+        _reap(a, *([b] if b else []))
+    active, claimed = _instance_state(tiny_project / ".dagster_home")
+    assert active == [] and claimed == []
