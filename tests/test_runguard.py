@@ -134,3 +134,35 @@ def test_sigterm_while_waiting_for_the_pool_and_sigint_while_training(tiny_proje
         _reap(a, *([b] if b else []))
     active, claimed = _instance_state(tiny_project / ".dagster_home")
     assert active == [] and claimed == []
+
+
+def test_recover_dead_runs_marks_them_failed_and_frees_their_claims(tmp_path):
+    """What `ldpipe run` and `ldpipe ui` do at start, on a run left STARTED by a process that is gone, next to
+    one whose process is alive (this one)."""
+    import dagster as dg
+    from dagster._core.instance.ref import InstanceRef
+    from dagster._core.storage.dagster_run import DagsterRun
+
+    from ldpipe.runguard import TAG_PID, my_tags, recover_dead_runs
+
+    (tmp_path / "dagster.yaml").write_text((REPO / "dagster.yaml").read_text())
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
+                          check=True, timeout=60).stdout.strip()
+    with dg.DagsterInstance.from_ref(InstanceRef.from_dir(str(tmp_path))) as inst:
+        storage = inst.event_log_storage
+        storage.set_concurrency_slots("gpu", 1)
+        runs = {"dead": DagsterRun(job_name="j", run_id="a" * 32, status=dg.DagsterRunStatus.STARTED,
+                                   tags={TAG_PID: dead}),
+                "alive": DagsterRun(job_name="j", run_id="b" * 32, status=dg.DagsterRunStatus.STARTED,
+                                    tags=my_tags("x"))}
+        for r in runs.values():
+            inst.run_storage.add_run(r)
+        assert storage.claim_concurrency_slot("gpu", runs["dead"].run_id, "train").is_claimed
+        assert not storage.claim_concurrency_slot("gpu", runs["alive"].run_id, "train").is_claimed   # waits
+        lines: list[str] = []
+        assert recover_dead_runs(inst, log=lines.append) == [runs["dead"].run_id]
+        assert inst.get_run_by_id(runs["dead"].run_id).status == dg.DagsterRunStatus.FAILURE
+        assert inst.get_run_by_id(runs["alive"].run_id).status == dg.DagsterRunStatus.STARTED
+        assert [c.run_id for c in storage.get_concurrency_info("gpu").claimed_slots] == []
+        assert len(lines) == 1 and f"(pid {dead}) is gone" in lines[0]
+        assert storage.claim_concurrency_slot("gpu", runs["alive"].run_id, "train").is_claimed   # unblocked
