@@ -86,12 +86,17 @@ def _cmd_ui(args: argparse.Namespace) -> int:
     from ldpipe.paths import project_dir
 
     home = ensure_dagster_home()
-    import dagster as dg
+    if (home / "storage").is_dir():   # runs a killed UI session left STARTED would hold the gpu pool
+        import dagster as dg
+        from dagster._core.instance.ref import InstanceRef
 
-    from ldpipe.runguard import recover_dead_runs
+        from ldpipe.runguard import recover_dead_runs
 
-    with dg.DagsterInstance.get() as instance:   # runs a killed UI session left STARTED would hold the gpu pool
-        recover_dead_runs(instance, log=lambda m: print(m, file=sys.stderr, flush=True))
+        try:
+            with dg.DagsterInstance.from_ref(InstanceRef.from_dir(str(home))) as instance:
+                recover_dead_runs(instance, log=lambda m: print(m, file=sys.stderr, flush=True))
+        except Exception as e:  # noqa: BLE001 (the UI must start even if the history cannot be read)
+            print(f"ldpipe ui: could not check the run history for dead runs: {e}", file=sys.stderr)
     print(f"DAGSTER_HOME={home}; UI on http://{args.host}:{args.port}", flush=True)
     os.chdir(project_dir())
     # dg is installed next to this interpreter; the venv need not be activated
