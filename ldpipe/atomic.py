@@ -10,7 +10,7 @@ import os
 import shutil
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterable
 
 import polars as pl
 
@@ -103,3 +103,29 @@ def free_space(d: Path) -> str:
         return f"{shutil.disk_usage(d).free / 2**20:.1f} MiB"
     except OSError:
         return "unknown"
+
+
+def process_gone(pid: int) -> bool:
+    """True only when no process `pid` exists (signal 0). This process is never gone; another user's process
+    (EPERM) counts as running. Callers that must also tell zombies or reused PIDs check that on top."""
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:                 # e.g. EPERM: it exists under another user
+        return False
+    return False
+
+
+def remove_dead_owners(dirs: Iterable[Path], owner: Callable[[Path], int | None]) -> int:
+    """Remove the directories among `dirs` whose owning process (`owner(dir)`, a PID read off its name; None:
+    not such a directory) is gone: what a killed writer left behind. Returns how many were removed."""
+    removed = 0
+    for d in dirs:
+        pid = owner(d)
+        if pid is not None and d.is_dir() and process_gone(pid):
+            shutil.rmtree(d, ignore_errors=True)
+            removed += 1
+    return removed

@@ -32,7 +32,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from ldpipe.atomic import free_space, is_disk_full
+from ldpipe.atomic import free_space, is_disk_full, remove_dead_owners
 from ldpipe.errors import LdpipeError
 
 EOS_TOKEN = "<|endoftext|>"
@@ -403,20 +403,11 @@ def save_checkpoint(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, 
 def _sweep_dead_siblings(path: Path) -> None:
     """Remove `<name>.tmp-<pid>` / `<name>.old-<pid>` folders of processes that are gone (a crash or a full disk
     left them; a live writer's folder is never touched)."""
-    for d in path.parent.glob(f"{glob_escape(path.name)}.[to][ml][pd]-*"):
+    def owner(d: Path) -> int | None:
         m = re.fullmatch(re.escape(path.name) + r"\.(?:tmp|old)-(\d+)", d.name)
-        if not (m and d.is_dir()):
-            continue
-        pid = int(m.group(1))
-        if pid == os.getpid():
-            continue
-        try:
-            os.kill(pid, 0)
-            continue
-        except ProcessLookupError:
-            shutil.rmtree(d, ignore_errors=True)
-        except OSError:
-            continue
+        return int(m.group(1)) if m else None
+
+    remove_dead_owners(path.parent.glob(f"{glob_escape(path.name)}.*-*"), owner)
 
 
 def read_metadata(path: Path) -> dict:

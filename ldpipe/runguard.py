@@ -24,6 +24,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from ldpipe.atomic import process_gone
+
 ACTIVE = ("NOT_STARTED", "STARTING", "STARTED", "CANCELING")
 TAG_PID, TAG_PID_START, TAG_HOST, TAG_INVOCATION = "ldpipe/pid", "ldpipe/pid_start", "ldpipe/host", "ldpipe/invocation"
 STOP_GRACE_S = 10.0      # after a signal: how long the run may take to end by itself
@@ -58,12 +60,8 @@ def process_start_time(pid: int) -> float | None:
 def pid_alive(pid: int, started: float | None = None) -> bool:
     """Is `pid` running, and (when `started` is known) is it still the process that started then (not a reused
     PID)?"""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+    if process_gone(pid):
         return False
-    except OSError:          # EPERM: it exists under another user
-        return True
     try:   # a zombie (killed, not yet reaped by its parent) is not running
         if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
             return False

@@ -19,7 +19,7 @@ from urllib.parse import quote
 
 import polars as pl
 
-from ldpipe.atomic import fsync_dir, write_json
+from ldpipe.atomic import fsync_dir, process_gone, remove_dead_owners, write_json
 from ldpipe.errors import DataValidationError, LdpipeError
 from ldpipe.schema import conform
 
@@ -273,18 +273,7 @@ class Store:
 def writer_alive(path: Path) -> bool | None:
     """Whether the process named in a temp file's name ("...tmp-<pid>-<hex>") still runs; None: cannot tell."""
     m = _TMP_PID.search(path.name)
-    if not m:
-        return None
-    pid = int(m.group(1))
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)             # signal 0: existence check only
-    except ProcessLookupError:
-        return False
-    except OSError:                 # e.g. EPERM: it exists under another user
-        return True
-    return True
+    return None if not m else not process_gone(int(m.group(1)))
 
 
 def scratch_dir(root: Path, prefix: str):
@@ -299,24 +288,11 @@ def scratch_dir(root: Path, prefix: str):
 
 def sweep_scratch(root: Path) -> int:
     """Remove the scratch folders under `root` whose owning process (the PID in the name) is gone."""
-    removed = 0
-    for d in root.iterdir() if root.is_dir() else ():
+    def owner(d: Path) -> int | None:
         m = re.match(r"[A-Za-z_]+-(\d+)-", d.name)
-        if not (d.is_dir() and m):
-            continue
-        pid = int(m.group(1))
-        if pid == os.getpid():
-            continue
-        try:
-            os.kill(pid, 0)
-            continue
-        except ProcessLookupError:
-            pass
-        except OSError:
-            continue
-        shutil.rmtree(d, ignore_errors=True)
-        removed += 1
-    return removed
+        return int(m.group(1)) if m else None
+
+    return remove_dead_owners(root.iterdir() if root.is_dir() else (), owner)
 
 
 def remove_stale_temps(paths, *, older_than_s: float = 3600, dead_after_s: float = DEAD_WRITER_GRACE_S) -> int:
