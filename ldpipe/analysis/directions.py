@@ -163,18 +163,27 @@ def _nearly_all_fall(deltas: dict[str, float]) -> tuple[bool, dict]:
     return share >= NEARLY_ALL, meta
 
 
-def _squeezing(d: pl.DataFrame, traj: pl.DataFrame) -> tuple[bool, dict]:
+def _squeeze_deltas(d: pl.DataFrame) -> dict | None:
+    """The chosen row of type_deltas as the squeeze: delta_argmax, delta_chosen and delta_gap (their difference;
+    None without an argmax delta), unrounded, plus the argmax start/end; None without y+ rows."""
     row = d.filter(pl.col("response_type") == "chosen")
     if row.is_empty():
-        return False, {"reason": "the probe set has no 'chosen' (y+) rows"}
+        return None
     r = row.row(0, named=True)
-    delta_argmax = r["argmax_delta"]
-    delta_gap = None if delta_argmax is None else delta_argmax - r["delta"]
-    meta = {"delta_argmax": round(_nan(delta_argmax), 4), "delta_gap": round(_nan(delta_gap), 4),
-            "delta_chosen": round(r["delta"], 4), "chosen_fell": bool(r["delta"] < 0),
-            "argmax_start": round(_nan(r["argmax_start"]), 4), "argmax_end": round(_nan(r["argmax_end"]), 4)}
+    a = r["argmax_delta"]
+    return {"delta_argmax": a, "delta_chosen": r["delta"], "delta_gap": None if a is None else a - r["delta"],
+            "argmax_start": r["argmax_start"], "argmax_end": r["argmax_end"]}
+
+
+def _squeezing(d: pl.DataFrame, traj: pl.DataFrame) -> tuple[bool, dict]:
+    s = _squeeze_deltas(d)
+    if s is None:
+        return False, {"reason": "the probe set has no 'chosen' (y+) rows"}
+    meta = {k: round(_nan(s[k]), 4) for k in ("delta_argmax", "delta_gap", "delta_chosen", "argmax_start",
+                                               "argmax_end")}
+    meta["chosen_fell"] = bool(s["delta_chosen"] < 0)
     meta.update({k: v for k, v in start_end(squeeze_diagnostics(traj)).items() if v is not None})
-    ok = delta_argmax is not None and delta_argmax > 0 and delta_gap > 0
+    ok = s["delta_argmax"] is not None and s["delta_argmax"] > 0 and s["delta_gap"] > 0
     return ok, meta
 
 
@@ -228,12 +237,10 @@ def sft_length_pairs(spec: ExperimentSpec) -> list[tuple[RunSpec, RunSpec]]:
 def squeeze_summary(d: pl.DataFrame) -> dict[str, float]:
     """A DPO run's squeeze from its type_deltas: the changes of mean log π(y*) and log π(y+) and of their gap
     (empty when the run has no y+ rows)."""
-    row = d.filter(pl.col("response_type") == "chosen")
-    if row.is_empty() or row["argmax_delta"][0] is None:
+    s = _squeeze_deltas(d)
+    if s is None or s["delta_argmax"] is None:
         return {}
-    r = row.row(0, named=True)
-    return {"delta_argmax": round(r["argmax_delta"], 4), "delta_chosen": round(r["delta"], 4),
-            "delta_gap": round(r["argmax_delta"] - r["delta"], 4)}
+    return {k: round(s[k], 4) for k in ("delta_argmax", "delta_chosen", "delta_gap")}
 
 
 # What the run-comparing squeeze checks expect of the second run of each pair, and why (fixed before any run).
