@@ -91,18 +91,26 @@ def refresh_catalog(catalog_path: Path, store_root: Path, sql_dir: Path | None) 
     catalog_path.parent.mkdir(parents=True, exist_ok=True)
     # Tidy what killed writers left: shard temps and earlier refreshes' catalog temps (never read as data).
     cleaned = store.clean_temp() + remove_stale_temps(catalog_path.parent.glob(f"{catalog_path.name}.tmp-*"))
+    views, counts = _swap_in(catalog_path, lambda con: _build(con, store, Path(sql_dir) if sql_dir is not None
+                                                              else None))
+    return {"views": views, "tables": counts, "path": str(catalog_path), "temp_files_removed": cleaned}
+
+
+def _swap_in(catalog_path: Path, build):
+    """`build(con)` into a new database at a temp path, then os.replace it over `catalog_path` (readers never see
+    a half-built catalog; on any error the old one stays). Returns what `build` returned."""
     tmp = catalog_path.with_name(f"{catalog_path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex}")
     try:
         con = duckdb.connect(str(tmp))
         try:
-            views, counts = _build(con, store, Path(sql_dir) if sql_dir is not None else None)
+            out = build(con)
         finally:
             con.close()             # closing checkpoints: the file is complete, no .wal left
         os.replace(tmp, catalog_path)
     finally:
         tmp.unlink(missing_ok=True)
         Path(f"{tmp}.wal").unlink(missing_ok=True)
-    return {"views": views, "tables": counts, "path": str(catalog_path), "temp_files_removed": cleaned}
+    return out
 
 
 def _build(con: duckdb.DuckDBPyConnection, store: Store, sql_dir: Path | None) -> tuple[list[str], dict[str, int]]:
@@ -257,19 +265,28 @@ def _check_one(stmt: duckdb.Statement) -> None:
 _VIEW_GLOB = re.compile(r"read_parquet\('((?:[^']|'')+?)/[A-Za-z_][A-Za-z0-9_]*/\*\*/\*\.parquet'")
 
 
-def store_roots(catalog_path: Path) -> set[Path]:
-    """The store directories a catalog's table views read (empty when there is no readable catalog)."""
+def _view_sqls(catalog_path: Path) -> list[str]:
+    """The CREATE VIEW statements of a catalog, in creation order (empty when there is no readable catalog)."""
     try:
         con = connect_readonly(catalog_path)
     except LdpipeError:
-        return set()
+        return []
     try:
-        sqls = [r[0] for r in con.execute("select sql from duckdb_views() where not internal").fetchall()]
+        return [r[0] for r in con.execute("select sql from duckdb_views() where not internal order by view_oid")
+                .fetchall() if r[0]]
     except duckdb.Error:
-        return set()
+        return []
     finally:
         con.close()
-    return {Path(m.group(1).replace("''", "'")).resolve() for q in sqls if q for m in _VIEW_GLOB.finditer(q)}
+
+
+def _roots(sqls: list[str]) -> set[Path]:
+    return {Path(m.group(1).replace("''", "'")).resolve() for q in sqls for m in _VIEW_GLOB.finditer(q)}
+
+
+def store_roots(catalog_path: Path) -> set[Path]:
+    """The store directories a catalog's table views read (empty when there is no readable catalog)."""
+    return _roots(_view_sqls(catalog_path))
 
 
 def relocate_if_moved(catalog_path: Path) -> tuple[Path, Path] | None:
@@ -279,39 +296,28 @@ def relocate_if_moved(catalog_path: Path) -> tuple[Path, Path] | None:
     readers (duckdb CLI, Python) keep plain absolute paths. Returns (old store, new store) when it rebuilt."""
     catalog_path = Path(catalog_path).resolve()
     here = (catalog_path.parent / "store").resolve()
-    roots = store_roots(catalog_path)
+    views = _view_sqls(catalog_path)
+    roots = _roots(views)
     if not roots or here in roots or not here.is_dir() or len(roots) != 1:
         return None
     old = roots.pop()
-    con = connect_readonly(catalog_path)
-    try:
-        views = [r[0] for r in con.execute(
-            "select sql from duckdb_views() where not internal order by view_oid").fetchall() if r[0]]
-    finally:
-        con.close()
     old_lit, new_lit = _lit(str(old) + "/")[:-1], _lit(str(here) + "/")[:-1]   # "'<root>/" as it appears
-    tmp = catalog_path.with_name(f"{catalog_path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex}")
-    try:
-        con = duckdb.connect(str(tmp))
-        try:
-            pending = [sql.replace(old_lit, new_lit) for sql in views]
-            while pending:      # in passes, so a view is created after the views it reads
-                failed = []
-                for sql in pending:
-                    try:
-                        con.execute(sql)
-                    except duckdb.CatalogException:
-                        failed.append(sql)
-                if len(failed) == len(pending):
-                    raise LdpipeError(f"cannot rebuild the views of {catalog_path} for the moved store: "
-                                      "run `ldpipe catalog refresh`")
-                pending = failed
-        finally:
-            con.close()
-        os.replace(tmp, catalog_path)
-    finally:
-        tmp.unlink(missing_ok=True)
-        Path(f"{tmp}.wal").unlink(missing_ok=True)
+
+    def build(con: duckdb.DuckDBPyConnection) -> None:
+        pending = [sql.replace(old_lit, new_lit) for sql in views]
+        while pending:      # in passes, so a view is created after the views it reads
+            failed = []
+            for sql in pending:
+                try:
+                    con.execute(sql)
+                except duckdb.CatalogException:
+                    failed.append(sql)
+            if len(failed) == len(pending):
+                raise LdpipeError(f"cannot rebuild the views of {catalog_path} for the moved store: "
+                                  "run `ldpipe catalog refresh`")
+            pending = failed
+
+    _swap_in(catalog_path, build)
     return old, here
 
 
