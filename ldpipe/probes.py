@@ -399,12 +399,17 @@ class TypeCache:
 
 # ----------------------------------------------------------------------------- checks
 
-_OVERLAP_WORD = re.compile(r"[a-z0-9']+")
+_WORD = re.compile(r"[a-z0-9']+")
+
+
+def word_list(text: str) -> list[str]:
+    """The words of a text as the analyses count them: lower-cased runs of [a-z0-9']."""
+    return _WORD.findall(text.lower())
 
 
 def word_overlap(a: str, b: str) -> float:
-    """Jaccard overlap of the lower-cased word sets of two texts (0 when both are empty)."""
-    x, y = set(_OVERLAP_WORD.findall(a.lower())), set(_OVERLAP_WORD.findall(b.lower()))
+    """Jaccard overlap of the word sets (word_list) of two texts (0 when both are empty)."""
+    x, y = set(word_list(a)), set(word_list(b))
     return len(x & y) / len(x | y) if x | y else 0.0
 
 
@@ -487,7 +492,7 @@ def length_table(report: dict) -> pl.DataFrame:
 
 
 __all__ = ["ProbeRecipe", "ProbeBuild", "build_probe_set", "check_probe_set", "shuffle_words", "OFFLINE_TYPES",
-           "pair_similarity", "word_overlap",
+           "pair_similarity", "word_list", "word_overlap",
            "REPHRASE_TYPES", "MODEL_TYPES", "MODEL_STAGE_TYPES", "select_indices", "random_token_rows",
            "build_custom_type", "custom_type_inputs", "TypeCache", "content_hash", "file_hash", "frame_hash",
            "length_table"]

@@ -24,7 +24,8 @@ from typing import Callable, Mapping, Sequence
 import polars as pl
 
 from ldpipe.analysis.plots import figure_png, run_colours, subplots
-from ldpipe.analysis.squeezing import has_repeat, ngram_list, word_list
+from ldpipe.analysis.squeezing import has_repeat, ngram_list
+from ldpipe.probes import word_list
 from ldpipe.errors import DataValidationError
 from ldpipe.schema import GENERATION_BORROWING_SCHEMA
 

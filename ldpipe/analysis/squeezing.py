@@ -12,7 +12,6 @@ adds what needs the model itself, per checkpoint (start, snapshots, final; see a
 """
 from __future__ import annotations
 
-import re
 from collections import Counter
 from typing import Callable, Sequence
 
@@ -21,14 +20,10 @@ import torch
 
 from ldpipe.analysis.plots import figure_png, run_colours, subplots
 from ldpipe.models import eval_mode
+from ldpipe.probes import word_list
 from ldpipe.schema import GENERATION_STATS_SCHEMA
 
-_WORD = re.compile(r"[a-z0-9']+")
 Log = Callable[[str], None]
-
-
-def word_list(text: str) -> list[str]:
-    return _WORD.findall(text.lower())
 
 
 def ngram_list(words: Sequence[str], n: int) -> list[tuple[str, ...]]:
