@@ -1,4 +1,5 @@
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -70,3 +71,12 @@ def server():
 
     with FakeOpenAI() as srv:
         yield srv
+
+
+def wait_until(cond, timeout_s: float, what: str) -> None:
+    """Poll `cond()` until it is true; fail naming `what` after `timeout_s` (every wait in a test is bounded)."""
+    end = time.monotonic() + timeout_s
+    while not cond():
+        if time.monotonic() > end:
+            raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
+        time.sleep(0.2)

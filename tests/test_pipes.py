@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import dagster as dg
@@ -22,6 +21,8 @@ from ldpipe.defs.resources import Compute, LdpipeHome
 from ldpipe.defs.training import RunOverrides
 from ldpipe.paths import Paths
 from ldpipe.spec import load_experiments
+
+from conftest import wait_until
 
 RESOURCES = {"ldpipe_home": LdpipeHome(), "compute": Compute(device="cpu")}
 RUN_KEYS = {"run_id", "config_hash", "algo", "checkpoint", "steps", "evals", "wall_s", "device", "final_loss",
@@ -171,14 +172,6 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def _wait(cond, timeout_s: float, what: str) -> None:
-    end = time.monotonic() + timeout_s
-    while not cond():
-        if time.monotonic() > end:
-            raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
-        time.sleep(0.2)
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL])
 def test_stopping_the_launching_process_stops_the_worker(tiny_project, sig):
@@ -198,10 +191,10 @@ def test_stopping_the_launching_process_stops_the_worker(tiny_project, sig):
             pids = _worker_pids(driver.pid)
             worker = pids[0] if pids else worker
             return worker is not None and shards.is_dir() and any(shards.glob("*.parquet"))
-        _wait(lambda: training() or driver.poll() is not None, 240, "the worker to start training")
+        wait_until(lambda: training() or driver.poll() is not None, 240, "the worker to start training")
         assert driver.poll() is None, driver.stdout.read()
         driver.send_signal(sig)
-        _wait(lambda: not _alive(worker), 60, f"worker {worker} to exit after {sig.name}")
+        wait_until(lambda: not _alive(worker), 60, f"worker {worker} to exit after {sig.name}")
         driver.wait(timeout=60)
     finally:
         for pid in (worker, driver.pid):

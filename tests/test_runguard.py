@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, wait_until
 
 LDPIPE = str(Path(sys.executable).parent / "ldpipe")
 LONG = "influence: {enabled: false}\ngeneration_analysis: {enabled: false}\n"
@@ -32,14 +32,6 @@ def _start(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
                             env=env, start_new_session=True)
 
 
-def _wait(cond, timeout_s: float, what: str) -> None:
-    end = time.monotonic() + timeout_s
-    while not cond():
-        if time.monotonic() > end:
-            raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
-        time.sleep(0.3)
-
-
 def _workers() -> list[int]:
     out = []
     for d in Path("/proc").iterdir():
@@ -56,6 +48,18 @@ def _workers() -> list[int]:
 def _training(home: Path) -> bool:
     shards = home / "store" / "trajectories" / "run_id=tiny.sft"
     return shards.is_dir() and any(shards.glob("*.parquet"))
+
+
+def _start_training(env: dict[str, str], home: Path, log: Path) -> subprocess.Popen:
+    """`ldpipe run` of the long declaration, returned once it is training (its first trajectory shard exists)."""
+    proc = _start([], env, log)
+    try:
+        wait_until(lambda: _training(home) or proc.poll() is not None, 240, "the run to train")
+        assert proc.poll() is None, log.read_text()[-3000:]
+    except BaseException:
+        _reap(proc)
+        raise
+    return proc
 
 
 def _reap(*procs: subprocess.Popen) -> None:
@@ -81,14 +85,12 @@ def test_a_killed_run_does_not_wedge_the_next_one(tiny_project):
     """The reproduction of issue 15: kill -9 `ldpipe run` mid-training, then run again."""
     env = _project(tiny_project)
     home = tiny_project / ".ldpipe"
-    first = _start([], env, tiny_project / "first.log")
+    first = _start_training(env, home, tiny_project / "first.log")
     second = None
     try:
-        _wait(lambda: _training(home) or first.poll() is not None, 240, "the first run to train")
-        assert first.poll() is None, (tiny_project / "first.log").read_text()[-3000:]
         os.killpg(first.pid, signal.SIGKILL)             # the launching process and whatever shares its group
         first.wait(timeout=30)
-        _wait(lambda: not _workers(), 60, "the orphaned worker to stop by itself")
+        wait_until(lambda: not _workers(), 60, "the orphaned worker to stop by itself")
         second = _start(["--preset", "smoke"], env, tiny_project / "second.log")
         second.wait(timeout=300)                         # wedged before: waited forever on the gpu pool
         out = (tiny_project / "second.log").read_text()
@@ -104,13 +106,11 @@ def test_a_killed_run_does_not_wedge_the_next_one(tiny_project):
 def test_sigterm_while_waiting_for_the_pool_and_sigint_while_training(tiny_project):
     env = _project(tiny_project)
     home = tiny_project / ".ldpipe"
-    a = _start([], env, tiny_project / "a.log")
+    a = _start_training(env, home, tiny_project / "a.log")
     b = None
     try:
-        _wait(lambda: _training(home) or a.poll() is not None, 240, "run A to train")
-        assert a.poll() is None, (tiny_project / "a.log").read_text()[-3000:]
         b = _start(["--preset", "smoke"], env, tiny_project / "b.log")
-        _wait(lambda: "waits for pool 'gpu'" in (tiny_project / "b.log").read_text() or b.poll() is not None, 180,
+        wait_until(lambda: "waits for pool 'gpu'" in (tiny_project / "b.log").read_text() or b.poll() is not None, 180,
               "run B to say it waits for the gpu pool")
         out_b = (tiny_project / "b.log").read_text()
         assert b.poll() is None and "held by run" in out_b, out_b[-3000:]
@@ -129,7 +129,7 @@ def test_sigterm_while_waiting_for_the_pool_and_sigint_while_training(tiny_proje
         out_a = (tiny_project / "a.log").read_text()
         assert a.returncode == 130 and time.monotonic() - t0 < 30, out_a[-3000:]
         assert "ldpipe: SIGINT: stopping the run" in out_a
-        _wait(lambda: not _workers(), 30, "no worker left")
+        wait_until(lambda: not _workers(), 30, "no worker left")
     finally:
         _reap(a, *([b] if b else []))
     active, claimed = _instance_state(tiny_project / ".dagster_home")
