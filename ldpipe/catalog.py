@@ -192,6 +192,19 @@ def validate_shards(store: Store, table: str, schema: dict[str, pl.DataType]) ->
                                           f"table's schema has {schema[f.name]}", field=f.name)
 
 
+def check_store(store: Store) -> tuple[list[str], dict[str, int]]:
+    """(problems, counts) of `ldpipe check --store`: every shard of a known table fits its schema
+    (validate_shards), and every finished run's shards are there, unchanged and alone (Store.verify_manifests)."""
+    problems: list[str] = []
+    for table in sorted(set(store.tables()) & set(KNOWN_TABLES)):
+        try:
+            validate_shards(store, table, KNOWN_TABLES[table])
+        except DataValidationError as e:
+            problems.append(str(e))
+    found, counts = store.verify_manifests()
+    return problems + found, {**counts, "shards": sum(len(store.shards(t)) for t in store.tables())}
+
+
 def _table_select(con: duckdb.DuckDBPyConnection, store: Store, table: str,
                   schema: dict[str, pl.DataType] | None, n_shards: int) -> str:
     src = f"read_parquet({_lit(store.glob(table))}, union_by_name = true, hive_partitioning = false)"

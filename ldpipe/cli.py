@@ -129,26 +129,17 @@ def _cmd_check(args: argparse.Namespace) -> int:
 
 def _check_store() -> int:
     """Every shard fits its table's schema, and every finished run's shards are all there, unchanged, alone."""
-    from ldpipe.catalog import KNOWN_TABLES, validate_shards
-    from ldpipe.errors import DataValidationError
+    from ldpipe.catalog import check_store
     from ldpipe.paths import Paths
     from ldpipe.store import Store
 
     store = Store(Paths.default().store)
-    problems: list[str] = []
-    for table in sorted(set(store.tables()) & set(KNOWN_TABLES)):
-        try:
-            validate_shards(store, table, KNOWN_TABLES[table])
-        except DataValidationError as e:
-            problems.append(str(e))
-    found, counts = store.verify_manifests()
-    problems += found
+    problems, counts = check_store(store)
     for p in problems:
         print(f"  {p}", file=sys.stderr)
-    n = sum(len(store.shards(t)) for t in store.tables())
     verdict = f"{len(problems)} problem(s)" if problems else "OK"
-    print(f"store {store.root}: {verdict}; {n} shard(s), {counts['shards_verified']} checked against the "
-          f"manifests of {counts['manifests']} finished run(s)", file=sys.stderr if problems else sys.stdout)
+    print(f"store {store.root}: {verdict}; {counts['shards']} shard(s), {counts['shards_verified']} checked against "
+          f"the manifests of {counts['manifests']} finished run(s)", file=sys.stderr if problems else sys.stdout)
     return 2 if problems else 0
 
 

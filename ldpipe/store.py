@@ -189,6 +189,17 @@ class Store:
             base = base / f"{_check_ident(k, 'archive key')}={_encode(v, f'archive value for {k!r}')}"
         return base
 
+    def archive_partitions(self, tables: tuple[str, ...], key: str, value: str, tag: dict[str, str]) -> list[Path]:
+        """`archive_partition` of one partition (key=value, e.g. a run id) in each of `tables`, and the manifest
+        that describes those shards with them. Returns the new locations."""
+        moved = [d for t in tables if (d := self.archive_partition(t, {key: value}, tag)) is not None]
+        manifest = self.manifest_path(key, value)
+        if manifest.exists():
+            dst = self.archive_dir(tag) / MANIFEST_DIR
+            dst.mkdir(parents=True, exist_ok=True)
+            os.replace(manifest, dst / manifest.name)
+        return moved
+
     def archive_partition(self, table: str, partition: dict[str, str], tag: dict[str, str]) -> Path | None:
         """Move a partition's folder (e.g. one run's shards) out of the table, to
         `<root>/_archive/<k>=<v>/.../<table>/<partition>`: kept on disk, no longer read by views or `read`.

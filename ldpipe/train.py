@@ -42,7 +42,7 @@ from ldpipe.schema import ONPOLICY_PAIRS_TABLE_SCHEMA, TRAIN_METRICS_SCHEMA, TRA
 from ldpipe.optim_state import save_optimizer_state
 from ldpipe.scoring import EncodedProbe, batch_logps, encode_pair, score_probes
 from ldpipe.spec import RunSpec
-from ldpipe.store import MANIFEST_DIR, Store
+from ldpipe.store import Store
 
 Log = Callable[[str], None]
 Ids = list[int]
@@ -271,16 +271,7 @@ def keep_other_config(store: Store, out_dir: Path, run_id: str, config_hash: str
     stored = set().union(*(store.partition_values(t, {"run_id": run_id}, "config_hash") for t in RUN_TABLES))
     others = sorted(h for h in stored if h is not None and h != config_hash)
     if others:
-        tag = {"config_hash": "+".join(others)}
-        for table in RUN_TABLES:
-            dst = store.archive_partition(table, {"run_id": run_id}, tag)
-            if dst is not None:
-                moved.append(str(dst))
-        manifest = store.manifest_path("run_id", run_id)
-        if manifest.exists():   # it describes the archived shards, and goes with them
-            dst = store.archive_dir(tag) / MANIFEST_DIR
-            dst.mkdir(parents=True, exist_ok=True)
-            os.replace(manifest, dst / manifest.name)
+        moved += map(str, store.archive_partitions(RUN_TABLES, "run_id", run_id, {"config_hash": "+".join(others)}))
     final = Path(out_dir) / "final"
     old = read_metadata(final).get("config_hash") if final.is_dir() else None
     if old is not None and old != config_hash:
