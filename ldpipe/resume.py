@@ -152,7 +152,7 @@ def drop_snapshots_after(run_dir: Path, step: int) -> None:
 # ------------------------------------------------------------------ the store
 
 def _partition_dir(store: Store, table: str, run_id: str) -> Path:
-    return store.shard_path(table, {"run_id": run_id}, "x").parent
+    return store.partition_dir(table, {"run_id": run_id})
 
 
 def truncate_store(store: Store, run_id: str, step: int) -> dict[str, int]:

@@ -71,6 +71,14 @@ class Store:
             d = d / f"{_check_ident(k, 'partition key')}={_encode(v, f'value for partition key {k!r}')}"
         return d / (_encode(name, "shard name") + SHARD_SUFFIX)
 
+    def partition_dir(self, table: str, partition: dict[str, str]) -> Path:
+        """The folder holding one partition's shards (e.g. trajectories/run_id=<run>)."""
+        return self.shard_path(table, partition, "x").parent
+
+    def partition_shards(self, table: str, partition: dict[str, str]) -> list[Path]:
+        d = self.partition_dir(table, partition)
+        return sorted(p for p in d.rglob(f"*{SHARD_SUFFIX}") if p.is_file()) if d.is_dir() else []
+
     def glob(self, table: str) -> str:
         """The pattern readers (DuckDB views) use; temp files have another suffix so never match."""
         return str(self.table_dir(table) / "**" / f"*{SHARD_SUFFIX}")
@@ -171,9 +179,8 @@ class Store:
 
     def partition_values(self, table: str, partition: dict[str, str], column: str) -> set:
         """The distinct values of `column` in one partition's shards (read column-wise, not whole shards)."""
-        src = self.shard_path(table, partition, "x").parent
         out: set = set()
-        for p in sorted(src.rglob(f"*{SHARD_SUFFIX}")) if src.is_dir() else ():
+        for p in self.partition_shards(table, partition):
             try:
                 with open(p, "rb") as f:
                     lf = pl.scan_parquet(f, hive_partitioning=False)
@@ -204,8 +211,8 @@ class Store:
         """Move a partition's folder (e.g. one run's shards) out of the table, to
         `<root>/_archive/<k>=<v>/.../<table>/<partition>`: kept on disk, no longer read by views or `read`.
         Returns the new location (None when the partition holds no shards)."""
-        src = self.shard_path(table, partition, "x").parent
-        if not src.is_dir() or not any(src.rglob(f"*{SHARD_SUFFIX}")):
+        src = self.partition_dir(table, partition)
+        if not self.partition_shards(table, partition):
             return None
         dst = self.archive_dir(tag) / src.relative_to(self.root)
         dst.parent.mkdir(parents=True, exist_ok=True)
@@ -226,13 +233,9 @@ class Store:
         import pyarrow.parquet as pq
 
         shards = {str(p.relative_to(self.root)): pq.read_metadata(p).num_rows
-                  for t in tables for p in self._partition_shards(t, key, value)}
+                  for t in tables for p in self.partition_shards(t, {key: value})}
         return write_json({"partition": {key: value}, "tables": list(tables), "shards": shards},
                           self.manifest_path(key, value))
-
-    def _partition_shards(self, table: str, key: str, value: str) -> list[Path]:
-        d = self.shard_path(table, {key: value}, "x").parent
-        return sorted(p for p in d.rglob(f"*{SHARD_SUFFIX}") if p.is_file()) if d.is_dir() else []
 
     def verify_manifests(self) -> tuple[list[str], dict[str, int]]:
         """(problems, counts): every shard a manifest records must exist with its row count, and a recorded
@@ -249,7 +252,7 @@ class Store:
             (key, value), = m["partition"].items()
             counts["manifests"] += 1
             present = {str(p.relative_to(self.root)): p for t in m["tables"]
-                       for p in self._partition_shards(t, key, value)}
+                       for p in self.partition_shards(t, {key: value})}
             for rel, n in sorted(m["shards"].items()):
                 if rel not in present:
                     problems.append(f"missing shard {self.root / rel} ({n} rows recorded by {key}={value})")
