@@ -6,9 +6,32 @@ from pathlib import Path
 import polars as pl
 
 from ldpipe.analysis.plots import figure_png, subplots
+from ldpipe.schema import CORE_RESPONSE_TYPES
 
-# Colour families of the paper's figures: chosen* blue, rejected* orange, irr* red, random* cyan.
-_FAMILY_COLOURS = {"chosen": "tab:blue", "reject": "tab:orange", "irr": "tab:red", "random": "tab:cyan"}
+# Colour families of the paper's figures: chosen* blue, rejected* orange, irr* red, random* cyan; within a family
+# the line style (and, for the base model's own replies, a darker blue) tells the types apart. Every core type has
+# its own (colour, line style) pair, fixed, so a type looks the same in every plot whatever else is plotted.
+CORE_STYLES: dict[str, tuple[str, str]] = {
+    "chosen": ("tab:blue", "-"),
+    "chosen_gptsemantic": ("tab:blue", "--"),
+    "chosen_gptformat": ("tab:blue", ":"),
+    "chosen_initial": ("tab:blue", "-."),
+    "chosen_selfr": ("navy", "--"),
+    "rejected": ("tab:orange", "-"),
+    "reject_gptsemantic": ("tab:orange", "--"),
+    "reject_gptformat": ("tab:orange", ":"),
+    "irr_train": ("tab:red", "-"),
+    "irr_test": ("tab:red", "--"),
+    "irr_hum": ("tab:red", ":"),
+    "random_permute": ("tab:cyan", "-"),
+    "random_nonhum": ("tab:cyan", "--"),
+    "random_tokens": ("tab:cyan", ":"),
+}
+# Other (user-declared) types: colours outside the core families, each with every line style, colours first, so
+# the first six get six colours and up to 24 get distinct pairs; beyond that the pairs repeat.
+_EXTRA_COLOURS = ("tab:green", "tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:gray")
+_LINE_STYLES = ("-", "--", ":", "-.")
+EXTRA_STYLES: tuple[tuple[str, str], ...] = tuple((c, ls) for ls in _LINE_STYLES for c in _EXTRA_COLOURS)
 
 
 def ema(values: list[float], alpha: float = 0.9) -> list[float]:
@@ -19,38 +42,49 @@ def ema(values: list[float], alpha: float = 0.9) -> list[float]:
     return out
 
 
-def _colour(response_type: str) -> str:
-    for prefix, colour in _FAMILY_COLOURS.items():
-        if response_type.startswith(prefix):
-            return colour
-    return "tab:gray"
+def response_styles(response_types) -> dict[str, tuple[str, str]]:
+    """(colour, line style) per response type, in legend order: the core types in CORE_RESPONSE_TYPES order with
+    their fixed CORE_STYLES, then the other types sorted by name, taking EXTRA_STYLES in turn."""
+    types = set(response_types)
+    out = {t: CORE_STYLES[t] for t in CORE_RESPONSE_TYPES if t in types}
+    for i, t in enumerate(sorted(types - set(CORE_RESPONSE_TYPES))):
+        out[t] = EXTRA_STYLES[i % len(EXTRA_STYLES)]
+    return out
+
+
+def learning_curves_figure(curves: pl.DataFrame, *, title: str, value: str = "mean_delta",
+                           smooth: float | None = None, boundaries: dict[int, str] | None = None):
+    """The matplotlib figure of plot_learning_curves, not yet laid out (plots.layout_figure) nor closed."""
+    fig, ax = subplots(figsize=(8, 4.8))
+    styles = response_styles(curves["response_type"].drop_nulls().unique().to_list())
+    for rtype, (colour, style) in styles.items():
+        part = curves.filter(pl.col("response_type") == rtype).sort("step")
+        ys = part[value].to_list()
+        if smooth:
+            ys = ema(ys, smooth)
+        ax.plot(part["step"].to_list(), ys, linestyle=style, color=colour, label=rtype, linewidth=1.6)
+    ax.axhline(0.0, color="black", linewidth=0.5)
+    for x, label in (boundaries or {}).items():
+        ax.axvline(x, color="gray", linestyle="--", linewidth=0.8)
+        # above the data area, under the title (which is raised to make room), clear of the lines and the legend
+        ax.annotate(label, (x, 1.0), xycoords=("data", "axes fraction"), xytext=(2, 2), textcoords="offset points",
+                    fontsize=7, ha="left", va="bottom")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("change of log π(y|x) since step 0 (nats)" if value == "mean_delta" else value)
+    ax.set_title(title, pad=18 if boundaries else 6)
+    # outside the axes on the right: it can hide neither a curve nor a phase label (a second column past 25 types)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0,
+              ncol=1 + (len(styles) - 1) // 25 if styles else 1)
+    return fig
 
 
 def plot_learning_curves(curves: pl.DataFrame, *, title: str, value: str = "mean_delta",
                          smooth: float | None = None, boundaries: dict[int, str] | None = None) -> bytes:
-    """PNG bytes: one line per response type of `value` against step (curves from sql/learning_curves.sql);
-    `boundaries`: step -> label of a phase that starts there (chained runs on one axis)."""
-    fig, ax = subplots(figsize=(8, 4.8))
-    styles = ["-", "--", ":", "-."]
-    seen: dict[str, int] = {}
-    for (rtype,), part in curves.sort("step").group_by(["response_type"], maintain_order=True):
-        part = part.sort("step")
-        ys = part[value].to_list()
-        if smooth:
-            ys = ema(ys, smooth)
-        colour = _colour(rtype)
-        k = seen.get(colour, 0)
-        seen[colour] = k + 1
-        ax.plot(part["step"].to_list(), ys, styles[k % len(styles)], color=colour, label=rtype, linewidth=1.6)
-    ax.axhline(0.0, color="black", linewidth=0.5)
-    for x, label in (boundaries or {}).items():
-        ax.axvline(x, color="gray", linestyle="--", linewidth=0.8)
-        ax.annotate(label, (x, 1.0), xycoords=("data", "axes fraction"), fontsize=7, ha="left", va="top")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("change of log π(y|x) since step 0 (nats)" if value == "mean_delta" else value)
-    ax.set_title(title)
-    ax.legend(fontsize=7, ncol=2, loc="best")
-    return figure_png(fig)
+    """PNG bytes: one line per response type of `value` against step (curves from sql/learning_curves.sql), each
+    type in its own colour and line style (response_styles); `boundaries`: step -> label of a phase that starts
+    there (chained runs on one axis)."""
+    return figure_png(learning_curves_figure(curves, title=title, value=value, smooth=smooth,
+                                             boundaries=boundaries))
 
 
 def save_plot(png: bytes, path: Path) -> Path:
