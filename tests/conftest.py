@@ -1,5 +1,8 @@
 import os
+import signal
+import subprocess
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -80,3 +83,71 @@ def wait_until(cond, timeout_s: float, what: str) -> None:
         if time.monotonic() > end:
             raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
         time.sleep(0.2)
+
+
+def group_members(pgid: int) -> list[int]:
+    """The live (not zombie) processes of process group `pgid`, read from /proc."""
+    out = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                state, _ppid, pgrp = (d / "stat").read_text().rsplit(")", 1)[1].split()[:3]
+            except (OSError, ValueError):
+                continue   # exited while we read
+            if int(pgrp) == pgid and state not in ("Z", "X"):
+                out.append(int(d.name))
+    return out
+
+
+def _wait_group(pgid: int, timeout_s: float) -> bool:
+    end = time.monotonic() + timeout_s
+    while group_members(pgid):
+        if time.monotonic() > end:
+            return False
+        time.sleep(0.2)
+    return True
+
+
+def _signal_group(pgid: int, sig: signal.Signals) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except ProcessLookupError:
+        pass   # already gone
+
+
+def stop_process_group(pgid: int, what: str, *, grace_s: float = 30.0, kill_wait_s: float = 30.0,
+                       reap: subprocess.Popen | None = None) -> dict:
+    """Stop process group `pgid` (a process started in a group of its own: start_new_session=True, or a
+    background job of `bash -c 'set -m; ...'`), every wait bounded:
+
+    SIGTERM to the group and up to `grace_s` for all of it to exit; what is left then gets SIGKILL (the whole
+    group) and up to `kill_wait_s` more. A graceful exit slower than `grace_s` is not a failure (a loaded machine
+    can take that long to shut a server down) but is reported: a warning in pytest's summary naming `what`, the
+    processes still running at the grace period's end, and how long the exit took. Fails only when a process
+    of the group outlives SIGKILL. `reap`: the Popen that leads the group or waits for its leader (e.g. the bash
+    wrapper), waited for last (bounded too) so that it leaves no zombie. Returns {"killed": whether SIGKILL was
+    needed, "exit_s": seconds from SIGTERM until the group was gone}."""
+    start = time.monotonic()
+    _signal_group(pgid, signal.SIGTERM)
+    killed = not _wait_group(pgid, grace_s)
+    if killed:
+        left = group_members(pgid)
+        _signal_group(pgid, signal.SIGKILL)
+        if not _wait_group(pgid, kill_wait_s):
+            raise AssertionError(f"{what}: process group {pgid} outlived SIGTERM ({grace_s}s) and SIGKILL "
+                                 f"({kill_wait_s}s); still running: {group_members(pgid)}")
+    exit_s = time.monotonic() - start
+    if killed:
+        msg = (f"{what}: not gone {grace_s}s after SIGTERM (still running then: {left}); SIGKILL to process group "
+               f"{pgid} ended it, {exit_s:.1f}s after the SIGTERM")
+        print(msg)
+        warnings.warn(msg, stacklevel=2)
+    if reap is not None:
+        try:
+            reap.wait(timeout=kill_wait_s)
+        except subprocess.TimeoutExpired:
+            reap.kill()
+            reap.wait(timeout=kill_wait_s)
+            raise AssertionError(f"{what}: pid {reap.pid} still running {kill_wait_s}s after its process group "
+                                 f"{pgid} was gone") from None
+    return {"killed": killed, "exit_s": exit_s}
