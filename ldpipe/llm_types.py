@@ -79,8 +79,8 @@ def _lead(text: str) -> str:
 def llm_prompt(template_name: str, source: str, templates: Mapping[str, str] = TEMPLATES) -> str:
     """The user message for one probe; `source` is y+ or y- as stored (it is stripped, as in the reference)."""
     template = templates[template_name]
-    if template_name == "random_sentence":   # the reference's word count: split on single spaces
-        return template.replace("{n}", str(len(source.strip().split(" "))))
+    if template_name == "random_sentence":   # words split on any whitespace (a double space is not a word)
+        return template.replace("{n}", str(len(source.split())))
     # replace(), not format(): a user template may hold literal braces
     return template.replace("{ref_sentence}", source.strip())
 

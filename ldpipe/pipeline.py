@@ -293,8 +293,11 @@ def build_probes(spec: ExperimentSpec, files: ExperimentFiles, log: Log = print)
 
             params = {"model": llm.model, "temperature": llm.temperature, "top_p": llm.top_p,
                       "max_tokens": llm.max_tokens, "templates": content_hash(TEMPLATES)}
+            # irr_hum's word count now splits on any whitespace: rows asked with the single-space count are not reused
             llm_keys = {t: content_hash({**base, "type": t, "llm": params,
-                                         "sources": [keys.get("chosen"), keys.get("rejected")]}) for t in llm_types}
+                                         "sources": [keys.get("chosen"), keys.get("rejected")],
+                                         **({"words": "whitespace"} if t == "irr_hum" else {})})
+                        for t in llm_types}
             keys |= llm_keys
 
             def make_llm(missing: list[str]) -> tuple[pl.DataFrame, dict, dict]:

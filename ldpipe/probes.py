@@ -69,8 +69,15 @@ def _lead(text: str) -> str:
 
 
 def _words(text: str) -> list[str]:
-    """The reference's word split: strip, then split on single spaces."""
+    """The reference's word split: strip, then split on single spaces. Used to MAKE texts (shuffles, truncations,
+    y_hum's length), so the built-in probe set stays as it was; checks and statistics use `split_words`."""
     return text.strip().split(" ")
+
+
+def split_words(text: str) -> list[str]:
+    """Words as the checks and statistics count them: runs of non-whitespace (str.split()), so a text with double
+    spaces or line breaks (as real reference files have) counts the same words however it is spaced."""
+    return text.split()
 
 
 def shuffle_words(text: str, rng: random.Random) -> str:
@@ -90,7 +97,7 @@ def shuffle_words(text: str, rng: random.Random) -> str:
 
 
 def _is_permutation(a: str, b: str) -> bool:
-    return sorted(_words(a)) == sorted(_words(b))
+    return sorted(split_words(a)) == sorted(split_words(b))
 
 
 # ----------------------------------------------------------------------------- validation
@@ -452,7 +459,7 @@ def check_probe_set(probes: pl.DataFrame, types: Sequence[str]) -> dict:
     shuffle_pairs = pairs("random_permute", "chosen") + pairs("random_nonhum", "irr_test")
     shuffle_failures = sum(not _is_permutation(x, y) for x, y in shuffle_pairs)
     rephrase_pairs = [p for t in REPHRASE_TYPES for p in pairs(t, "chosen" if t.startswith("chosen") else "rejected")]
-    lengths = (probes.with_columns(pl.col("response").str.strip_chars().str.split(" ").list.len().alias("w"),
+    lengths = (probes.with_columns(pl.col("response").str.count_matches(r"\S+").alias("w"),
                                    pl.col("response").str.len_chars().alias("c"),
                                    (pl.col("response").str.strip_chars() == "").fill_null(True).alias("e"))
                .group_by("response_type")
@@ -492,7 +499,7 @@ def length_table(report: dict) -> pl.DataFrame:
 
 
 __all__ = ["ProbeRecipe", "ProbeBuild", "build_probe_set", "check_probe_set", "shuffle_words", "OFFLINE_TYPES",
-           "pair_similarity", "word_list", "word_overlap",
+           "pair_similarity", "split_words", "word_list", "word_overlap",
            "REPHRASE_TYPES", "MODEL_TYPES", "MODEL_STAGE_TYPES", "select_indices", "random_token_rows",
            "build_custom_type", "custom_type_inputs", "TypeCache", "content_hash", "file_hash", "frame_hash",
            "length_table"]

@@ -1,0 +1,179 @@
+"""Probe sets from real files: word checks that ignore how a file spaces its words, "first N" in file order,
+truncation counted per response type, and analyses that say when the dataset has no held-out split.
+
+One small project holds a local preference file (ids "0".."23" as strings, no split column: no test split) with a
+small untrained checkpoint as its model, and a reference-format probe file whose shuffles, like the reference's
+own, are joined with single spaces while y+ has double spaces and line breaks. One in-process materialization
+builds what the tests read."""
+from __future__ import annotations
+
+import json
+import logging
+import random
+from pathlib import Path
+
+import dagster as dg
+import polars as pl
+import pytest
+import yaml
+
+from ldpipe import pipeline
+from ldpipe.paths import Paths, project_dir
+from ldpipe.probes import check_probe_set
+from ldpipe.spec import load_experiments, parse_experiment
+
+from conftest import REPO
+
+N_ROWS = 24
+WORDS = ("river stone lamp garden window copper violet morning harbor quiet paper candle orchard silver "
+         "meadow bridge lantern pepper thunder maple").split()
+MAX_PROMPT, MAX_RESPONSE = 64, 48
+LOCAL_YAML = f"""
+name: local
+dataset: {{kind: local, path: pairs.jsonl}}
+probes: {{n_examples: 4, selection: first, seed: 0, max_prompt_tokens: {MAX_PROMPT},
+          max_response_tokens: {MAX_RESPONSE}, generation: {{max_new_tokens: 6}}}}
+model: {{kind: pretrained, name_or_path: ./ckpt}}
+runs:
+  - {{name: sft, algo: sft, epochs: 1, batch_size: 4, lr: 1.0e-3, eval_every: 2, n_train: 12}}
+generation_analysis: {{n_prompts: 2, max_new_tokens: 4}}
+"""
+REF_YAML = """
+name: ref
+dataset: {kind: reference_probes, path: ref.jsonl}
+probes: {n_examples: 6, selection: first, seed: 0}
+model: {kind: pretrained, name_or_path: ./ckpt}
+runs:
+  - {name: sft, algo: sft, epochs: 1, batch_size: 4, lr: 1.0e-3, eval_every: 2}
+"""
+REF_KEYS = ("chosen", "rejected", "chosen_gptsemantic", "chosen_gptformat", "reject_gptsemantic", "reject_gptformat",
+            "irr_train", "irr_test", "irr_hum", "random_permute", "random_nonhum", "chosen_initial", "chosen_selfr")
+
+
+def _text(rng: random.Random, n: int) -> str:
+    return " ".join(rng.choice(WORDS) for _ in range(n))
+
+
+def _pairs() -> list[dict]:
+    """Even rows have long prompts (cut at MAX_PROMPT tokens), rows 0-2 long answers (cut at MAX_RESPONSE)."""
+    rng = random.Random(7)
+    return [{"example_id": str(i),
+             "prompt": f"\n\nHuman: {_text(rng, 40 if i % 2 == 0 else 4)}?\n\nAssistant:",
+             "chosen": " " + _text(rng, 60 if i < 3 else 6), "rejected": " " + _text(rng, 5)}
+            for i in range(N_ROWS)]
+
+
+def _shuffle(text: str, rng: random.Random) -> str:
+    """A word shuffle as the reference made them: split on any whitespace, joined with single spaces."""
+    words = text.split()
+    out = list(words)
+    while out == words:
+        rng.shuffle(out)
+    return " " + " ".join(out)
+
+
+def _ref_rows() -> list[dict]:
+    rng = random.Random(3)
+    rows = []
+    for i in range(8):
+        chosen = f" {_text(rng, 5)}.  {_text(rng, 6)}\n\n{_text(rng, 4)}  {_text(rng, 3)}"   # double spaces, breaks
+        irr_test = f" {_text(rng, 4)}.  {_text(rng, 5)}"
+        row = {k: " " + _text(rng, 6) for k in REF_KEYS}
+        row |= {"prompt": f"\n\nHuman: {_text(rng, 5)}?\n\nAssistant:", "chosen": chosen, "irr_test": irr_test,
+                "random_permute": _shuffle(chosen, rng), "random_nonhum": _shuffle(irr_test, rng)}
+        rows.append(row)
+    return rows
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def _checkpoint(path: Path, texts: list[str]) -> None:
+    """A small untrained GPT-NeoX with a BPE tokenizer of the data's words (a local `pretrained` model)."""
+    from ldpipe.models import TinyModelConfig, build_model, save_checkpoint, train_tokenizer
+
+    tok = train_tokenizer(texts, vocab_size=300)
+    model = build_model(TinyModelConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64,
+                                        max_position_embeddings=256), vocab_size=len(tok))
+    save_checkpoint(model, tok, path)
+
+
+LOCAL_KEYS = ("dataset", "probe_set", "base_model", "model_probes", "run_sft", "squeezing", "borrowing")
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    from ldpipe.defs.experiments import build_defs
+    from ldpipe.defs.resources import Compute, LdpipeHome
+
+    proj = tmp_path_factory.mktemp("probe_files") / "proj"
+    (proj / "assets").mkdir(parents=True)
+    (proj / "sql").symlink_to(REPO / "sql")
+    pairs, ref = _pairs(), _ref_rows()
+    _write_jsonl(proj / "pairs.jsonl", pairs)
+    _write_jsonl(proj / "ref.jsonl", ref)
+    _checkpoint(proj / "ckpt", [t for r in pairs for t in r.values()] + [t for r in ref for t in r.values()])
+    (proj / "assets" / "local.yaml").write_text(LOCAL_YAML)
+    (proj / "assets" / "ref.yaml").write_text(REF_YAML)
+    mp = pytest.MonkeyPatch()
+    mp.setenv("LDPIPE_PROJECT_DIR", str(proj))
+    mp.setenv("LDPIPE_HOME", str(proj / ".ldpipe"))
+    mp.setenv("LDPIPE_THREADS", "1")
+    mp.delenv("LDPIPE_ASSETS_DIR", raising=False)
+    try:
+        defs = build_defs(load_experiments(proj / "assets"))
+        keys = [dg.AssetKey(["local", k]) for k in LOCAL_KEYS] + [dg.AssetKey("catalog")] + [
+            dg.AssetKey(["ref", k]) for k in ("dataset", "probe_set")]
+        instance = dg.DagsterInstance.ephemeral()
+        result = dg.materialize(list(defs.assets), selection=keys, instance=instance,
+                                resources={"ldpipe_home": LdpipeHome(), "compute": Compute(device="cpu")})
+        assert result.success
+        yield proj, result, instance
+    finally:
+        mp.undo()
+
+
+def _materialization(result, key: str):
+    return next(m.materialization for m in result.get_asset_materialization_events()
+                if m.asset_key.to_user_string() == key)
+
+
+def _warnings(instance, result) -> list[str]:
+    return [e.user_message for e in instance.all_logs(result.run_id) if e.level == logging.WARNING]
+
+
+def _spec(name: str):
+    return next(s for s in load_experiments(project_dir() / "assets") if s.name == name)
+
+
+# ----------------------------------------------------------------------------- words split on any whitespace
+
+def test_reference_shuffles_with_double_spaces_pass_perturbations_valid(project):
+    _proj, result, _instance = project
+    checks = {(c.asset_key.to_user_string(), c.check_name): c for c in result.get_asset_check_evaluations()}
+    valid = checks[("ref/probe_set", "perturbations_valid")]
+    # y+ has double spaces and line breaks, its shuffle single spaces: the same words all the same
+    assert valid.passed and valid.metadata["shuffle_failures"].value == 0
+    meta = _materialization(result, "ref/probe_set").metadata
+    probes = pl.read_parquet(pipeline.files_for(_spec("ref")).probes)
+    chosen = probes.filter(pl.col("response_type") == "chosen")["response"].to_list()
+    assert any("  " in y and "\n" in y for y in chosen)
+    words = [len(y.split()) for y in chosen]
+    assert meta["length_stats"].value["chosen"] == {"mean": round(sum(words) / len(words), 2), "min": min(words),
+                                                   "max": max(words), "rows": len(words)}
+
+
+def test_word_counts_and_permutation_check_ignore_spacing():
+    from ldpipe.probes import split_words
+
+    assert split_words(" one  two\n\nthree ") == ["one", "two", "three"]
+    probes = pl.DataFrame({"example_id": ["a", "a"], "response_type": ["chosen", "random_permute"],
+                           "prompt": ["p", "p"], "response": [" one  two\n\nthree", " three one two"],
+                           "provenance": ["x", "x"]})
+    report = check_probe_set(probes, ["chosen", "random_permute"])
+    assert report["shuffle_failures"] == 0 and report["shuffle_checked"] == 1
+    assert report["length_words"]["chosen"] == {"mean": 3.0, "min": 3, "max": 3, "rows": 1}
+    from ldpipe.llm_types import llm_prompt
+
+    assert llm_prompt("random_sentence", " one  two  three\n") == "Please generate a random sentence with 3 words."
