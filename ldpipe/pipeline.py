@@ -639,9 +639,7 @@ def train_run(spec: ExperimentSpec, run: RunSpec, files: ExperimentFiles, *, sto
     configure_threads()
     prefs = load_preferences_file(files)
     probes = load_probes_file(files)
-    train = prefs.filter(pl.col("split") == "train").sort("example_id")
-    if run.n_train:
-        train = train.head(run.n_train)
+    train = training_rows(prefs, run)
     examples = _training_examples(train, probes, run)
     start = start_point(spec, run, files)
     config_hash = spec.run_config_hash(run, parent_hash=start.parent_hash)
@@ -697,6 +695,14 @@ def start_point(spec: ExperimentSpec, run: RunSpec, files: ExperimentFiles) -> S
                           f"missing or incomplete: materialize {spec.name}/run_{parent.name} first")
     # Recursive: the parent's own offset plus its steps puts a whole chain on one step axis.
     return StartPoint(ckpt, int(meta.get("step_offset", 0)) + int(meta["steps"]), str(meta["config_hash"]))
+
+
+def training_rows(prefs: pl.DataFrame, run: RunSpec) -> pl.DataFrame:
+    """The train-split rows `run` trains on, in the order of the dataset file (the preferences file keeps the
+    rows as read), cut to the first `run.n_train`: "first N" means the file's first N rows, not the first N ids
+    in string order (with ids "0", "1", "10", "100" that would skip rows 2-9)."""
+    train = prefs.filter(pl.col("split") == "train")
+    return train.head(run.n_train) if run.n_train else train
 
 
 def _training_examples(train: pl.DataFrame, probes: pl.DataFrame, run: RunSpec) -> list[tuple[str, ...]]:

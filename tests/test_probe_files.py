@@ -177,3 +177,41 @@ def test_word_counts_and_permutation_check_ignore_spacing():
     from ldpipe.llm_types import llm_prompt
 
     assert llm_prompt("random_sentence", " one  two  three\n") == "Please generate a random sentence with 3 words."
+
+
+# ----------------------------------------------------------------------------- "first N" is file order
+
+def test_training_rows_and_probe_prompts_follow_file_order(project):
+    from ldpipe.analysis.influence_runs import training_units
+
+    spec = _spec("local")
+    files = pipeline.files_for(spec)
+    prefs = pipeline.load_preferences_file(files)
+    assert prefs["example_id"].to_list() == [str(i) for i in range(N_ROWS)]      # the stored frame keeps file order
+    run = spec.runs[0]
+    first12 = [str(i) for i in range(12)]      # in string order the first 12 would be 0, 1, 10-19, 2, 20
+    assert [u.example_id for u in training_units(spec, run, files)] == first12
+    assert pipeline.training_rows(prefs, run)["example_id"].to_list() == first12    # what train_run trains on
+    assert sorted(pl.read_parquet(files.probes)["example_id"].unique().to_list()) == ["0", "1", "2", "3"]
+    # selection: random samples positions in the file, not in id order
+    data = yaml.safe_load(LOCAL_YAML)
+    data["name"] = "local_random"
+    data["probes"] |= {"selection": "random", "n_examples": 5}
+    rspec = parse_experiment(data, source="test")
+    rfiles = pipeline.files_for(rspec)
+    pipeline.build_dataset(rspec, rfiles, log=lambda m: None)
+    pipeline.build_probes(rspec, rfiles, log=lambda m: None)
+    want = {str(i) for i in random.Random("0:selection").sample(range(N_ROWS), 5)}
+    assert set(pl.read_parquet(rfiles.probes)["example_id"].to_list()) == want
+
+
+def test_generation_prompts_take_the_first_rows_of_the_file():
+    from ldpipe.analysis.squeezing import generation_prompts
+
+    ids = ["9", "10", "11", "2"]
+    prefs = pl.DataFrame({"example_id": ids, "split": ["train", "train", "test", "test"],
+                          "prompt": [f"p{i}" for i in ids], "chosen": [f"c{i}" for i in ids],
+                          "rejected": [""] * 4, "source": ["s"] * 4})
+    probes = pl.DataFrame({"example_id": ["9", "10"], "response_type": ["chosen"] * 2, "prompt": ["p9", "p10"],
+                           "response": ["c9", "c10"], "provenance": ["d"] * 2})
+    assert generation_prompts(prefs, probes, 1)["example_id"].to_list() == ["9", "11"]

@@ -128,11 +128,9 @@ class Unit:
 
 def training_units(spec: ExperimentSpec, run: RunSpec, files) -> list[Unit]:
     """The run's training examples with ids, as pipeline._training_examples forms them."""
-    from ldpipe.pipeline import load_preferences_file, load_probes_file
+    from ldpipe.pipeline import load_preferences_file, load_probes_file, training_rows
 
-    train = load_preferences_file(files).filter(pl.col("split") == "train").sort("example_id")
-    if run.n_train:
-        train = train.head(run.n_train)
+    train = training_rows(load_preferences_file(files), run)
     rows = train.select("example_id", "prompt", "chosen", "rejected").rows()
     if run.algo != "sft":
         return [Unit(e, run.algo, p, c, r) for e, p, c, r in rows]

@@ -78,7 +78,8 @@ def peakiness(model, pairs: Sequence[tuple[list[int], list[int]]], device=None) 
 
 def generation_prompts(prefs: pl.DataFrame, probes: pl.DataFrame, n: int) -> pl.DataFrame:
     """The prompts generated from: up to n probe prompts (split "train": they are trained on) and the first n
-    held-out prompts (split "test"), with their own chosen answer. Columns example_id, split, prompt, chosen."""
+    held-out prompts (split "test"), with their own chosen answer. Columns example_id, split, prompt, chosen.
+    "First" is the order of the dataset file (the preference table's row order), not of the ids."""
     probe_ids = sorted(probes["example_id"].unique().to_list())
     trained = prefs.filter((pl.col("split") == "train") & pl.col("example_id").is_in(probe_ids))
     if trained.is_empty():   # probe ids not in the preference table (e.g. reference probe files): use probes
@@ -86,7 +87,7 @@ def generation_prompts(prefs: pl.DataFrame, probes: pl.DataFrame, n: int) -> pl.
                    .select("example_id", pl.lit("train").alias("split"), "prompt", pl.col("response").alias("chosen")))
     test = prefs.filter(pl.col("split") == "test")
     cols = ["example_id", "split", "prompt", "chosen"]
-    return pl.concat([trained.select(cols).sort("example_id").head(n), test.select(cols).sort("example_id").head(n)])
+    return pl.concat([trained.select(cols).head(n), test.select(cols).head(n)])
 
 
 def checkpoint_stats(model, chosen_pairs, generations: Sequence[str], *, repeat_ngram: int, device=None) -> dict:

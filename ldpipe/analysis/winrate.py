@@ -111,8 +111,8 @@ def run_win_rate(spec, files, store, *, device: str = "auto", log: Log = print,
     if not wr.pairs:
         return {"skipped": "no checkpoint pairs declared: set generation_analysis.win_rate.pairs, "
                            "e.g. [[extend_dpo, dpo]]"}
-    prompts = (load_preferences_file(files).filter(pl.col("split") == "test").sort("example_id")
-               .head(wr.n_prompts))
+    # the first n held-out prompts in the dataset file's order
+    prompts = load_preferences_file(files).filter(pl.col("split") == "test").head(wr.n_prompts)
     if prompts.is_empty():
         return {"skipped": "the dataset has no test split: win rates are judged on held-out prompts"}
     dev = resolve_device(device)
