@@ -21,7 +21,7 @@ from ldpipe.errors import DataValidationError, LdpipeError
 from ldpipe.schema import ONPOLICY_PAIRS_TABLE_SCHEMA, TRAIN_METRICS_SCHEMA, TRAJECTORY_SCHEMA
 from ldpipe.schema import GENERATION_BORROWING_SCHEMA, GENERATION_STATS_SCHEMA, WIN_RATE_JUDGMENT_SCHEMA
 from ldpipe.schema import AKG_SCHEMA, INFLUENCE_AGREEMENT_SCHEMA, INFLUENCE_HEATMAP_SCHEMA, INFLUENCE_SCHEMA
-from ldpipe.schema import PROBE_PAIRS_SCHEMA
+from ldpipe.schema import PROBE_PAIRS_SCHEMA, PROBE_TRUNCATION_SCHEMA
 from ldpipe.store import Store, remove_stale_temps
 
 KNOWN_TABLES: dict[str, dict[str, pl.DataType]] = {
@@ -36,6 +36,7 @@ KNOWN_TABLES: dict[str, dict[str, pl.DataType]] = {
     "akg": AKG_SCHEMA,
     "influence_heatmap": INFLUENCE_HEATMAP_SCHEMA,
     "probe_pairs": PROBE_PAIRS_SCHEMA,
+    "probe_truncation": PROBE_TRUNCATION_SCHEMA,
 }
 
 # Columns every shard of a known table must have (the rest may be missing in shards written before they existed).
@@ -51,6 +52,7 @@ REQUIRED_COLUMNS: dict[str, tuple[str, ...]] = {
     "akg": ("run_id", "checkpoint"),
     "influence_heatmap": ("run_id", "checkpoint", "trained_type", "observed_type", "value"),
     "probe_pairs": ("experiment", "example_id"),
+    "probe_truncation": ("experiment", "response_type"),
 }
 
 # Statement types that cannot change the database, files, settings or extensions.

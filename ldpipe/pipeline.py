@@ -406,10 +406,12 @@ def _cut(text: str, stops: tuple[str, ...]) -> tuple[str, bool]:
 
 
 def build_model_probes(spec: ExperimentSpec, files: ExperimentFiles, *, device: str = "auto",
-                       log: Log = print) -> dict:
+                       log: Log = print, warn: Log | None = None) -> dict:
     """Stage 2 of the probe set: y_init (`chosen_initial`, the base model's own reply to the probe prompt),
     y_selfr (`chosen_selfr`, its continuation of a rephrase instruction + y+), uniformly random tokens of its
-    vocabulary (`random_tokens`) and custom types made from these; written to `files.model_probes`."""
+    vocabulary (`random_tokens`) and custom types made from these; written to `files.model_probes`. Also counts,
+    with the base model's tokenizer, what scoring cuts from the whole probe set (`_probe_truncation`); `warn`
+    (default `log`) gets a line per type of which more than a quarter of the prompts or responses are cut."""
     from ldpipe.probes import (check_probe_set, content_hash, file_hash, frame_hash, random_token_rows)
 
     ps, gen = spec.probes, spec.probes.generation
@@ -471,20 +473,62 @@ def build_model_probes(spec: ExperimentSpec, files: ExperimentFiles, *, device: 
     # checks over the union, so y_selfr is compared with y+ and every prompt is checked for every type
     union = _finish_stage([stage1, rows])
     report = check_probe_set(union, sorted(union["response_type"].unique().to_list()))
+    truncation, trunc_warnings = _probe_truncation(spec, files, union)
+    for w in trunc_warnings:
+        (warn or log)(w)
     written = _write_if_changed(rows, files.model_probes)
     cache_report = {"built": sorted(t for t in out_types if status.get(t) == "built"),
                     "reused": sorted(t for t in out_types if status.get(t) == "reused")}
     gen_report = {t: info.get(t, {}) for t in out_types}
     write_json({"probe_set_sha": probe_sha, "skipped": skipped, "checks": report, "generation": gen_report,
-                "cache": cache_report, "model": str(model_ref), "fingerprint": fp,
-                "keys": {t: keys[t] for t in out_types}}, files.model_probe_report)
+                "cache": cache_report, "model": str(model_ref), "fingerprint": fp, "truncation": truncation,
+                "truncation_warnings": trunc_warnings, "keys": {t: keys[t] for t in out_types}},
+               files.model_probe_report)
     for t, why in skipped.items():
         log(f"[{spec.name}] model probe type {t} not built: {why}")
     log(f"[{spec.name}] model probes: {out_types}; built {cache_report['built'] or 'nothing'}, reused "
         f"{cache_report['reused'] or 'nothing'}{'' if written else '; file unchanged'}")
     return {"rows": rows.height, "types": out_types, "skipped": skipped, "checks": report,
             "generation": gen_report, "cache": cache_report, "written": written, "path": str(files.model_probes),
-            "model": str(model_ref)}
+            "model": str(model_ref), "truncation": truncation, "truncation_warnings": trunc_warnings}
+
+
+TRUNCATION_WARN_SHARE = 0.25   # warn when more than this share of a type's prompts or responses is cut
+
+
+def _probe_truncation(spec: ExperimentSpec, files: ExperimentFiles,
+                      probes: pl.DataFrame) -> tuple[dict[str, dict], list[str]]:
+    """The store table probe_truncation: per response type of `probes` (the whole probe set), how many prompts
+    and responses scoring cuts with the base model's tokenizer and the probes.max_*_tokens limits, and the
+    tokens it drops; one shard per experiment. Returns ({type: counts}, warnings for the types of which more
+    than TRUNCATION_WARN_SHARE of the prompts or responses are cut)."""
+    from ldpipe.models import load_tokenizer
+    from ldpipe.schema import PROBE_TRUNCATION_SCHEMA
+    from ldpipe.scoring import truncation_counts
+    from ldpipe.store import Store
+
+    ps = spec.probes
+    tok = load_tokenizer(base_model_path(spec, files), local_files_only=not spec.model.allow_download)
+    df = truncation_counts(tok, probes, max_prompt_tokens=ps.max_prompt_tokens,
+                           max_response_tokens=ps.max_response_tokens, source=str(files.probes))
+    df = df.with_columns(pl.lit(spec.name).alias("experiment")).select(list(PROBE_TRUNCATION_SCHEMA))
+    Store(files.paths.store).write_shard("probe_truncation", df, partition={"experiment": spec.name},
+                                         name="probe_truncation", schema=PROBE_TRUNCATION_SCHEMA)
+    counts = {r["response_type"]: {k: v for k, v in r.items() if k not in ("experiment", "response_type")}
+              for r in df.iter_rows(named=True)}
+    warnings = []
+    for t, c in counts.items():
+        for what, setting, kept in (
+                ("prompts", "probes.max_prompt_tokens", f"the last {ps.max_prompt_tokens} tokens of a prompt"),
+                ("responses", "probes.max_response_tokens",
+                 f"the first {ps.max_response_tokens - 1} tokens of a response, then EOS")):
+            cut = c[f"{what}_cut"]
+            if c["rows"] and cut / c["rows"] > TRUNCATION_WARN_SHARE:
+                dropped = c[f"{what[:-1]}_tokens_dropped"]
+                warnings.append(f"[{spec.name}] probe type {t!r}: {cut} of {c['rows']} {what} "
+                                f"({cut / c['rows']:.0%}) are cut, {dropped} tokens dropped in all (scoring keeps "
+                                f"{kept}); raise {setting} to score them whole")
+    return counts, warnings
 
 
 def _generate_model_types(types: list[str], chosen: pl.DataFrame, model_ref, fp: dict, gen, decoding: dict, ps,

@@ -56,6 +56,20 @@ PROBE_PAIRS_SCHEMA: dict[str, pl.DataType] = {
     "word_overlap": pl.Float64,   # |words(y+) ∩ words(y-)| / |words(y+) ∪ words(y-)|, words = lower-cased [a-z0-9']+
 }
 
+# How much of each response type's probe rows the scorer cuts (written by the model-probe stage, which has the
+# tokenizer): prompts keep their LAST max_prompt_tokens tokens, responses their FIRST max_response_tokens - 1 + EOS.
+PROBE_TRUNCATION_SCHEMA: dict[str, pl.DataType] = {
+    "experiment": pl.String,
+    "response_type": pl.String,
+    "rows": pl.Int64,                     # probe rows of this type
+    "max_prompt_tokens": pl.Int64,
+    "prompts_cut": pl.Int64,              # rows whose prompt is longer than max_prompt_tokens
+    "prompt_tokens_dropped": pl.Int64,    # tokens cut off the front of those prompts, summed
+    "max_response_tokens": pl.Int64,
+    "responses_cut": pl.Int64,            # rows whose response (+ EOS) is longer than max_response_tokens
+    "response_tokens_dropped": pl.Int64,  # tokens cut off the end of those responses, summed
+}
+
 # Training metrics: one row per optimizer step.
 TRAIN_METRICS_SCHEMA: dict[str, pl.DataType] = {
     "run_id": pl.String,

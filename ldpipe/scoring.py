@@ -43,6 +43,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import sys
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -168,6 +169,34 @@ def encode_probes(tokenizer, probes: pl.DataFrame, *, max_prompt_tokens: int = 1
             k += 1
         out.append(EncodedProbe(example_id=e, prompt_ids=p, response_types=types, response_ids=ids))
     return out
+
+
+def truncation_counts(tokenizer, probes: pl.DataFrame, *, max_prompt_tokens: int, max_response_tokens: int,
+                      source: str = "probes") -> pl.DataFrame:
+    """Per response type, what `encode_probes` with these limits cuts from the probe rows: columns response_type,
+    rows, prompts_cut / prompt_tokens_dropped (the prompt keeps its last `max_prompt_tokens` tokens) and
+    responses_cut / response_tokens_dropped (the response keeps its first `max_response_tokens - 1`, then EOS)."""
+    _check_limits(max_prompt_tokens, max_response_tokens)
+    full = encode_probes(tokenizer, probes, max_prompt_tokens=sys.maxsize, max_response_tokens=sys.maxsize,
+                         source=source)
+    keep_response = max_response_tokens - 1          # EOS is always kept, so it never counts as dropped
+    counts: dict[str, list[int]] = {}
+    for ep in full:
+        p_drop = max(0, len(ep.prompt_ids) - max_prompt_tokens)
+        for rtype, r in zip(ep.response_types, ep.response_ids):
+            r_drop = max(0, len(r) - 1 - keep_response)
+            c = counts.setdefault(rtype, [0, 0, 0, 0, 0])
+            c[0] += 1
+            c[1] += p_drop > 0
+            c[2] += p_drop
+            c[3] += r_drop > 0
+            c[4] += r_drop
+    cols = ("rows", "prompts_cut", "prompt_tokens_dropped", "responses_cut", "response_tokens_dropped")
+    return pl.DataFrame([{"response_type": t, "max_prompt_tokens": max_prompt_tokens,
+                          "max_response_tokens": max_response_tokens, **dict(zip(cols, c))}
+                         for t, c in sorted(counts.items())],
+                        schema={"response_type": pl.String, **{c: pl.Int64 for c in cols},
+                                "max_prompt_tokens": pl.Int64, "max_response_tokens": pl.Int64})
 
 
 # --------------------------------------------------------------------------- shared helpers

@@ -215,3 +215,39 @@ def test_generation_prompts_take_the_first_rows_of_the_file():
     probes = pl.DataFrame({"example_id": ["9", "10"], "response_type": ["chosen"] * 2, "prompt": ["p9", "p10"],
                            "response": ["c9", "c10"], "provenance": ["d"] * 2})
     assert generation_prompts(prefs, probes, 1)["example_id"].to_list() == ["9", "11"]
+
+
+# ----------------------------------------------------------------------------- truncation per response type
+
+def test_truncation_counted_per_type_in_metadata_store_and_warnings(project):
+    from ldpipe.catalog import query
+    from ldpipe.models import load_tokenizer
+
+    proj, result, instance = project
+    spec = _spec("local")
+    files = pipeline.files_for(spec)
+    tok = load_tokenizer(proj / "ckpt")
+    probes = pipeline.load_probes_file(files)
+    want = {}
+    for t, part in probes.group_by("response_type"):
+        n_p = [len(tok(p, add_special_tokens=False)["input_ids"]) for p in part["prompt"]]
+        n_r = [len(tok(r, add_special_tokens=False)["input_ids"]) + 1 for r in part["response"]]   # + EOS
+        want[t[0]] = {"rows": part.height, "max_prompt_tokens": MAX_PROMPT, "max_response_tokens": MAX_RESPONSE,
+                      "prompts_cut": sum(n > MAX_PROMPT for n in n_p),
+                      "prompt_tokens_dropped": sum(max(0, n - MAX_PROMPT) for n in n_p),
+                      "responses_cut": sum(n > MAX_RESPONSE for n in n_r),
+                      "response_tokens_dropped": sum(max(0, n - MAX_RESPONSE) for n in n_r)}
+    assert want["chosen"]["prompts_cut"] == 2 and want["chosen"]["responses_cut"] == 3    # as the data was made
+    assert want["rejected"]["responses_cut"] == 0
+    meta = _materialization(result, "local/model_probes").metadata
+    assert meta["truncation"].value == want
+    table = query(Paths.default().catalog, "select * from probe_truncation where experiment = 'local'")
+    assert {r.pop("response_type"): {k: v for k, v in r.items() if k != "experiment"}
+            for r in table.iter_rows(named=True)} == want
+    warned = _warnings(instance, result)
+    assert meta["truncation_warnings"].value and set(meta["truncation_warnings"].value) <= set(warned)
+    prompt_lines = [w for w in warned if "'chosen':" in w and "prompts" in w]
+    assert prompt_lines and "2 of 4 prompts (50%)" in prompt_lines[0] and "probes.max_prompt_tokens" in prompt_lines[0]
+    resp_lines = [w for w in warned if "'chosen':" in w and "responses" in w]
+    assert resp_lines and "3 of 4 responses (75%)" in resp_lines[0] and "probes.max_response_tokens" in resp_lines[0]
+    assert not [w for w in warned if "'rejected':" in w and "responses" in w]    # none of its responses is cut

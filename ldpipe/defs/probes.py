@@ -1,8 +1,9 @@
 """Probe-set assets of one experiment: <exp>/dataset -> <exp>/probe_set -> <exp>/model_probes.
 
 `probe_set` holds every type that needs no model; `model_probes` (after the base model) adds y_init, y_selfr,
-uniformly random tokens and custom types made from them. Training runs depend on both (`probe_keys`) and read
-their union (`pipeline.load_probes_file`). Neither asset is partitioned: each type's rows are cached under a
+uniformly random tokens and custom types made from them, and counts with the base model's tokenizer what scoring
+truncates from the whole probe set (metadata `truncation`, store table probe_truncation). Training runs depend on
+both (`probe_keys`) and read their union (`pipeline.load_probes_file`). Neither asset is partitioned: each type's rows are cached under a
 content hash of their inputs (see pipeline.py), so adding a type builds only that type and a rerun builds none,
 while `ldpipe run` can still materialize the whole graph in one call.
 """
@@ -35,6 +36,15 @@ def _lengths(checks: dict) -> str:
 
     table = length_table(checks)
     return md_table(table, 60) if not table.is_empty() else "(no rows)"
+
+
+def _truncation(counts: dict[str, dict]) -> str:
+    """What scoring cuts from each response type (store table probe_truncation), as a markdown table."""
+    if not counts:
+        return "(no rows)"
+    return md_table(pl.DataFrame([{"response_type": t, **c} for t, c in sorted(counts.items())]).select(
+        "response_type", "rows", "prompts_cut", "prompt_tokens_dropped", "responses_cut", "response_tokens_dropped"),
+        60)
 
 
 def _cache_meta(info: dict) -> dict:
@@ -121,7 +131,8 @@ def probe_assets(spec: ExperimentSpec) -> list:
     def model_probes(context: dg.AssetExecutionContext, ldpipe_home: LdpipeHome,
                      compute: Compute) -> dg.MaterializeResult:
         files = pipeline.files_for(spec, ldpipe_home.paths())
-        info = pipeline.build_model_probes(spec, files, device=compute.device, log=context.log.info)
+        info = pipeline.build_model_probes(spec, files, device=compute.device, log=context.log.info,
+                                           warn=context.log.warning)
         rows = pl.read_parquet(info["path"])
         checks = info["checks"]
         gaps = checks.get("missing", [])
@@ -138,6 +149,9 @@ def probe_assets(spec: ExperimentSpec) -> list:
                 "model": info["model"],
                 "length_stats": dg.MetadataValue.json(own),
                 "length_per_type": dg.MetadataValue.md(_lengths(checks)),   # the whole probe set
+                "truncation": dg.MetadataValue.json(info["truncation"]),    # the whole probe set, per type
+                "truncation_per_type": dg.MetadataValue.md(_truncation(info["truncation"])),
+                "truncation_warnings": dg.MetadataValue.json(info["truncation_warnings"]),
                 "preview_per_type": dg.MetadataValue.md(_preview(rows)),
                 **_cache_meta(info),
             },
