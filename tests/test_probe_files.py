@@ -251,3 +251,32 @@ def test_truncation_counted_per_type_in_metadata_store_and_warnings(project):
     resp_lines = [w for w in warned if "'chosen':" in w and "responses" in w]
     assert resp_lines and "3 of 4 responses (75%)" in resp_lines[0] and "probes.max_response_tokens" in resp_lines[0]
     assert not [w for w in warned if "'rejected':" in w and "responses" in w]    # none of its responses is cut
+
+
+# ----------------------------------------------------------------------------- no held-out split
+
+NOTE = "no held-out (test) split in dataset local/dataset (local: pairs.jsonl): "
+
+
+def test_analyses_say_there_is_no_held_out_split(project):
+    from ldpipe.analysis.winrate import run_win_rate
+    from ldpipe.catalog import query
+    from ldpipe.store import Store
+
+    _proj, result, instance = project
+    borrowing = _materialization(result, "local/borrowing").metadata["held_out"].value
+    assert borrowing == NOTE + "held-out borrowing skipped (only the trained probe prompts are scored)"
+    squeezing = _materialization(result, "local/squeezing").metadata["held_out"].value
+    assert squeezing.startswith(NOTE + "held-out generations skipped")
+    warned = _warnings(instance, result)
+    assert borrowing in warned and squeezing in warned
+    rows = query(Paths.default().catalog, "select split from generation_borrowing where run_id = 'local.sft'")
+    assert rows.height > 0 and set(rows["split"]) == {"train"}
+    # the win rate judges held-out prompts only: it says why it is skipped before any model or judge is used
+    data = yaml.safe_load(LOCAL_YAML)
+    data["generation_analysis"]["win_rate"] = {"judge": {"model": "j", "base_url": "http://127.0.0.1:9/v1",
+                                                         "api_key_env": "LDPIPE_TEST_NO_KEY"},
+                                               "pairs": [["sft", "sft@start"]]}
+    spec = parse_experiment(data, source="test")
+    info = run_win_rate(spec, pipeline.files_for(spec), Store(Paths.default().store))
+    assert info == {"skipped": NOTE + "win rate skipped (it judges held-out prompts)"}

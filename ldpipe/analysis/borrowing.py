@@ -114,10 +114,15 @@ def score_generations(prompts: pl.DataFrame, generations: Sequence[str], answers
     return rows
 
 
-def run_borrowing(spec, files, store, *, device: str = "auto", log: Log = print) -> pl.DataFrame:
-    """generation_borrowing rows for every run and checkpoint; one shard per run (rewritten on rerun)."""
+BORROWING_HELD_OUT = "held-out borrowing skipped (only the trained probe prompts are scored)"
+
+
+def run_borrowing(spec, files, store, *, device: str = "auto", log: Log = print,
+                  warn: Log | None = None) -> pl.DataFrame:
+    """generation_borrowing rows for every run and checkpoint; one shard per run (rewritten on rerun).
+    Without a test split there are no held-out rows: `warn` (default `log`) gets held_out_note's line."""
     from ldpipe.analysis.checkpoints import run_checkpoints
-    from ldpipe.analysis.squeezing import generation_prompts
+    from ldpipe.analysis.squeezing import generation_prompts, held_out_note
     from ldpipe.analysis.generations import greedy_generations
     from ldpipe.generate import GenerationConfig
     from ldpipe.models import load_model_and_tokenizer, resolve_device
@@ -127,6 +132,9 @@ def run_borrowing(spec, files, store, *, device: str = "auto", log: Log = print)
     dev = resolve_device(device)
     prefs, probes = load_preferences_file(files), load_probes_file(files)
     prompts = generation_prompts(prefs, probes, g.n_prompts)
+    note = held_out_note(spec, prefs, BORROWING_HELD_OUT)
+    if note:
+        (warn or log)(note)
     train = prefs.filter(pl.col("split") == "train")
     answers = AnswerIndex(dict(train.select("example_id", "chosen").iter_rows()), g.borrow_ngram)
     facts = None

@@ -76,6 +76,16 @@ def peakiness(model, pairs: Sequence[tuple[list[int], list[int]]], device=None) 
     return {"n_positions": n, "mean_max_prob": s_max / n, "mean_entropy": s_ent / n, "mean_logp_token": s_lp / n}
 
 
+def held_out_note(spec, prefs: pl.DataFrame, what: str) -> str | None:
+    """None when the dataset has held-out (split "test") rows; else the line an analysis reports in its log and
+    metadata instead of silently leaving its held-out part empty: `what` says what it skips."""
+    if prefs.filter(pl.col("split") == "test").height:
+        return None
+    ds = spec.dataset
+    where = f"{spec.name}/dataset ({ds.kind}{': ' + str(ds.path) if ds.path else ''})"
+    return f"no held-out (test) split in dataset {where}: {what}"
+
+
 def generation_prompts(prefs: pl.DataFrame, probes: pl.DataFrame, n: int) -> pl.DataFrame:
     """The prompts generated from: up to n probe prompts (split "train": they are trained on) and the first n
     held-out prompts (split "test"), with their own chosen answer. Columns example_id, split, prompt, chosen.
@@ -96,8 +106,13 @@ def checkpoint_stats(model, chosen_pairs, generations: Sequence[str], *, repeat_
             "repeat_ngram": repeat_ngram}
 
 
-def run_squeezing(spec, files, store, *, device: str = "auto", log: Log = print) -> pl.DataFrame:
-    """generation_stats rows for every run and checkpoint of `spec`; one shard per run (rewritten on rerun)."""
+SQUEEZING_HELD_OUT = "held-out generations skipped (the repeater rate covers the trained probe prompts only)"
+
+
+def run_squeezing(spec, files, store, *, device: str = "auto", log: Log = print,
+                  warn: Log | None = None) -> pl.DataFrame:
+    """generation_stats rows for every run and checkpoint of `spec`; one shard per run (rewritten on rerun).
+    Without a test split, `warn` (default `log`) gets held_out_note's line."""
     from ldpipe.analysis.checkpoints import run_checkpoints
     from ldpipe.analysis.generations import greedy_generations
     from ldpipe.generate import GenerationConfig
@@ -110,6 +125,9 @@ def run_squeezing(spec, files, store, *, device: str = "auto", log: Log = print)
     prefs, probes = load_preferences_file(files), load_probes_file(files)
     chosen = probes.filter(pl.col("response_type") == "chosen").sort("example_id")
     prompts = generation_prompts(prefs, probes, g.n_prompts)["prompt"].to_list()
+    note = held_out_note(spec, prefs, SQUEEZING_HELD_OUT)
+    if note:
+        (warn or log)(note)
     cfg = GenerationConfig(max_new_tokens=g.max_new_tokens, batch_size=g.batch_size,
                            max_prompt_tokens=spec.probes.max_prompt_tokens)
     memo: dict[str, dict] = {}   # a chained run's start is its parent's final: compute once

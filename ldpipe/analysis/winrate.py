@@ -114,7 +114,9 @@ def run_win_rate(spec, files, store, *, device: str = "auto", log: Log = print,
     # the first n held-out prompts in the dataset file's order
     prompts = load_preferences_file(files).filter(pl.col("split") == "test").head(wr.n_prompts)
     if prompts.is_empty():
-        return {"skipped": "the dataset has no test split: win rates are judged on held-out prompts"}
+        from ldpipe.analysis.squeezing import held_out_note
+
+        return {"skipped": held_out_note(spec, prompts, "win rate skipped (it judges held-out prompts)")}
     dev = resolve_device(device)
     ga = spec.generation_analysis
     cfg = GenerationConfig(max_new_tokens=ga.max_new_tokens, batch_size=ga.batch_size,

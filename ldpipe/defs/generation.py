@@ -19,6 +19,16 @@ def _runs_sql(spec: ExperimentSpec) -> str:
     return ", ".join(f"'{spec.run_id(r)}'" for r in spec.runs) or "''"
 
 
+def _held_out(spec: ExperimentSpec, files, what: str) -> dict:
+    """Metadata `held_out`: how many held-out (test) prompts were generated from, or the line saying that part
+    was skipped because the dataset has no test split."""
+    from ldpipe.analysis.squeezing import held_out_note
+
+    prefs = pipeline.load_preferences_file(files)
+    n = min(prefs.filter(pl.col("split") == "test").height, spec.generation_analysis.n_prompts)
+    return {"held_out": held_out_note(spec, prefs, what) or f"{n} held-out (test) prompts generated from"}
+
+
 def generation_assets(spec: ExperimentSpec) -> list:
     exp = spec.name
     k = lambda *parts: dg.AssetKey([exp, *parts])  # noqa: E731
@@ -31,10 +41,11 @@ def generation_assets(spec: ExperimentSpec) -> list:
                           "generations (table generation_stats).")
     def squeezing(context: dg.AssetExecutionContext, ldpipe_home: LdpipeHome,
                   compute: Compute) -> dg.MaterializeResult:
-        from ldpipe.analysis.squeezing import plot_squeezing, run_squeezing
+        from ldpipe.analysis.squeezing import SQUEEZING_HELD_OUT, plot_squeezing, run_squeezing
 
         files = pipeline.files_for(spec, ldpipe_home.paths())
-        stats = run_squeezing(spec, files, Store(files.paths.store), device=compute.device, log=context.log.info)
+        stats = run_squeezing(spec, files, Store(files.paths.store), device=compute.device, log=context.log.info,
+                              warn=context.log.warning)
         pipeline.refresh(files, ldpipe_home.sql_path())
         curves = query(files.paths.catalog, f"select * from squeezing where run_id in ({_runs_sql(spec)})")
         png = save_plot(plot_squeezing(curves, stats, title=f"{exp}: squeezing"), files.paths.plots /
@@ -43,7 +54,7 @@ def generation_assets(spec: ExperimentSpec) -> list:
                 "plot_path": dg.MetadataValue.path(str(png)),
                 "checkpoints": dg.MetadataValue.md(md_table(stats.select(
                     "run_id", "checkpoint", "step", "mean_max_prob", "mean_entropy", "repeater_rate",
-                    "mean_gen_words"), 60))}
+                    "mean_gen_words"), 60)), **_held_out(spec, files, SQUEEZING_HELD_OUT)}
         if not curves.is_empty():
             last = curves.filter(pl.col("step") == pl.col("step").max().over("run_id"))
             meta["final_change"] = dg.MetadataValue.md(md_table(
@@ -60,10 +71,11 @@ def generation_assets(spec: ExperimentSpec) -> list:
                           "(table generation_borrowing).")
     def borrowing(context: dg.AssetExecutionContext, ldpipe_home: LdpipeHome,
                   compute: Compute) -> dg.MaterializeResult:
-        from ldpipe.analysis.borrowing import plot_borrowing, run_borrowing, summarize
+        from ldpipe.analysis.borrowing import BORROWING_HELD_OUT, plot_borrowing, run_borrowing, summarize
 
         files = pipeline.files_for(spec, ldpipe_home.paths())
-        rows = run_borrowing(spec, files, Store(files.paths.store), device=compute.device, log=context.log.info)
+        rows = run_borrowing(spec, files, Store(files.paths.store), device=compute.device, log=context.log.info,
+                             warn=context.log.warning)
         pipeline.refresh(files, ldpipe_home.sql_path())
         curves = query(files.paths.catalog, f"select * from borrowing where run_id in ({_runs_sql(spec)})")
         summary = summarize(rows)
@@ -73,7 +85,8 @@ def generation_assets(spec: ExperimentSpec) -> list:
                 "plot_path": dg.MetadataValue.path(str(png)),
                 "by_checkpoint": dg.MetadataValue.md(md_table(summary, 80)),
                 "examples": dg.MetadataValue.md(md_table(rows.filter(pl.col("checkpoint") == "final").select(
-                    "run_id", "example_id", "split", "generation", "borrow_share", "fact_borrow_share"), 12))}
+                    "run_id", "example_id", "split", "generation", "borrow_share", "fact_borrow_share"), 12)),
+                **_held_out(spec, files, BORROWING_HELD_OUT)}
         return dg.MaterializeResult(metadata=meta)
 
     @dg.asset(key=k("win_rate"), group_name=exp, deps=[CATALOG_KEY], pool="gpu", kinds={"pytorch", "openai"},
@@ -87,7 +100,8 @@ def generation_assets(spec: ExperimentSpec) -> list:
         files = pipeline.files_for(spec, ldpipe_home.paths())
         info = run_win_rate(spec, files, Store(files.paths.store), device=compute.device, log=context.log.info)
         if "skipped" in info:
-            context.log.info(f"win rate skipped: {info['skipped']}")
+            (context.log.warning if "held-out" in info["skipped"] else context.log.info)(
+                f"win rate skipped: {info['skipped']}")
             return dg.MaterializeResult(metadata={"skipped": info["skipped"]})
         pipeline.refresh(files, ldpipe_home.sql_path())
         table = query(files.paths.catalog, f"select * from win_rate where experiment = '{exp}'")
