@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer,
+                      model_validator)
 
 from ldpipe.errors import SpecError
 from ldpipe.schema import CORE_RESPONSE_TYPES
@@ -200,11 +201,13 @@ class PretrainSpec(_Strict):
 
 
 class ModelSpec(_Strict):
-    # builtin: a BPE tokenizer + small GPT-NeoX trained offline on the built-in corpus.
+    # builtin: a BPE tokenizer + small GPT-NeoX trained offline on a corpus (ldpipe.corpus): the synthetic world's
+    # own corpus, a declared `corpus` file, or else the dataset's rows that are neither trained on nor probed.
     # pretrained: any HF model id or local path (Pythia, Qwen); loaded with local_files_only unless allow_download.
     kind: Literal["builtin", "pretrained"] = "builtin"
     name_or_path: str | None = None
     allow_download: bool = False
+    corpus: str | None = None      # builtin: a .txt (documents split by blank lines) or .jsonl ("text") file
     vocab_size: int = Field(2048, ge=300)
     architecture: ArchitectureSpec = ArchitectureSpec()
     pretrain: PretrainSpec = PretrainSpec()
@@ -213,7 +216,20 @@ class ModelSpec(_Strict):
     def _path_needed(self) -> "ModelSpec":
         if self.kind == "pretrained" and not self.name_or_path:
             raise ValueError("model.kind 'pretrained' needs model.name_or_path")
+        if self.kind == "pretrained" and self.corpus is not None:
+            raise ValueError("model.corpus applies to model.kind 'builtin' only (a pretrained model is not "
+                             "pretrained again)")
+        if self.corpus is not None and not self.corpus.strip():
+            raise ValueError("model.corpus is empty; give a file path or leave the key out")
         return self
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler: Any) -> Any:
+        # an undeclared corpus stays out of the dump, so every config hash made before the key existed is kept
+        out = handler(self)
+        if isinstance(out, dict) and out.get("corpus") is None:
+            out.pop("corpus", None)
+        return out
 
 
 EXTEND_SUPERVISE = "chosen+rejected"   # extend-SFT: train on y+ and y- (the paper's fix for squeezing)
@@ -506,7 +522,23 @@ class ExperimentSpec(_Strict):
             from ldpipe.synthetic import CORPUS_VERSION
 
             parts["corpus_version"] = CORPUS_VERSION
+        if self.model.kind == "builtin":
+            parts.update(self.corpus_recipe())
         return config_hash(parts)
+
+    def corpus_recipe(self) -> dict[str, Any]:
+        """What decides a builtin model's corpus beyond dataset and model (hash parts; empty for the synthetic
+        world's own corpus, so those hashes are as before this key existed)."""
+        if self.model.corpus is not None:
+            from ldpipe.corpus import file_digest   # a changed corpus file is a new base model
+
+            return {"corpus_file": file_digest(self.model.corpus)}
+        if self.dataset.kind == "synthetic":
+            return {}
+        caps = [r.n_train for r in self.runs]
+        p = self.probes
+        return {"corpus_excludes": {"probes": [p.n_examples, p.selection, p.seed, p.types],
+                                    "train_rows": 0 if not caps else None if None in caps else max(caps)}}
 
 
 def config_hash(obj: Any) -> str:

@@ -65,17 +65,25 @@ def training_assets(spec: ExperimentSpec) -> list:
     exp = spec.name
     k = lambda *parts: dg.AssetKey([exp, *parts])  # noqa: E731
 
-    @dg.asset(key=k("base_model"), group_name=exp, deps=[k("dataset")], pool="gpu", kinds={"pytorch"},
+    # a builtin model pretrained on the dataset's own rows leaves out the probed ones: it reads the probe set
+    needs_probes = spec.model.kind == "builtin" and spec.model.corpus is None and spec.dataset.kind != "synthetic"
+
+    @dg.asset(key=k("base_model"), group_name=exp, deps=[k("dataset"), *([k("probe_set")] if needs_probes else [])],
+              pool="gpu", kinds={"pytorch"},
               description="Tokenizer + causal LM checkpoint (built-in: trained offline once per config hash).")
     def base_model(context: dg.AssetExecutionContext, ldpipe_home: LdpipeHome,
                    compute: Compute) -> dg.MaterializeResult:
         files = pipeline.files_for(spec, ldpipe_home.paths())
-        info = pipeline.build_base_model(spec, files, device=compute.device, log=context.log.info)
+        info = pipeline.build_base_model(spec, files, device=compute.device, log=context.log.info,
+                                         warn=context.log.warning)
         meta = {"path": dg.MetadataValue.path(info["path"]), "cached": info.get("cached", False),
                 "parameters": info.get("parameters", 0)}
         for key in ("val_loss", "val_ppl", "train_loss", "wall_s", "tokens_seen"):
             if isinstance(info.get(key), (int, float)):
                 meta[key] = float(info[key])
+        if "corpus_source" in info:   # what the builtin model was pretrained on, and how much
+            meta |= {"corpus": info["corpus_source"], "corpus_docs": int(info["corpus_docs"]),
+                     "corpus_tokens": int(info["corpus_tokens"])}
         return dg.MaterializeResult(metadata=meta)
 
     out = [base_model, *[_run_asset(spec, run) for run in spec.runs]]
