@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import re
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
 
 import duckdb
@@ -86,15 +87,18 @@ def _parse(sql: str, source: str) -> list[duckdb.Statement]:
 
 
 # -- refresh (the only writer) ------------------------------------------------------------------
-def refresh_catalog(catalog_path: Path, store_root: Path, sql_dir: Path | None) -> dict:
-    """Rebuild the catalog in a temp file, then atomically swap it in. On any error the old one stays."""
+def refresh_catalog(catalog_path: Path, store_root: Path, sql_dir: Path | Sequence[Path] | None) -> dict:
+    """Rebuild the catalog in a temp file, then atomically swap it in. On any error the old one stays.
+
+    `sql_dir`: a folder of view files, or several (a later folder's file replaces an earlier one's of the same
+    name: a project's sql/ can redefine a built-in view)."""
     catalog_path = Path(catalog_path).resolve()
     store = Store(store_root)
     catalog_path.parent.mkdir(parents=True, exist_ok=True)
     # Tidy what killed writers left: shard temps and earlier refreshes' catalog temps (never read as data).
     cleaned = store.clean_temp() + remove_stale_temps(catalog_path.parent.glob(f"{catalog_path.name}.tmp-*"))
-    views, counts = _swap_in(catalog_path, lambda con: _build(con, store, Path(sql_dir) if sql_dir is not None
-                                                              else None))
+    dirs = [] if sql_dir is None else [Path(sql_dir)] if isinstance(sql_dir, (str, Path)) else [Path(d) for d in sql_dir]
+    views, counts = _swap_in(catalog_path, lambda con: _build(con, store, dirs))
     return {"views": views, "tables": counts, "path": str(catalog_path), "temp_files_removed": cleaned}
 
 
@@ -115,7 +119,7 @@ def _swap_in(catalog_path: Path, build):
     return out
 
 
-def _build(con: duckdb.DuckDBPyConnection, store: Store, sql_dir: Path | None) -> tuple[list[str], dict[str, int]]:
+def _build(con: duckdb.DuckDBPyConnection, store: Store, sql_dirs: list[Path]) -> tuple[list[str], dict[str, int]]:
     views: list[str] = []
     counts: dict[str, int] = {}
     for table in sorted(set(store.tables()) | set(KNOWN_TABLES)):
@@ -128,7 +132,8 @@ def _build(con: duckdb.DuckDBPyConnection, store: Store, sql_dir: Path | None) -
             validate_shards(store, table, schema)
         con.execute(f"create view {_q(table)} as {_table_select(con, store, table, schema, n)}")
         views.append(table)
-    for path in sorted(sql_dir.glob("*.sql")) if sql_dir is not None and sql_dir.is_dir() else []:
+    files = {p.name: p for d in sql_dirs if d.is_dir() for p in sorted(d.glob("*.sql"))}
+    for path in (files[k] for k in sorted(files)):
         name = path.stem
         if not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", name):
             raise DataValidationError(str(path), f"file name must be a valid view name (letters, digits, '_'), got {name!r}")

@@ -16,6 +16,10 @@ def ensure_dagster_home(project: Path | None = None) -> Path:
     home = Path(os.environ.get("DAGSTER_HOME") or project / ".dagster_home").resolve()
     home.mkdir(parents=True, exist_ok=True)
     src = project / "dagster.yaml"
+    if not src.exists():   # a user's own project: the settings ldpipe ships with (the gpu pool of limit 1)
+        from ldpipe.paths import BUILTIN_SQL
+
+        src = BUILTIN_SQL.parent / "dagster.yaml"
     dst = home / "dagster.yaml"
     if src.exists() and not dst.exists():
         try:

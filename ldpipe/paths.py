@@ -11,7 +11,8 @@ from pathlib import Path
 
 
 def project_dir() -> Path:
-    """The project root: LDPIPE_PROJECT_DIR, else the nearest parent of cwd holding assets/ and sql/."""
+    """The project root: LDPIPE_PROJECT_DIR, else the nearest parent of cwd holding assets/ and sql/, else the
+    nearest holding an assets/ folder with a YAML declaration (a user's own project need not have sql/)."""
     env = os.environ.get("LDPIPE_PROJECT_DIR")
     if env:
         return Path(env).resolve()
@@ -19,7 +20,22 @@ def project_dir() -> Path:
     for d in (cwd, *cwd.parents):
         if (d / "assets").is_dir() and (d / "sql").is_dir():
             return d
+    for d in (cwd, *cwd.parents):
+        if (d / "assets").is_dir() and any((d / "assets").glob("*.y*ml")):
+            return d
     return cwd
+
+
+# The analyses that ship with ldpipe (learning_curves, squeezing, ...): the sql/ folder of the checkout ldpipe is
+# installed from (`pip install -e .`). Every catalog has them; a project's own sql/ adds views or redefines one.
+BUILTIN_SQL = Path(__file__).resolve().parent.parent / "sql"
+
+
+def sql_dirs(project_sql: Path | None = None) -> list[Path]:
+    """The view folders of a catalog: the built-in analyses, then the project's sql/ (when it is another folder)."""
+    project_sql = (project_sql or project_dir() / "sql").resolve()
+    dirs = [BUILTIN_SQL] if BUILTIN_SQL.is_dir() else []
+    return dirs + ([project_sql] if project_sql not in dirs else [])
 
 
 @dataclass(frozen=True)

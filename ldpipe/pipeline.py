@@ -83,22 +83,25 @@ def files_for(spec: ExperimentSpec, paths: Paths | None = None) -> ExperimentFil
 
 # ---------------------------------------------------------------- dataset
 
-def build_dataset(spec: ExperimentSpec, files: ExperimentFiles, log: Log = print) -> dict:
+def load_dataset(spec: ExperimentSpec, *, sample_rows: int | None = None):
+    """The declared preference data (PREFERENCE_SCHEMA), the source's extra facts, and the synthetic world (or
+    None). Nothing is written: the dataset stage and `ldpipe check` both use it, so both give the same errors.
+    `sample_rows` (check of a large file): read only that many rows of it."""
     ds = spec.dataset
+    world = None
     if ds.kind == "synthetic":
         from ldpipe.synthetic import SyntheticConfig, generate
 
         s = ds.synthetic
         world = generate(SyntheticConfig(seed=s.seed, n_entities=s.n_entities, n_train=s.n_train,
                                          n_test=s.n_test, corpus_docs=s.corpus_docs))
-        world.save(files.world)
         prefs = world.preferences
         extra = {"corpus_docs": len(world.corpus), "corpus_chars": sum(map(len, world.corpus)),
                  "facts": world.facts.height}
     elif ds.kind == "reference_probes":
         from ldpipe.data import reference_to_preferences
 
-        prefs = reference_to_preferences(_resolve(ds.path), limit=ds.limit)
+        prefs = reference_to_preferences(_resolve(ds.path), limit=sample_rows or ds.limit)
         extra = {}
     else:
         from ldpipe.data import DataSource, load_preferences
@@ -106,7 +109,14 @@ def build_dataset(spec: ExperimentSpec, files: ExperimentFiles, log: Log = print
         prefs = load_preferences(DataSource(kind=ds.kind, path=str(_resolve(ds.path)) if ds.path else None,
                                             columns=dict(ds.columns), limit=ds.limit))
         extra = {}
-    prefs = prefs.select(list(PREFERENCE_SCHEMA))
+    return prefs.select(list(PREFERENCE_SCHEMA)), extra, world
+
+
+def build_dataset(spec: ExperimentSpec, files: ExperimentFiles, log: Log = print) -> dict:
+    ds = spec.dataset
+    prefs, extra, world = load_dataset(spec)
+    if world is not None:
+        world.save(files.world)
     write_parquet(prefs, files.preferences)
     counts = dict(prefs.group_by("split").len().sort("split").iter_rows())
     log(f"[{spec.name}] dataset {ds.kind}: {counts}")
@@ -597,7 +607,7 @@ def load_probes_file(files: ExperimentFiles) -> pl.DataFrame:
 # ---------------------------------------------------------------- base model
 
 def build_base_model(spec: ExperimentSpec, files: ExperimentFiles, *, device: str = "auto",
-                     log: Log = print) -> dict:
+                     log: Log = print, warn: Log | None = None) -> dict:
     from ldpipe.models import (PretrainConfig, TinyModelConfig, build_model, count_parameters,
                                load_model_and_tokenizer, pretrain, resolve_device, save_checkpoint,
                                train_tokenizer)
@@ -616,14 +626,17 @@ def build_base_model(spec: ExperimentSpec, files: ExperimentFiles, *, device: st
         meta = json.loads(meta_file.read_text())
         log(f"[{spec.name}] base model cached at {out}")
         return {**meta, "path": str(out), "cached": True}
-    if spec.dataset.kind != "synthetic":
-        raise LdpipeError(f"experiment {spec.name!r}: model.kind 'builtin' is pretrained on the built-in "
-                          "synthetic corpus; use dataset.kind 'synthetic' or model.kind 'pretrained'")
-    from ldpipe.synthetic import SyntheticWorld
+    from ldpipe.corpus import SMALL_CORPUS_TOKENS, base_corpus
 
-    world = SyntheticWorld.load(files.world)
+    corpus = base_corpus(spec, files.preferences, files.probes, files.world)
+    log(f"[{spec.name}] base-model corpus: {corpus.source}")
     t0 = time.perf_counter()
-    tok = train_tokenizer(world.corpus, vocab_size=m.vocab_size)
+    tok = train_tokenizer(corpus.docs, vocab_size=m.vocab_size)
+    n_tokens = sum(len(ids) for ids in tok(corpus.docs, add_special_tokens=False)["input_ids"])
+    if n_tokens < SMALL_CORPUS_TOKENS:
+        (warn or log)(f"[{spec.name}] WARNING: the base-model corpus holds only {n_tokens:,} tokens (under "
+            f"{SMALL_CORPUS_TOKENS:,}); the model will know little of the data's language. Declare a larger "
+            "model.corpus file, or keep more rows out of training (runs' n_train)")
     a = m.architecture
     model = build_model(TinyModelConfig(hidden_size=a.hidden_size, num_layers=a.num_layers,
                                         num_heads=a.num_heads, intermediate_size=a.intermediate_size,
@@ -632,13 +645,17 @@ def build_base_model(spec: ExperimentSpec, files: ExperimentFiles, *, device: st
     p = m.pretrain
     dev = resolve_device(device)
     log(f"[{spec.name}] pretraining {count_parameters(model):,} parameters on {dev} for {p.steps} steps")
-    stats = pretrain(model, tok, world.corpus,
+    stats = pretrain(model, tok, corpus.docs,
                      PretrainConfig(steps=p.steps, batch_size=p.batch_size, seq_len=p.seq_len, lr=p.lr,
                                     warmup=p.warmup, seed=p.seed),
-                     device=dev, progress=lambda d: log(f"[{spec.name}] pretrain {_fmt(d)}"))
+                     device=dev, progress=lambda d: log(f"[{spec.name}] pretrain step {d['step']}/{p.steps} "
+                                                        f"{_fmt({k: v for k, v in d.items() if k != 'step'})}"))
     meta = {"kind": "builtin", "parameters": count_parameters(model), "vocab_size": len(tok),
             "config_hash": spec.model_config_hash(), "device": str(dev),
-            "wall_s": round(time.perf_counter() - t0, 2), **{k: v for k, v in stats.items()}}
+            "wall_s": round(time.perf_counter() - t0, 2), "corpus_source": corpus.source,
+            "corpus_docs": len(corpus.docs), "corpus_tokens": n_tokens,
+            **{f"corpus_{k}": v for k, v in corpus.counts.items() if k != "documents"},
+            **{k: v for k, v in stats.items()}}
     save_checkpoint(model.cpu(), tok, out, metadata=meta)
     return {**meta, "path": str(out), "cached": False}
 
@@ -777,8 +794,10 @@ def _training_pairs(train: pl.DataFrame, probes: pl.DataFrame, supervise: str) -
 def refresh(files: ExperimentFiles | Paths, sql_dir: Path | None = None) -> dict:
     from ldpipe.catalog import refresh_catalog
 
+    from ldpipe.paths import sql_dirs
+
     paths = files.paths if isinstance(files, ExperimentFiles) else files
-    return refresh_catalog(paths.catalog, paths.store, sql_dir or project_dir() / "sql")
+    return refresh_catalog(paths.catalog, paths.store, sql_dirs(sql_dir))
 
 
 def learning_curves(spec: ExperimentSpec, files: ExperimentFiles, log: Log = print) -> dict:
