@@ -43,42 +43,81 @@ def _cmd_run(args: argparse.Namespace) -> int:
         run_config = {"ops": {k: v for s in specs for k, v in preset_run_config(s, args.preset)["ops"].items()}}
     import uuid
 
-    from ldpipe.runguard import my_tags, recover_dead_runs, run_guarded
+    from rich.console import Console
 
+    from ldpipe.runguard import my_tags, recover_dead_runs, run_guarded
+    from ldpipe.runview import RunView, check_line, output_to_log
+
+    paths = Paths.default()
+    log_path = paths.home / "logs" / f"run-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
     say = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     t0 = time.perf_counter()
+    print(f"ldpipe run: {', '.join(s.name for s in specs)}; Dagster's full event log: {log_path}", flush=True)
     with dg.DagsterInstance.get() as instance, dg.DagsterInstance.from_ref(instance.get_ref()) as watcher:
         recover_dead_runs(instance, log=say)     # a killed earlier run would hold the gpu pool forever
         invocation = uuid.uuid4().hex
         tags = {"ldpipe/launched_by": "ldpipe run", **my_tags(invocation)}
-        # in a worker thread, so that SIGINT/SIGTERM reach this thread's handlers even while a step waits for a
-        # pool (Dagster only records them there); `watcher`, a second instance object, serves this thread
-        result = run_guarded(lambda: dg.materialize(
-            assets, instance=instance, resources={"ldpipe_home": LdpipeHome(), "compute": Compute(device=args.device)},
-            run_config=run_config, tags=tags, raise_on_error=False), instance=watcher, invocation=invocation, log=say)
+        with output_to_log(log_path) as terminal:
+            with open(os.dup(terminal), "w", buffering=1) as term:
+                view = RunView(Console(file=term, soft_wrap=True))
+                try:
+                    # in a worker thread, so that SIGINT/SIGTERM reach this thread's handlers even while a step
+                    # waits for a pool (Dagster only records them there); `watcher`, a second instance object,
+                    # serves this thread
+                    result = run_guarded(lambda: dg.materialize(
+                        assets, instance=instance,
+                        resources={"ldpipe_home": LdpipeHome(), "compute": Compute(device=args.device)},
+                        run_config=run_config, tags=tags, raise_on_error=False), instance=watcher,
+                        invocation=invocation, log=say, poll_s=0.5, terminal_fd=terminal,
+                        on_poll=lambda run: view.poll(watcher, run.run_id))
+                finally:
+                    view.close()
         steps = step_durations(instance, result.run_id)
     wall = time.perf_counter() - t0
-    paths = Paths.default()
     print()
-    if not result.success:
-        print(f"ldpipe run FAILED after {wall:.0f}s (run {result.run_id}); see the logs above "
-              f"or the run in the UI (`ldpipe ui`).", file=sys.stderr)
-        return 1
     checks = result.get_asset_check_evaluations()
+    failed_checks = [c for c in checks if not c.passed]
+    if not result.success:
+        causes = view.failures or {"run": "the run failed before any step (see the log)"}
+        print(f"Full event log: {log_path}", file=sys.stderr)
+        print(f"ldpipe run FAILED after {wall:.0f}s (Dagster run {result.run_id}); {len(causes)} step(s) failed:",
+              file=sys.stderr)
+        for step, cause in causes.items():
+            print(f"  {step.replace('__', '/', 1)}: {cause}", file=sys.stderr)
+        return 1
     print(f"ldpipe run finished in {wall:.0f}s (Dagster run {result.run_id}, history in {home})")
     if steps:
         print("Slowest steps: " + ", ".join(f"{k} {v:.0f}s" for k, v in steps[:5]))
+    print(f"Checks: {len(checks) - len(failed_checks)} PASS, {len(failed_checks)} FAIL")
     for c in checks:
-        print(f"  check {c.asset_key.to_user_string()}:{c.check_name}: {'PASS' if c.passed else 'FAIL'}")
+        print(f"  {check_line(c)}")
     print(f"Results:\n  Parquet store   {paths.store}\n  DuckDB catalog  {paths.catalog}\n  plots           "
-          f"{paths.plots}\n  checkpoints     {paths.models}")
-    print("Next:\n  ldpipe ui                        # Dagster UI on http://127.0.0.1:3000 (asset graph, plots, history)"
-          "\n  ldpipe sql \"select run_id, response_type, step, mean_delta from learning_curves"
-          " where step = (select max(step) from learning_curves)\""
-          f"\n  duckdb -readonly {paths.catalog}   # or from Python: duckdb.connect(path, read_only=True)")
+          f"{paths.plots}\n  checkpoints     {paths.models}\n  event log       {log_path}")
+    print("Next (from any shell):")
+    for line in next_commands(paths):
+        print(f"  {line}")
     if project_dir() != Path.cwd():
         print(f"(project directory: {project_dir()})")
     return 0
+
+
+def next_commands(paths) -> list[str]:
+    """Commands that run as printed from a fresh shell: full paths, no activated venv, no duckdb CLI needed."""
+    import json
+    import shlex
+
+    exe = Path(sys.executable)
+    ldpipe = exe.parent / "ldpipe"
+    cmd = shlex.quote(str(ldpipe)) if ldpipe.exists() else f"{shlex.quote(str(exe))} -m ldpipe.cli"
+    env = "" if os.environ.get("LDPIPE_HOME") is None else f"LDPIPE_HOME={shlex.quote(str(paths.home))} "
+    # each run's own last step: a global max(step) would drop every run that took fewer steps
+    query = ("select run_id, response_type, step, round(mean_delta, 3) as mean_delta from learning_curves "
+             "qualify step = max(step) over (partition by run_id) order by run_id, response_type")
+    py = (f"import duckdb; print(duckdb.connect({json.dumps(str(paths.catalog))}, read_only=True)"
+          '.sql("select table_name from information_schema.tables"))')
+    return [f"{env}{cmd} ui    # Dagster UI on http://127.0.0.1:3000 (asset graph, plots, history)",
+            f"{env}{cmd} sql {shlex.quote(query)}",
+            f"{shlex.quote(str(exe))} -c {shlex.quote(py)}    # the catalog from Python, read-only"]
 
 
 def _cmd_ui(args: argparse.Namespace) -> int:
@@ -116,13 +155,33 @@ def _cmd_ui(args: argparse.Namespace) -> int:
 
 def _cmd_check(args: argparse.Namespace) -> int:
     from ldpipe.defs.experiments import declarations_dir
+    from ldpipe.preflight import check_experiment
     from ldpipe.spec import load_experiments
 
     specs = load_experiments(Path(args.dir) if args.dir else declarations_dir())
+    if args.experiment:
+        unknown = set(args.experiment) - {s.name for s in specs}
+        if unknown:
+            raise LdpipeError(f"unknown experiment(s) {sorted(unknown)}; declared: {[s.name for s in specs]}")
+        specs = [s for s in specs if s.name in set(args.experiment)]
+    errors: list[str] = []
     for s in specs:
         runs = ", ".join(f"{r.name} ({r.algo}, {spec_hash})" for r, spec_hash in
                          ((r, s.run_config_hash(r)) for r in s.runs))
-        print(f"{s.name}: dataset={s.dataset.kind} model={s.model.kind} runs=[{runs}]")
+        print(f"{s.name}: dataset={s.dataset.kind} model={s.model.kind} runs=[{runs}]", flush=True)
+        if args.declarations_only:
+            continue
+        rep = check_experiment(s)
+        for line in rep.lines:
+            print(f"  ok    {line}", flush=True)
+        for w in rep.warnings:
+            print(f"  warn  {w}", flush=True)
+        for e in rep.errors:
+            print(f"  ERROR {e}", file=sys.stderr, flush=True)
+        errors += [f"{s.name}: {e}" for e in rep.errors]
+    if errors:
+        print(f"{len(errors)} problem(s) would stop the run; the first: {errors[0]}", file=sys.stderr)
+        return 2
     print(f"{len(specs)} experiment(s) OK")
     return _check_store() if args.store else 0
 
@@ -154,11 +213,13 @@ def _cmd_catalog(args: argparse.Namespace) -> int:
     from ldpipe.paths import Paths, project_dir
 
     paths = Paths.default()
-    sql_dir = Path(args.sql_dir) if args.sql_dir else project_dir() / "sql"
-    info = pipeline.refresh(paths, sql_dir)
+    from ldpipe.paths import sql_dirs
+
+    dirs = sql_dirs(Path(args.sql_dir) if args.sql_dir else project_dir() / "sql")
+    info = pipeline.refresh(paths, dirs[-1])
     n = sum(info["tables"].values())
     print(f"catalog {info['path']}: {len(info['views'])} views over {n} shard(s) in {paths.store} "
-          f"(sql views from {sql_dir})")
+          f"(sql views from {' and '.join(str(d) for d in dirs if d.is_dir()) or 'no sql/ folder'})")
     return 0
 
 
@@ -200,8 +261,12 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--port", type=int, default=3000)
     u.set_defaults(func=_cmd_ui)
 
-    c = sub.add_parser("check", help="validate the experiment declarations in assets/")
+    c = sub.add_parser("check", help="validate what a run needs: declarations, data files (every row), corpus, "
+                       "model files, run sizes, probe types; in seconds, nothing trained")
     c.add_argument("--dir", help="declarations directory (default: <project>/assets)")
+    c.add_argument("--experiment", "-e", action="append", help="check only this experiment (repeatable)")
+    c.add_argument("--declarations-only", action="store_true", help="parse the YAML only; do not read the data, "
+                   "the corpus or the model files")
     c.add_argument("--store", action="store_true", help="also check the store of the ldpipe home: shards that do "
                    "not fit their table, and missing, changed or extra shards against what finished runs wrote")
     c.set_defaults(func=_cmd_check)

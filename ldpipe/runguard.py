@@ -194,14 +194,15 @@ def _find_run(instance, invocation: str):
 # ----------------------------------------------------------------------------------- the guarded run
 
 def run_guarded(fn: Callable[[], Any], *, instance, invocation: str, log: Log = print,
-                poll_s: float = 2.0) -> Any:
+                poll_s: float = 2.0, terminal_fd: int | None = None,
+                on_poll: Callable[[Any], None] | None = None) -> Any:
     """`fn()` (a materialization tagged with `invocation`) in a worker thread; the main thread reports pool
     waits and turns SIGINT/SIGTERM into a prompt, clean exit (module docstring). Returns fn's result, or raises
-    what it raised."""
+    what it raised. `on_poll(run)` is called after each poll with the run once it exists (and at the end)."""
     box: dict[str, Any] = {}
     # Dagster redirects this process's stdout/stderr into compute-log files while a step runs (a `tail` child
-    # mirrors them); messages written to a copy of the original stderr always reach the terminal
-    terminal = os.dup(2)
+    # mirrors them); messages written to a copy of the original stderr (or the given terminal) reach the terminal
+    terminal = os.dup(2 if terminal_fd is None else terminal_fd)
 
     def say(msg: str) -> None:
         try:
@@ -226,12 +227,17 @@ def run_guarded(fn: Callable[[], Any], *, instance, invocation: str, log: Log = 
             if got:
                 _stop(instance, invocation, got[0], worker, say)   # does not return
             run = _find_run(instance, invocation)
+            if run is not None and on_poll is not None:
+                on_poll(run)
             said = pool_wait(instance, run.run_id) if run is not None else None
             if said and (said != last_said or time.monotonic() - last_time > 60):
                 say(f"ldpipe: waiting: {said}")
                 last_said, last_time = said, time.monotonic()
             elif not said:
                 last_said = None
+        run = _find_run(instance, invocation)
+        if run is not None and on_poll is not None:
+            on_poll(run)
     finally:
         for s, h in previous.items():
             signal.signal(s, h)

@@ -1,0 +1,174 @@
+"""`ldpipe check`: what a run of an experiment needs, validated in seconds without training anything.
+
+Each check calls the same function the run's step would (the dataset loader, the corpus reader, the tokenizer
+and config loaders, the probe builder), so it fails with the same message (file, row, field). Found:
+- the data file(s) exist and parse, every row (files up to FULL_CHECK_BYTES; above that the first
+  SAMPLE_ROWS rows, and the run validates the rest);
+- a declared corpus file exists and parses;
+- a pretrained model path or hub id holds a config and a tokenizer (offline unless allow_download);
+- every run has training rows (a run with none would have zero steps);
+- the train split holds the probe prompts, and the declared probe types can be made from the data.
+"""
+from __future__ import annotations
+
+import math
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import polars as pl
+
+from ldpipe.errors import LdpipeError
+from ldpipe.spec import EXTEND_SUPERVISE, ExperimentSpec
+
+FULL_CHECK_BYTES = 50 * 2**20
+SAMPLE_ROWS = 1000
+
+
+@dataclass
+class Report:
+    experiment: str
+    lines: list[str] = field(default_factory=list)      # what was found, one line each
+    errors: list[str] = field(default_factory=list)     # what would stop the run
+    warnings: list[str] = field(default_factory=list)   # what the run would do, but likely not as meant
+
+
+def _size(path: Path) -> int:
+    return path.stat().st_size if path.is_file() else sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def _load(spec: ExperimentSpec, rep: Report) -> pl.DataFrame | None:
+    from ldpipe.pipeline import _resolve, load_dataset
+
+    ds = spec.dataset
+    if ds.kind == "synthetic":
+        rep.lines.append("dataset synthetic: built in (generated at run time)")
+        return None
+    path = _resolve(ds.path) if ds.path else None
+    if path is not None and not path.exists():
+        rep.errors.append(f"dataset.path {ds.path!r}: {path} does not exist")
+        return None
+    if path is None:   # hub data: only reachable when cached or online
+        rep.lines.append(f"dataset {ds.kind}: from the Hugging Face hub (not read by check)")
+        return None
+    big = _size(path) > FULL_CHECK_BYTES
+    if big and path.is_file() and path.suffix in (".jsonl", ".csv") and ds.kind == "local":
+        with tempfile.TemporaryDirectory() as tmp, path.open("rb") as f:
+            head = Path(tmp) / path.name
+            head.write_bytes(b"".join(line for _, line in zip(range(SAMPLE_ROWS + 1), f)))
+            sample = spec.model_copy(update={"dataset": ds.model_copy(update={"path": str(head)})})
+            prefs, _, _ = load_dataset(sample)
+        rep.lines.append(f"dataset {ds.kind} {path}: first {SAMPLE_ROWS} rows parse (the file is "
+                         f"{_size(path) / 2**20:.0f} MB; the run validates every row)")
+        return None
+    prefs, _, _ = load_dataset(spec, sample_rows=SAMPLE_ROWS if big else None)
+    counts = dict(prefs.group_by("split").len().sort("split").iter_rows())
+    rep.lines.append(f"dataset {ds.kind} {path}: {prefs.height} rows parse, every row checked; splits {counts}")
+    return prefs
+
+
+def _model(spec: ExperimentSpec, rep: Report) -> None:
+    m = spec.model
+    if m.kind == "builtin":
+        if m.corpus is not None:
+            from ldpipe.corpus import read_corpus_file, resolve
+
+            docs = read_corpus_file(resolve(m.corpus))
+            rep.lines.append(f"model builtin: corpus {resolve(m.corpus)}: {len(docs)} documents")
+        else:
+            rep.lines.append("model builtin: pretrained at run time on "
+                             + ("the synthetic world's corpus" if spec.dataset.kind == "synthetic"
+                                else "the dataset's rows that are neither trained on nor probed"))
+        return
+    from transformers import AutoConfig
+
+    from ldpipe.models import load_tokenizer
+    from ldpipe.pipeline import _pretrained_source
+
+    src = _pretrained_source(spec)
+    where = f"experiment {spec.name!r}, model.name_or_path {m.name_or_path!r}"   # as the base-model step says
+    if isinstance(src, Path) and not (src / "config.json").is_file():
+        rep.errors.append(f"{where}: {src} holds no config.json (a Hugging Face model folder has config.json, "
+                          "the weights and the tokenizer files)")
+        return
+    try:
+        load_tokenizer(src, local_files_only=not m.allow_download)
+        cfg = AutoConfig.from_pretrained(str(src), local_files_only=not m.allow_download)
+    except LdpipeError as e:
+        rep.errors.append(f"{where}: {e}")
+        return
+    except Exception as e:  # noqa: BLE001 (transformers raises OSError/ValueError for a missing or bad folder)
+        rep.errors.append(f"{where}: {type(e).__name__}: {str(e).splitlines()[0]}")
+        return
+    rep.lines.append(f"model pretrained {src}: config ({cfg.model_type}) and tokenizer load")
+
+
+def _runs(spec: ExperimentSpec, prefs: pl.DataFrame, rep: Report) -> None:
+    n_train = prefs.filter(pl.col("split") == "train").height
+    for r in spec.runs:
+        n = min(r.n_train or n_train, n_train)
+        if r.algo == "sft" and r.supervise == EXTEND_SUPERVISE:
+            n *= 2
+        elif r.algo == "sft" and r.supervise not in ("chosen", "rejected"):
+            n = min(spec.probes.n_examples, n_train)   # a probe type: one row per probe prompt
+        if n == 0:
+            rep.errors.append(f"run {r.name!r}: no training rows (the dataset's train split is empty), so the run "
+                              "would have zero steps")
+            continue
+        steps = max(1, round(r.epochs * math.ceil(n / r.batch_size)))
+        rep.lines.append(f"run {r.name} ({r.algo}): {n} training examples -> {steps} optimizer steps")
+
+
+def _probes(spec: ExperimentSpec, prefs: pl.DataFrame, rep: Report) -> None:
+    from ldpipe.probes import MODEL_STAGE_TYPES, OFFLINE_TYPES, REPHRASE_TYPES, ProbeRecipe, build_probe_set
+
+    ps = spec.probes
+    if spec.dataset.kind == "reference_probes":
+        rep.lines.append("probe set: read from the reference file at run time")
+        return
+    asked = [t for t in (ps.types or OFFLINE_TYPES) if t in OFFLINE_TYPES and t not in MODEL_STAGE_TYPES]
+    built = build_probe_set(prefs, ProbeRecipe(n_examples=ps.n_examples, selection=ps.selection, seed=ps.seed,
+                                               types=tuple(asked)))
+    llm = set(ps.llm.types) if ps.llm else set()
+    no_llm = []
+    for t, why in built.skipped.items():
+        if t in REPHRASE_TYPES:
+            if t not in llm:
+                no_llm.append(t)
+            continue                       # made by the LLM endpoint at run time
+        msg = f"probe type {t}: {why}"
+        (rep.errors if ps.types is not None and t in ps.types else rep.warnings).append(msg)
+    if no_llm:
+        msg = f"probe types {no_llm} need an LLM endpoint (probes.llm) and are skipped without one"
+        (rep.warnings if ps.types is not None else rep.lines).append(msg)
+    made = sorted(set(built.probes["response_type"].unique().to_list()))
+    later = [t for t in (ps.types or MODEL_STAGE_TYPES) if t in MODEL_STAGE_TYPES]
+    rep.lines.append(f"probe set: {built.probes['example_id'].n_unique()} prompts; from the data: {made}"
+                     + (f"; from the base model at run time: {later}" if later else ""))
+    if prefs.filter(pl.col("split") == "test").is_empty() and spec.generation_analysis.enabled:
+        rep.warnings.append("no held-out (test) split: borrowing and win rate on held-out prompts will have "
+                            "nothing to measure (add a 'split' column with 'test' rows)")
+
+
+def check_experiment(spec: ExperimentSpec) -> Report:
+    """Every check above for one experiment; an error stops the checks that need what failed."""
+    import datasets
+
+    datasets.disable_progress_bars()     # check prints its own lines
+    rep = Report(spec.name)
+    try:
+        prefs = _load(spec, rep)
+    except LdpipeError as e:
+        rep.errors.append(str(e))
+        prefs = None
+    try:
+        _model(spec, rep)
+    except LdpipeError as e:
+        rep.errors.append(str(e))
+    if prefs is not None:
+        for step in (_runs, _probes):
+            try:
+                step(spec, prefs, rep)
+            except LdpipeError as e:
+                rep.errors.append(str(e))
+    return rep
