@@ -527,17 +527,20 @@ def _probe_truncation(spec: ExperimentSpec, files: ExperimentFiles,
     counts = {r["response_type"]: {k: v for k, v in r.items() if k not in ("experiment", "response_type")}
               for r in df.iter_rows(named=True)}
     warnings = []
-    for t, c in counts.items():
-        for what, setting, kept in (
-                ("prompts", "probes.max_prompt_tokens", f"the last {ps.max_prompt_tokens} tokens of a prompt"),
-                ("responses", "probes.max_response_tokens",
-                 f"the first {ps.max_response_tokens - 1} tokens of a response, then EOS")):
-            cut = c[f"{what}_cut"]
-            if c["rows"] and cut / c["rows"] > TRUNCATION_WARN_SHARE:
-                dropped = c[f"{what[:-1]}_tokens_dropped"]
-                warnings.append(f"[{spec.name}] probe type {t!r}: {cut} of {c['rows']} {what} "
-                                f"({cut / c['rows']:.0%}) are cut, {dropped} tokens dropped in all (scoring keeps "
-                                f"{kept}); raise {setting} to score them whole")
+    # one line for prompts and one for responses, each naming every type over the share (a real probe file can
+    # have all 14 types cut: 28 lines would bury the rest of the run's output)
+    for what, setting, kept in (
+            ("prompts", "probes.max_prompt_tokens", f"the last {ps.max_prompt_tokens} tokens of a prompt"),
+            ("responses", "probes.max_response_tokens",
+             f"the first {ps.max_response_tokens - 1} tokens of a response, then EOS")):
+        over = [(t, c) for t, c in counts.items() if c["rows"] and c[f"{what}_cut"] / c["rows"] > TRUNCATION_WARN_SHARE]
+        if over:
+            each = "; ".join(f"{t!r}: {c[f'{what}_cut']} of {c['rows']} {what} ({c[f'{what}_cut'] / c['rows']:.0%})"
+                             for t, c in over)
+            dropped = sum(c[f"{what[:-1]}_tokens_dropped"] for _, c in over)
+            warnings.append(f"[{spec.name}] more than {TRUNCATION_WARN_SHARE:.0%} of the {what} of {len(over)} probe "
+                            f"type(s) are cut by scoring, {dropped} tokens dropped in all (scoring keeps {kept}); "
+                            f"raise {setting} to score them whole: {each}")
     return counts, warnings
 
 
@@ -706,7 +709,9 @@ def train_run(spec: ExperimentSpec, run: RunSpec, files: ExperimentFiles, *, sto
     config_hash = spec.run_config_hash(run, parent_hash=start.parent_hash)
     parent = spec.parent(run)
     if parent is not None and start.parent_hash != spec.run_config_hash(parent):
-        log(f"[{spec.run_id(run)}] WARNING: run {parent.name!r} checkpoint was trained with config hash "
+        # expected when this launch overrides the declaration too (a preset): then it is no warning
+        overridden = run != spec.run(run.name)
+        log(f"[{spec.run_id(run)}] {'' if overridden else 'WARNING: '}run {parent.name!r} checkpoint was trained with config hash "
             f"{start.parent_hash}, its declaration now hashes to {spec.run_config_hash(parent)} (launch-time "
             f"override or stale checkpoint); this run's config hash records the checkpoint's")
     tok = load_tokenizer(start.path)

@@ -127,7 +127,9 @@ def test_own_jsonl_with_builtin_model_checks_and_runs_from_a_fresh_directory(tmp
     q = subprocess.run(["bash", "-c", sql_line], capture_output=True, text=True, cwd=proj, timeout=120,
                        env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)})
     assert q.returncode == 0, q.stderr
-    assert "own_qa.dpo" in q.stdout and "own_qa.sft" in q.stdout   # each run's own last step, not a global max
+    # each run's own last step: the smoke SFT takes 2 steps and the DPO 4, so a global max(step) would drop the SFT
+    last = {line.split()[1]: int(line.split()[5]) for line in q.stdout.splitlines() if "own_qa." in line}
+    assert last == {"own_qa.sft": 2, "own_qa.dpo": 4}, q.stdout
 
 
 @pytest.mark.slow
