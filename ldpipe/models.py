@@ -376,6 +376,10 @@ def save_checkpoint(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, 
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
     if tmp.exists():
         shutil.rmtree(tmp)
+    from ldpipe import lora
+
+    if lora.is_peft(model):   # the adapter alone is saved; ldpipe.json says where its base weights are
+        metadata = {**(metadata or {}), **lora.checkpoint_metadata(model, path)}
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
@@ -410,6 +414,12 @@ def _sweep_dead_siblings(path: Path) -> None:
     remove_dead_owners(path.parent.glob(f"{glob_escape(path.name)}.*-*"), owner)
 
 
+def is_checkpoint(path: Path) -> bool:
+    """A complete model folder: full weights (config.json) or a LoRA adapter (ldpipe.lora)."""
+    path = Path(path)
+    return (path / "config.json").is_file() or (path / "adapter_config.json").is_file()
+
+
 def read_metadata(path: Path) -> dict:
     """The metadata dict written by save_checkpoint ({} if none)."""
     f = Path(path) / METADATA_FILE
@@ -426,6 +436,8 @@ def _model_source(name_or_path: str | Path) -> str:
     name = str(name_or_path)
     p = Path(name).expanduser()
     if p.exists():
+        if p.is_dir() and (p / "adapter_config.json").is_file():   # a LoRA checkpoint (ldpipe.lora)
+            return str(p)
         if not p.is_dir() or not (p / "config.json").is_file():
             raise LdpipeError(f"model path {str(p)!r} holds no model (no config.json)")
         return str(p)
@@ -471,6 +483,15 @@ def load_model_and_tokenizer(
     source = _model_source(name_or_path)
     dev = resolve_device(device)
     tokenizer = load_tokenizer(name_or_path, local_files_only=local_files_only)
+    from ldpipe import lora
+
+    if lora.is_adapter_dir(source):   # base + adapter, the adapter trainable (influence over it alone)
+        base, _ = load_model_and_tokenizer(lora.base_of(Path(source), read_metadata(Path(source))), device=dev,
+                                           dtype=dtype)
+        model = lora.load_adapter(base, Path(source))
+        model.to(dev)
+        model.eval()
+        return model, tokenizer
     model = _load(str(name_or_path), local_files_only,
                   lambda: AutoModelForCausalLM.from_pretrained(source, dtype=dtype, local_files_only=local_files_only))
     model.to(dev)

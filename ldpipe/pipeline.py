@@ -714,11 +714,15 @@ def train_run(spec: ExperimentSpec, run: RunSpec, files: ExperimentFiles, *, sto
         log(f"[{spec.run_id(run)}] {'' if overridden else 'WARNING: '}run {parent.name!r} checkpoint was trained with config hash "
             f"{start.parent_hash}, its declaration now hashes to {spec.run_config_hash(parent)} (launch-time "
             f"override or stale checkpoint); this run's config hash records the checkpoint's")
-    tok = load_tokenizer(start.path)
-    encoded = encode_probes(tok, probes, max_prompt_tokens=spec.probes.max_prompt_tokens,
-                            max_response_tokens=spec.probes.max_response_tokens)
-    result = run_training(run, run_id=spec.run_id(run), config_hash=config_hash, model_path=start.path,
-                          examples=examples, probes=encoded, store=Store(store_root or files.paths.store),
+    if run.trainer == "trl":   # TRL's SFTTrainer/DPOTrainer with ldpipe's tracking callback (ldpipe.trl_run)
+        from ldpipe.trl_run import run_trl as train_fn
+        tracked = probes
+    else:
+        tok = load_tokenizer(start.path)
+        train_fn, tracked = run_training, encode_probes(tok, probes, max_prompt_tokens=spec.probes.max_prompt_tokens,
+                                                        max_response_tokens=spec.probes.max_response_tokens)
+    result = train_fn(run, run_id=spec.run_id(run), config_hash=config_hash, model_path=start.path,
+                          examples=examples, probes=tracked, store=Store(store_root or files.paths.store),
                           out_dir=files.run_dir(run), max_prompt_tokens=spec.probes.max_prompt_tokens,
                           max_response_tokens=spec.probes.max_response_tokens, device=device,
                           step_offset=start.step_offset,
@@ -749,13 +753,13 @@ class StartPoint:
 
 def start_point(spec: ExperimentSpec, run: RunSpec, files: ExperimentFiles) -> StartPoint:
     """The base model, or the final checkpoint of the run named by `start_from`."""
-    from ldpipe.models import read_metadata
+    from ldpipe.models import is_checkpoint, read_metadata
 
     parent = spec.parent(run)
     if parent is None:
         return StartPoint(base_model_path(spec, files))
     ckpt = files.run_dir(parent) / "final"
-    meta = read_metadata(ckpt) if (ckpt / "config.json").is_file() else {}
+    meta = read_metadata(ckpt) if is_checkpoint(ckpt) else {}
     if "steps" not in meta or "config_hash" not in meta:
         raise LdpipeError(f"run {run.name!r} starts from run {parent.name!r}, but its final checkpoint {ckpt} is "
                           f"missing or incomplete: materialize {spec.name}/run_{parent.name} first")

@@ -31,6 +31,7 @@ def root_cause(error: Any) -> str:
         error = error.cause
     last = messages[-1] if messages else "unknown error"
     first_line = last.splitlines()[0] if last else last
+    first_line = re.sub(r"^dagster\._core\.definitions\.events\.Failure: ", "", first_line)   # a Pipes worker's
     # "ldpipe.errors.DataValidationError: x.jsonl, row 3, field 'chosen': ..." -> the message itself
     m = re.match(r"^[\w.]*(Error|Exception)\w*: (.*)$", first_line)
     return m.group(2) if m and first_line.startswith(("ldpipe.", "LdpipeError", "DataValidationError",

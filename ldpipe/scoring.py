@@ -541,6 +541,9 @@ def score_probes(model, encoded: Sequence[EncodedProbe], *, device=None, max_bat
     (SCORE_SCHEMA). Out of memory halves `max_batch_tokens` and retries (module docstring)."""
     if max_batch_tokens < 1:
         raise LdpipeError(f"max_batch_tokens must be >= 1, got {max_batch_tokens}")
+    from ldpipe.lora import unwrap
+
+    model = unwrap(model)   # a LoRA model: the transformers model whose layers carry the adapter
     dev = _prepare(model, device)
     _check_bounds(model, encoded)
     head = _lm_head(model)
@@ -657,6 +660,9 @@ def batch_logps(model, pairs: Sequence[tuple[list[int], list[int]]], *, device=N
     """
     if not pairs:
         raise LdpipeError("batch_logps: no pairs")
+    from ldpipe.lora import unwrap
+
+    model = unwrap(model)   # a LoRA model: the transformers model whose layers carry the adapter
     dev = _prepare(model, device)
     head = _lm_head(model)
     for i, (p, r) in enumerate(pairs):

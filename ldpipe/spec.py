@@ -283,6 +283,16 @@ class OnPolicySpec(_Strict):
 RUN_HASH_EXCLUDE = ("checkpoint_every", "snapshot_every")
 
 
+class LoraSpec(_Strict):
+    """A LoRA adapter (peft) trained instead of every weight: checkpoints store the adapter, and influence is
+    computed over the adapter's parameters only."""
+
+    r: int = Field(8, gt=0)
+    alpha: float = Field(16, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: tuple[str, ...] | None = None   # None: peft's default for the architecture
+
+
 class RunSpec(_Strict):
     name: str
     algo: Literal["sft", "dpo", "ipo"] = "sft"
@@ -309,6 +319,8 @@ class RunSpec(_Strict):
     snapshot_every: int | None = Field(None, gt=0)
     pairs: Literal["offline", "on_policy"] = "offline"  # DPO/IPO: the dataset's pairs, or sampled each step
     on_policy: OnPolicySpec | None = None     # settings for pairs: on_policy (None: the defaults)
+    trainer: Literal["ldpipe", "trl"] = "ldpipe"   # trl: TRL's SFTTrainer/DPOTrainer with ldpipe's tracking callback
+    lora: LoraSpec | None = None              # train a LoRA adapter (peft) instead of every weight
 
     @field_validator("name")
     @classmethod
@@ -334,6 +346,18 @@ class RunSpec(_Strict):
         if self.supervise != EXTEND_SUPERVISE and self.supervise not in CORE_RESPONSE_TYPES:
             raise ValueError(f"run {self.name!r}: supervise {self.supervise!r} is not a response type; known: "
                              f"{list(CORE_RESPONSE_TYPES)} or {EXTEND_SUPERVISE!r}")
+        return self
+
+    @model_validator(mode="after")
+    def _trl_supports(self) -> "RunSpec":
+        if self.trainer != "trl":
+            return self
+        unsupported = {"pairs": self.pairs == "on_policy", "snapshot_every": self.snapshot_every is not None}
+        for key, bad in unsupported.items():
+            if bad:
+                raise ValueError(f"run {self.name!r}: trainer 'trl' does not support {key} "
+                                 f"({'on-policy pairs' if key == 'pairs' else 'model snapshots'}); "
+                                 "use trainer 'ldpipe' for it")
         return self
 
     @property
@@ -459,6 +483,11 @@ class ExperimentSpec(_Strict):
                 raise ValueError(f"run {r.name!r}: start_from {r.start_from!r} is not a run of this experiment; "
                                  f"runs: {sorted(by_name)}")
         for r in self.runs:
+            parent = by_name.get(r.start_from) if r.start_from else None
+            if parent is not None and parent.lora is not None and r.lora != parent.lora:
+                raise ValueError(f"run {r.name!r}: lora must equal its start_from run {parent.name!r}'s "
+                                 f"({parent.lora.model_dump()}): a chain trains one adapter")
+        for r in self.runs:
             chain = [r.name]
             while by_name[chain[-1]].start_from is not None:
                 nxt = by_name[chain[-1]].start_from
@@ -508,8 +537,11 @@ class ExperimentSpec(_Strict):
         body: dict[str, Any] = {"dataset": self.dataset, "probes": self.probes, "model": self.model,
                                 "run": run.model_dump(mode="json", exclude=set(RUN_HASH_EXCLUDE) | (
                                     {"pairs", "on_policy"} if run.pairs == "offline" else set()) | (
-                                    {"autocast"} if run.autocast == "auto" else set()))}
-        # (defaults added later - offline pairs, autocast "auto" - stay out: hashes stay as they were before them)
+                                    {"autocast"} if run.autocast == "auto" else set()) | (
+                                    {"trainer"} if run.trainer == "ldpipe" else set()) | (
+                                    {"lora"} if run.lora is None else set()))}
+        # (defaults added later - offline pairs, autocast "auto", trainer "ldpipe", no lora - stay out: hashes stay
+        # as they were before them)
         parent = self.parent(run)
         if parent is not None:
             body["parent"] = parent_hash or self.run_config_hash(parent)

@@ -401,6 +401,10 @@ def run_training(
         dev = distributed.rank_device(dev)
         distributed.init(dev)
     model, tokenizer = load_model_and_tokenizer(model_path, device=dev)
+    if run.lora is not None:   # an adapter on top of the start checkpoint; only its parameters train
+        from ldpipe.lora import apply_lora
+
+        model = apply_lora(model, run.lora, model_path, seed=run.seed).to(dev)
     # Dropout off, as in the reference (§5.1): eval mode disables every dropout path of HF models and
     # leaves gradients intact; it also keeps the policy's forward identical to the reference's.
     model.eval()

@@ -27,7 +27,9 @@ class Checkpoint:
 
 
 def _complete(path: Path) -> bool:
-    return (path / "config.json").is_file()
+    from ldpipe.models import is_checkpoint
+
+    return is_checkpoint(path)
 
 
 def run_checkpoints(spec: ExperimentSpec, run: RunSpec, files, *, snapshots: bool = True) -> list[Checkpoint]:

@@ -67,12 +67,12 @@ class Checkpoint:
 
 
 def run_checkpoints(spec: ExperimentSpec, run: RunSpec, files, inf: InfluenceSpec | None = None) -> list[Checkpoint]:
-    from ldpipe.models import read_metadata
+    from ldpipe.models import is_checkpoint, read_metadata
     from ldpipe.pipeline import start_point
 
     inf = inf or spec.influence
     final = files.run_dir(run) / "final"
-    meta = read_metadata(final) if (final / "config.json").is_file() else {}
+    meta = read_metadata(final) if is_checkpoint(final) else {}
     if "steps" not in meta:
         raise LdpipeError(f"run {spec.run_id(run)}: final checkpoint {final} is missing: "
                           f"materialize {spec.name}/run_{run.name} first")
@@ -83,7 +83,7 @@ def run_checkpoints(spec: ExperimentSpec, run: RunSpec, files, inf: InfluenceSpe
         snaps = []
         for d in sorted((files.run_dir(run) / "checkpoints").glob("step-*")):
             tail = d.name[len("step-"):]
-            if tail.isdigit() and (d / "config.json").is_file() and 0 < int(tail) < int(meta["steps"]):
+            if tail.isdigit() and is_checkpoint(d) and 0 < int(tail) < int(meta["steps"]):
                 snaps.append(Checkpoint(d.name, int(tail), d))
         if len(snaps) > inf.max_snapshots:  # evenly thinned, always keeping the last
             idx = np.linspace(len(snaps) - 1, 0, inf.max_snapshots).round().astype(int)
@@ -259,6 +259,16 @@ def _threads(n: int):
         torch.set_num_threads(old)
 
 
+def influence_parameters(run: RunSpec) -> str:
+    """Which parameters the eNTK of `run` is over, in words: a LoRA run's adapter only (what makes influence
+    affordable on a large model), else every weight."""
+    if run.lora is None:
+        return "all parameters"
+    lo = run.lora
+    return (f"the LoRA adapter only (r={lo.r}, alpha={lo.alpha:g}, modules "
+            f"{list(lo.target_modules) if lo.target_modules else 'peft default'})")
+
+
 class _RunContext:
     """Everything shared by a run's analyses: checkpoints, step sizes, units, observed probes, reference."""
 
@@ -284,6 +294,10 @@ class _RunContext:
 
     def load(self, ckpt: Checkpoint):
         model, tok = self._load(ckpt.path, device=self.dev)
+        if self.run.lora is not None:   # the start of a LoRA run: the adapter as training initialised it
+            from ldpipe.lora import apply_lora
+
+            model = apply_lora(model, self.run.lora, ckpt.path, seed=self.run.seed).to(self.dev)
         return model, tok
 
     def optimizer_state(self, ckpt: Checkpoint, model, log: Log, updates=None) -> tuple[dict | None, dict | None, str]:

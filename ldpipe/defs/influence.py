@@ -49,7 +49,8 @@ def influence_assets(spec: ExperimentSpec) -> list:
             total += df.height
         pipeline.refresh(files, ldpipe_home.sql_path())
         return dg.MaterializeResult(metadata={"dagster/row_count": total, "seconds_by_method": dg.MetadataValue.json(
-            timings), "runs": dg.MetadataValue.json(names), "rank": inf.rank})
+            timings), "runs": dg.MetadataValue.json(names), "rank": inf.rank,
+            "parameters": dg.MetadataValue.json({r.name: ir.influence_parameters(r) for r in runs})})
 
     checks = [dg.AssetCheckSpec("projected_agrees_with_exact", asset=k("influence_agreement"),
                                 description=f"Spearman(projected, exact) ≥ {inf.min_spearman} at every checkpoint "
