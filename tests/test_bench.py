@@ -38,6 +38,10 @@ def test_influence_bench_agreement(tmp_path):
     # exact first-order prediction vs the real step at a small lr: the linearisation is good
     assert r["spearman_exact_vs_naive"] > 0.9
     assert r["naive_s"] > 0 and r["exact_s"] > 0 and r["projected_s"] > 0
+    # the LoRA column differentiates the adapter alone: r=8 on each layer's fused qkv projection (h -> 3h)
+    h, layers = 128, 4
+    assert r["lora_parameters"] == layers * 8 * (h + 3 * h) and r["exact_lora_s"] > 0
+    assert r["lora_speedup_vs_exact"] == r["exact_s"] / r["exact_lora_s"]
 
 
 def test_tracking_bench_counts_evaluations():
