@@ -41,6 +41,7 @@ exp(logits - max) so that nothing underflows to NaN or -inf:
 from __future__ import annotations
 
 import copy
+import inspect
 import logging
 import math
 import sys
@@ -445,7 +446,17 @@ def _prompt_forward(base, encoded: Sequence[EncodedProbe], probes: list[int], de
     with attention_without_cudnn(dev):   # left padding: rows that attend to nothing
         out = base(input_ids=p_ids.to(dev), attention_mask=p_mask.to(dev), position_ids=p_pos.to(dev),
                    use_cache=True)
-    return out.past_key_values, out.last_hidden_state[:, -1], p_lens, p_mask
+    return _cache_of(out), out.last_hidden_state[:, -1], p_lens, p_mask
+
+
+def _cache_kw(base) -> str:
+    """transformers >= 5.25 names the KV-cache argument `cache` (`past_key_values` goes in 5.40); older, the latter."""
+    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+
+
+def _cache_of(out):
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else out.past_key_values
 
 
 def _select_cache(cache, saved, rows: torch.Tensor):
@@ -478,7 +489,7 @@ def _score_chunk(base, head, encoded, units, slot, cache, saved, last_hidden, p_
         mask = torch.cat([p_mask[rows], torch.ones(N, R - 1, dtype=torch.long)], dim=1)
         pos = p_lens[rows][:, None] + torch.arange(R - 1)[None, :]
         out = base(input_ids=r_ids[:, :-1].to(dev), attention_mask=mask.to(dev), position_ids=pos.to(dev),
-                   past_key_values=c, use_cache=True)
+                   use_cache=True, **{_cache_kw(base): c})
         h = torch.cat([first[:, None], out.last_hidden_state], dim=1)  # [N, R, H]; t predicts token t
         del c, out
     else:
