@@ -43,6 +43,7 @@ import torch
 import torch.nn as nn
 
 from ldpipe.errors import LdpipeError
+from ldpipe.losses import preference_coefficient
 from ldpipe.models import eval_mode
 from ldpipe.scoring import batch_logps
 
@@ -67,11 +68,12 @@ def sft_update(pair: Pair, weight: float = 1.0) -> Update:
     return Update(((pair, float(weight)),))
 
 
-def dpo_update(chosen: Pair, rejected: Pair, *, beta: float, margin: float) -> Update:
-    """Sigmoid DPO at reference-adjusted margin m: c * (g+ - g-) with c = beta*sigmoid(-beta*m)."""
+def dpo_update(chosen: Pair, rejected: Pair, *, beta: float, margin: float, label_smoothing: float = 0.0) -> Update:
+    """Sigmoid DPO (cDPO with label_smoothing) at reference-adjusted margin m: c * (g+ - g-) with
+    c = losses.preference_coefficient (beta*sigmoid(-beta*m) without smoothing)."""
     if not beta > 0:
         raise LdpipeError(f"dpo_update: beta must be > 0, got {beta}")
-    c = beta / (1.0 + float(np.exp(beta * margin)))
+    c = float(preference_coefficient(margin, beta, algo="dpo", label_smoothing=label_smoothing))
     return Update(((chosen, c), (rejected, -c)))
 
 
@@ -79,7 +81,7 @@ def ipo_update(chosen: Pair, rejected: Pair, *, beta: float, margin: float) -> U
     """IPO (m - 1/(2 beta))^2: c * (g+ - g-) with c = 1/beta - 2m (negative past the target margin)."""
     if not beta > 0:
         raise LdpipeError(f"ipo_update: beta must be > 0, got {beta}")
-    c = 1.0 / beta - 2.0 * margin
+    c = float(preference_coefficient(margin, beta, algo="ipo"))
     return Update(((chosen, c), (rejected, -c)))
 
 

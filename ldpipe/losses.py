@@ -10,6 +10,7 @@ implementation (learning-dynamics.md §5.2):
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -63,6 +64,25 @@ def ipo_loss(pol_c: torch.Tensor, pol_r: torch.Tensor, ref_c: torch.Tensor, ref_
     m = preference_margin(pol_c, pol_r, ref_c, ref_r)
     losses = (m - 1.0 / (2.0 * beta)) ** 2
     return losses.mean(), reward_stats(pol_c, pol_r, ref_c, ref_r, beta)
+
+
+def preference_coefficient(margin, beta: float, *, algo: str = "dpo", label_smoothing: float = 0.0):
+    """-dL/dm of one pair's loss at reference-adjusted margin m: the weight c of the update c * (g+ - g-).
+
+    This module's losses are the formulas' only home; the influence updates and the heat map call this.
+      DPO / cDPO (eps): b * ((1 - eps) * s(-b m) - eps * s(b m))   (eps = 0: b * s(-b m))
+      IPO:              1/b - 2 m                                   (negative past the target margin 1/(2b))
+    `margin`: a float (returns a float) or a tensor (returns a tensor)."""
+    _check_beta(beta)
+    if algo == "ipo":
+        return 1.0 / beta - 2.0 * margin
+    if algo not in ("dpo", "sft"):   # sft: what a DPO update at the run's beta would do (the heat map's DPO column)
+        raise ValueError(f"preference_coefficient: algo must be 'dpo' or 'ipo', got {algo!r}")
+    exp = torch.exp if isinstance(margin, torch.Tensor) else (lambda v: float(np.exp(v)))
+    eps = label_smoothing
+    if not eps:
+        return beta / (1 + exp(beta * margin))
+    return beta * ((1 - eps) / (1 + exp(beta * margin)) - eps / (1 + exp(-beta * margin)))
 
 
 def _check_beta(beta: float) -> None:

@@ -3,6 +3,7 @@ the catalog, then <exp>/influence_matrix, influence_agreement, akg and influence
 import dagster as dg
 import polars as pl
 import pytest
+import yaml
 
 from ldpipe.catalog import query
 from ldpipe.defs.experiments import build_defs
@@ -212,3 +213,39 @@ def test_influence_uses_saved_optimizer_state_and_falls_back(tiny_project, tmp_p
     df2, _ = ir.compute_influence(spec, run, files, log=lines.append)
     assert "exact_precond" not in set(df2.filter(pl.col("checkpoint") == "final")["method"].unique())
     assert any("final: SGD direction only" in m and STATE_FILE in m for m in lines)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("algo,smoothing", [("dpo", 0.2), ("ipo", 0.0)])
+def test_heatmap_dpo_column_uses_the_runs_own_preference_loss(tiny_project, algo, smoothing):
+    """The heat map's DPO column weighs g(y+) - g(y-) by the run's own -dL/dm: cDPO's and IPO's, not plain DPO's.
+    At the start checkpoint the policy is the reference (m = 0), so the column must equal
+    c * (chosen column - rejected column) with c = b(1 - 2 eps)/2 (cDPO) or 1/b (IPO); plain DPO's b/2 was used
+    for every algo before."""
+    from conftest import TINY_YAML, build_inputs
+
+    from ldpipe import pipeline
+    from ldpipe.analysis.influence_runs import compute_heatmap
+    from ldpipe.spec import ExperimentSpec
+
+    beta = 0.5
+    body = yaml.safe_load(TINY_YAML)
+    body["runs"].append({"name": "pref", "algo": algo, "beta": beta, "label_smoothing": smoothing,
+                         "start_from": "sft", "epochs": 1, "batch_size": 8, "lr": 1.0e-3, "eval_every": 2})
+    body["influence"] = {"checkpoints": ["start"], "heatmap_types": ["chosen", "rejected"]}
+    spec = ExperimentSpec.model_validate(body)
+    files = build_inputs(spec, tiny_project / ".ldpipe")
+    quiet = lambda msg: None  # noqa: E731
+    pipeline.build_model_probes(spec, files, device="cpu", log=quiet)
+    for run in spec.runs:
+        pipeline.train_run(spec, run, files, device="cpu", log=quiet)
+    heat = compute_heatmap(spec, spec.run("pref"), files, device="cpu", log=quiet)
+    start = heat.filter(pl.col("checkpoint") == "start")
+    col = {(t, o, s): v for t, o, s, v in start.select("trained_type", "observed_type", "scope",
+                                                       "entk_mean").iter_rows()}
+    want = beta * (1 - 2 * smoothing) / 2 if algo == "dpo" else 1 / beta
+    keys = [(o, s) for (t, o, s) in col if t == "dpo"]
+    assert keys
+    for o, s in keys:
+        expect = want * (col[("chosen", o, s)] - col[("rejected", o, s)])
+        assert col[("dpo", o, s)] == pytest.approx(expect, rel=1e-9, abs=1e-12), (o, s)

@@ -196,14 +196,13 @@ class _RunLoss:
     def updates(self, model) -> list[Update]:
         if self.run.algo == "sft":
             return [Update(((c, 1.0),)) for c, _ in self.pairs]
+        from ldpipe.losses import preference_coefficient
+
         out = []
-        b, eps = self.run.beta, self.run.label_smoothing
         for (c, r), m in zip(self.pairs, self._margins(model)):
-            if self.run.algo == "ipo":
-                k = 1.0 / b - 2.0 * m
-            else:  # -dL/dm of -(1-eps) log s(bm) - eps log s(-bm)
-                k = b * ((1 - eps) / (1 + np.exp(b * m)) - eps / (1 + np.exp(-b * m)))
-            out.append(Update(((c, float(k)), (r, -float(k)))))
+            k = float(preference_coefficient(m, self.run.beta, algo=self.run.algo,
+                                             label_smoothing=self.run.label_smoothing))
+            out.append(Update(((c, k), (r, -k))))
         return out
 
     def loss_fn(self, i: int):
@@ -498,6 +497,7 @@ def compute_heatmap(spec: ExperimentSpec, run: RunSpec, files, *, device: str = 
 
 
 def _compute_heatmap(spec, run, files, *, device, log):
+    from ldpipe.losses import preference_coefficient
     from ldpipe.scoring import batch_logps
 
     ctx = _RunContext(spec, run, files, device)
@@ -534,7 +534,8 @@ def _compute_heatmap(spec, run, files, *, device, log):
                 with torch.no_grad():
                     ref = torch.stack([batch_logps(ref_model, [c, r])[0] for c, r in cr]).double()
             margin = (pol[:, 0] - ref[:, 0]) - (pol[:, 1] - ref[:, 1])
-            coef = run.beta / (1 + torch.exp(run.beta * margin))
+            # the run's own preference loss (cDPO, IPO); an SFT run's column shows what a DPO step would do
+            coef = preference_coefficient(margin, run.beta, algo=run.algo, label_smoothing=run.label_smoothing)
             for k, e in enumerate(prompts):
                 dirs[(e, "dpo")] = coef[k] * (gram[idx[(e, "chosen")]] - gram[idx[(e, "rejected")]])
         eta = ctx.lr_eff[ckpt.step]
