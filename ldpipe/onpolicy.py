@@ -294,7 +294,7 @@ def make_onpolicy_objective(run: RunSpec, tokenizer, examples: Sequence[tuple[st
     if settings.scorer.kind == "judge" and cache_path is None:
         from ldpipe.paths import Paths
 
-        cache_path = Paths.default().home / "llm_cache.sqlite"
+        cache_path = Paths.default().llm_cache   # a caller with its own home passes its cache (train_run does)
     if max_response_tokens <= settings.max_new_tokens:
         # the scored text must be the trained text: a sample cut by max_response_tokens would be a different reply
         raise ValueError(f"run {run.name!r}: on_policy.max_new_tokens ({settings.max_new_tokens}) must be below "

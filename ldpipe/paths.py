@@ -52,6 +52,10 @@ class Paths:
         return self.home / "store"
 
     @property
+    def llm_cache(self) -> Path:      # SQLite cache of LLM calls (probe types, judges): one per home
+        return self.home / "llm_cache.sqlite"
+
+    @property
     def catalog(self) -> Path:        # DuckDB file with views over the shards and sql/*.sql
         return self.home / "catalog.duckdb"
 

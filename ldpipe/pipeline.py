@@ -384,7 +384,7 @@ def _add_llm_types(sources: pl.DataFrame, llm, types: list[str], files: Experime
     cfg = LLMConfig(base_url=llm.base_url, model=llm.model, api_key_env=llm.api_key_env,
                     concurrency=llm.concurrency, temperature=llm.temperature, top_p=llm.top_p,
                     max_tokens=llm.max_tokens, timeout_s=llm.timeout_s, max_attempts=llm.max_attempts,
-                    use_batch_api=llm.use_batch_api, cache_path=files.paths.home / "llm_cache.sqlite")
+                    use_batch_api=llm.use_batch_api, cache_path=files.paths.llm_cache)
     with LLMClient(cfg) as client:
         rows, report = build_llm_types(sources, client, types=tuple(types))
         stats = client.stats.as_dict()
@@ -718,9 +718,13 @@ def train_run(spec: ExperimentSpec, run: RunSpec, files: ExperimentFiles, *, sto
         from ldpipe.trl_run import run_trl as train_fn
         tracked = probes
     else:
+        import functools
+
         tok = load_tokenizer(start.path)
-        train_fn, tracked = run_training, encode_probes(tok, probes, max_prompt_tokens=spec.probes.max_prompt_tokens,
-                                                        max_response_tokens=spec.probes.max_response_tokens)
+        # an on-policy judge caches in this run's home, not in whatever LDPIPE_HOME says
+        train_fn = functools.partial(run_training, llm_cache=files.paths.llm_cache)
+        tracked = encode_probes(tok, probes, max_prompt_tokens=spec.probes.max_prompt_tokens,
+                                max_response_tokens=spec.probes.max_response_tokens)
     result = train_fn(run, run_id=spec.run_id(run), config_hash=config_hash, model_path=start.path,
                           examples=examples, probes=tracked, store=Store(store_root or files.paths.store),
                           out_dir=files.run_dir(run), max_prompt_tokens=spec.probes.max_prompt_tokens,

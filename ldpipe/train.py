@@ -189,13 +189,14 @@ class PreferenceObjective:
 
 
 def make_objective(run: RunSpec, tokenizer, examples: Sequence[tuple[str, ...]], *, max_prompt_tokens: int,
-                   max_response_tokens: int) -> SftObjective | PreferenceObjective:
-    """SFT takes (prompt, response) examples, DPO/IPO (prompt, chosen, rejected)."""
+                   max_response_tokens: int, llm_cache: Path | None = None) -> SftObjective | PreferenceObjective:
+    """SFT takes (prompt, response) examples, DPO/IPO (prompt, chosen, rejected). `llm_cache`: where an on-policy
+    judge caches its verdicts (the run's ldpipe home)."""
     if run.pairs == "on_policy":   # only the prompts are used: pairs are sampled from the policy every step
         from ldpipe.onpolicy import make_onpolicy_objective
 
         return make_onpolicy_objective(run, tokenizer, examples, max_prompt_tokens=max_prompt_tokens,
-                                       max_response_tokens=max_response_tokens)
+                                       max_response_tokens=max_response_tokens, cache_path=llm_cache)
     width = 2 if run.algo == "sft" else 3
     bad = next((i for i, e in enumerate(examples) if len(e) != width), None)
     if bad is not None:
@@ -376,6 +377,7 @@ def run_training(
     device: str = "auto",
     step_offset: int = 0,
     checkpoint_metadata: dict | None = None,
+    llm_cache: Path | None = None,
     log: Log = print,
 ) -> TrainResult:
     """Train the checkpoint at `model_path` with `run.algo`, tracking `probes` in `store`.
@@ -409,7 +411,7 @@ def run_training(
     # leaves gradients intact; it also keeps the policy's forward identical to the reference's.
     model.eval()
     objective = make_objective(run, tokenizer, examples, max_prompt_tokens=max_prompt_tokens,
-                               max_response_tokens=max_response_tokens)
+                               max_response_tokens=max_response_tokens, llm_cache=llm_cache)
     steps_per_epoch = math.ceil(objective.n / run.batch_size)
     total_steps = max(1, round(run.epochs * steps_per_epoch))
     checkpoint_every = run.eval_every if run.checkpoint_every is None else run.checkpoint_every

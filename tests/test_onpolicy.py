@@ -128,10 +128,13 @@ def test_all_tied_batches_are_skipped_and_counted(world):
     assert metrics["rewards_margin"].null_count() == info["steps"]
 
 
-def test_judge_scored_run_against_local_server(world, monkeypatch):
-    """A pointwise judge ranks by reply length (the fake server's rule); a verdict it cannot parse is counted."""
+def test_judge_scored_run_against_local_server(world, monkeypatch, tmp_path):
+    """A pointwise judge ranks by reply length (the fake server's rule); a verdict it cannot parse is counted.
+    Its cache lives in the home the run was given, whatever LDPIPE_HOME says (it followed LDPIPE_HOME before)."""
     spec, files, _ = world
-    monkeypatch.setenv("LDPIPE_HOME", str(files.paths.home))   # the judge's cache lives in the ldpipe home
+    elsewhere = tmp_path / "env_home"
+    monkeypatch.setenv("LDPIPE_HOME", str(elsewhere))
+    files.paths.llm_cache.unlink(missing_ok=True)
     with FakeOpenAI() as srv:
         srv.decorate = _length_judge
         scorer = {"kind": "judge", "model": "judge-model", "base_url": srv.base_url, "max_attempts": 2,
@@ -139,6 +142,7 @@ def test_judge_scored_run_against_local_server(world, monkeypatch):
         info, obj, metrics = _train(spec, files, "op", {"on_policy": spec.run("op").on_policy.model_copy(
             update={"scorer": spec.run("op").on_policy.scorer.model_validate(scorer)})})
         assert srv.n_chat == obj.scorer.requests == 12 * 3
+    assert files.paths.llm_cache.is_file() and not (elsewhere / "llm_cache.sqlite").exists()
     pairs = obj.pairs_frame().filter(~pl.col("tied"))
     assert pairs.height > 0
     for c, r, cs, rs in pairs.select("chosen", "rejected", "chosen_score", "rejected_score").iter_rows():

@@ -129,7 +129,7 @@ def run_win_rate(spec, files, store, *, device: str = "auto", log: Log = print,
     j = wr.judge
     llm_cfg = LLMConfig(base_url=j.base_url, model=j.model, api_key_env=j.api_key_env, concurrency=j.concurrency,
                         temperature=j.temperature, max_tokens=j.max_tokens, timeout_s=j.timeout_s,
-                        max_attempts=j.max_attempts, cache_path=files.paths.home / "llm_cache.sqlite")
+                        max_attempts=j.max_attempts, cache_path=files.paths.llm_cache)
     summaries = []
     with LLMClient(llm_cfg, environ=environ) as client:
         for a, b in wr.pairs:
