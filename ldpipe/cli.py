@@ -137,20 +137,36 @@ def _cmd_ui(args: argparse.Namespace) -> int:
         except Exception as e:  # noqa: BLE001 (the UI must start even if the history cannot be read)
             print(f"ldpipe ui: could not check the run history for dead runs: {e}", file=sys.stderr)
     print(f"DAGSTER_HOME={home}; UI on http://{args.host}:{args.port}", flush=True)
-    os.chdir(project_dir())
-    # dg is installed next to this interpreter; the venv need not be activated
-    dg_bin = Path(sys.executable).parent / "dg"
-    if not dg_bin.exists():
-        import shutil
-
-        found = shutil.which("dg")
-        if not found:
-            raise LdpipeError("the `dg` command (dagster-dg-cli) is not installed; run `pip install -e .`")
-        dg_bin = Path(found)
-    os.environ["PATH"] = f"{dg_bin.parent}{os.pathsep}{os.environ.get('PATH', '')}"
-    cmd = [str(dg_bin), "dev", "-h", args.host, "-p", str(args.port)]
+    proj = project_dir()
+    os.chdir(proj)
+    if _is_dg_project(proj):
+        cmd = [str(_tool("dg", "dagster-dg-cli")), "dev", "-h", args.host, "-p", str(args.port)]
+    else:   # a user's own project (assets/ only): ldpipe's code location, reading this project's declarations
+        os.environ["LDPIPE_PROJECT_DIR"] = str(proj)
+        cmd = [str(_tool("dagster", "dagster")), "dev", "-m", "ldpipe.definitions", "-h", args.host,
+               "-p", str(args.port)]
+    os.environ["PATH"] = f"{Path(cmd[0]).parent}{os.pathsep}{os.environ.get('PATH', '')}"
     os.execv(cmd[0], cmd)
     return 0  # not reached
+
+
+def _is_dg_project(proj: Path) -> bool:
+    """Whether `dg dev` can run in `proj` (a dg.toml, or a pyproject.toml with a [tool.dg] table: ldpipe's own)."""
+    pyproject = proj / "pyproject.toml"
+    return (proj / "dg.toml").is_file() or (pyproject.is_file() and "[tool.dg]" in pyproject.read_text())
+
+
+def _tool(name: str, package: str) -> Path:
+    """A command installed next to this interpreter (the venv need not be activated), else on PATH."""
+    found = Path(sys.executable).parent / name
+    if found.exists():
+        return found
+    import shutil
+
+    on_path = shutil.which(name)
+    if not on_path:
+        raise LdpipeError(f"the `{name}` command ({package}) is not installed; run `pip install -e .` in ldpipe")
+    return Path(on_path)
 
 
 def _cmd_check(args: argparse.Namespace) -> int:

@@ -122,3 +122,43 @@ def test_dg_dev_graph_and_launch(tiny_project, tmp_path):
             break
         time.sleep(0.5)
     assert not _port_open(port), "the webserver outlived dg dev"
+
+
+@pytest.mark.ui
+@pytest.mark.slow
+def test_ldpipe_ui_in_a_users_own_project(tmp_path):
+    """`ldpipe ui` where the project is only assets/ and a data file (no pyproject, no dg.toml): the UI comes up
+    with that project's asset graph (through `dagster dev -m ldpipe.definitions`)."""
+    proj = tmp_path / "mine"
+    (proj / "assets").mkdir(parents=True)
+    shutil.copy(REPO / "examples" / "own_data" / "qa.jsonl", proj / "qa.jsonl")
+    shutil.copy(REPO / "examples" / "own_data" / "assets" / "own_qa.yaml", proj / "assets" / "own_qa.yaml")
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LDPIPE_", "DAGSTER_"))}
+    log, pidfile = tmp_path / "ui.log", tmp_path / "ui.pid"
+    script = f"set -m; '{BIN / 'ldpipe'}' ui --port {port} > '{log}' 2>&1 & echo $! > '{pidfile}'; wait"
+    wrapper = subprocess.Popen(["bash", "-c", script], cwd=proj, env=env)
+    pid = None
+    try:
+        deadline, nodes = time.time() + 180, None
+        while time.time() < deadline and not nodes:
+            if pid is None and pidfile.exists() and pidfile.read_text().strip():
+                pid = int(pidfile.read_text())
+            try:
+                nodes = _gql(port, ASSET_NODES)["assetNodes"]
+            except (OSError, AssertionError):
+                assert wrapper.poll() is None, f"ldpipe ui exited early:\n{log.read_text()[-3000:]}"
+                time.sleep(1)
+        assert nodes, f"UI did not come up:\n{log.read_text()[-3000:]}"
+        keys = {"/".join(n["assetKey"]["path"]) for n in nodes}
+        assert {"own_qa/dataset", "own_qa/base_model", "own_qa/run_sft", "own_qa/run_dpo"} <= keys
+        assert not any(k.startswith("default/") for k in keys)    # the project's declarations, not ldpipe's
+        assert (proj / ".dagster_home" / "dagster.yaml").exists()
+    finally:
+        if pid is None and pidfile.exists() and pidfile.read_text().strip():
+            pid = int(pidfile.read_text())
+        if pid is not None:
+            stop_process_group(pid, "ldpipe ui", grace_s=60, reap=wrapper)
+        else:
+            wrapper.kill()
+            wrapper.wait(timeout=30)
