@@ -1,7 +1,7 @@
 """The DuckDB catalog: views over the Parquet store and one view per sql/*.sql file.
 
 DuckDB lets one read-write process OR many read-only processes open a file, never both
-(dagster-notes.md §5.1). So the refresh, the only writer, never opens the live catalog:
+(DuckDB allows one writing process per database file). So the refresh, the only writer, never opens the live catalog:
 it builds a new file at a temp path and `os.replace`s it over the old one. Readers that
 hold the old file keep their (old) views; the next connection sees the new ones. Caveat:
 within ONE process DuckDB reuses an open database instance for the same path, so a

@@ -1,6 +1,6 @@
 """Cross-example influence: how one update on training example i moves log pi(y_j|x_j) of probe j.
 
-Unit (influence-notes R5): the per-sequence gradient g(x, y) = grad_theta log pi(y|x), the
+Unit (docs/glossary.md#entk): the per-sequence gradient g(x, y) = grad_theta log pi(y|x), the
 log-prob SUMMED over response tokens exactly as `scoring.batch_logps` computes it for
 training. One gradient store then serves every loss, because each loss's per-example
 gradient is a weighted sum of such g's:
@@ -15,10 +15,10 @@ A plain SGD step theta' = theta + eta * d_i changes a probe's log-prob by, to fi
     Delta log pi(y_j|x_j) ~= eta * (d_i . g_j)          (the "eNTK" entry K[i, j])
 
 For Adam/RMSprop the step is eta * clip * (P * d_i) with P ~ 1/(sqrt(v) + eps) per parameter
-(R6; ldpipe.optim_state.preconditioner builds P from a checkpoint's saved optimizer state); `precond` and `clip_factor` apply that on the training side only. Losses that are batch
+(docs/glossary.md#entk; ldpipe.optim_state.preconditioner builds P from a checkpoint's saved optimizer state); `precond` and `clip_factor` apply that on the training side only. Losses that are batch
 MEANS scale each example by 1/B: pass lr/B (or a weight) for a per-example prediction.
 
-Three ways to get K (R2, R3, R9):
+Three ways to get K (docs/glossary.md#entk):
 - exact_entk: flattened per-sequence gradients, training directions resident, probes in blocks;
 - projected_entk: LoGra-style factored random projection inside the backward, never a dense
   JL of the full gradient; covers every nn.Linear and nn.Embedding weight (and Linear biases);
@@ -528,7 +528,7 @@ def projected_entk(model: nn.Module, train_pairs: Sequence[Union[Pair, Update]],
     sum_t (P_row u_t)(P_col v_t)^T, P Gaussian / sqrt(rank); a side with dim <= rank is kept
     exact (identity), so a rank >= every dimension reproduces exact_entk on the covered
     parameters. The inner product is unbiased for the true one. Only the factors are ever
-    projected: no per-example gradient is materialised and no dense JL is used (R3).
+    projected: no per-example gradient is materialised and no dense JL is used (it would cost many backward passes).
     Covered: Linear weights and biases, Embedding weights; skipped: everything else
     (LayerNorm), see `projection_coverage`. A preconditioner is applied on the training side
     as an Adafactor-style rank-1 factorisation of v per matrix (exact for biases, and for
@@ -610,7 +610,7 @@ def _jacobian(z: torch.Tensor, tensors: list[torch.Tensor]) -> torch.Tensor:
 
 def akg_decomposition(model: nn.Module, update: Union[Pair, Update], observed: Pair, *, position: int,
                       lr: float = 1.0, full_k: bool = False, params: Sequence[str] | None = None) -> dict:
-    """The paper's one-step decomposition at one observed position (learning-dynamics.md §0):
+    """The paper's one-step decomposition at one observed position (docs/glossary.md#akg):
 
         Delta log pi(. | x_o, y_o[:t]) = -lr * A · sum_k sum_l K_k[l] G_k[l]  + O(lr^2)
 

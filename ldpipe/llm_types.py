@@ -1,6 +1,6 @@
 """The LLM-made probe types: y_gpts+/-, y_gptf+/- (rephrases of y+/y-) and y_hum (a length-matched random sentence).
 
-Prompts and sampling defaults are the reference's (learning-dynamics.md §3: system "You are a helpful assistant.",
+Prompts and sampling defaults are the reference implementation's (docs/glossary.md: system "You are a helpful assistant.",
 temperature 0.7, top_p 1). Two of its defects are fixed here:
 - chatty preambles ("Sure! Here is a random sentence with 12 words:", "Output:", wrapping quotes) are stripped and
   counted per type (the reference kept them in 38% of y_hum rows);

@@ -1,7 +1,7 @@
 """Training losses on per-sequence SUMMED log-probabilities (tensors of shape [B]).
 
 Conventions follow the paper's code, which derives from the DPO reference
-implementation (learning-dynamics.md §5.2):
+implementation (docs/glossary.md#metrics):
 - log pi(y|x) is summed over response tokens, never length-normalised. This holds
   for IPO too (TRL's IPO averages over tokens; the DPO codebase and this module do not).
 - The preference "logit" is the reference-adjusted margin

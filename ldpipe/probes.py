@@ -5,10 +5,10 @@ seeded generator (`random.Random(f"{seed}:{type}")`), so adding or dropping a ty
 the others. Types that need something not given (rephrases, a tokenizer, a model, a test split) are skipped and
 reported in `ProbeBuild.skipped` rather than silently missing.
 
-Differences from the reference implementation (learning-dynamics.md §3), on purpose:
+Differences from the reference implementation (docs/glossary.md#departures), on purpose:
 - irr_test comes from the held-out "test" split (the reference drew it from the probe's own split);
 - generated texts (irr_hum, random_permute, random_nonhum) keep y+'s leading whitespace, so the first token is
-  tokenized as in y+ (the reference's missing space biased the first token, tiny-model-notes §5.4);
+  tokenized as in y+ (the reference's missing space biased the first token);
 - every draw is seeded (the reference never seeded `random`).
 """
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 All tables are long and use named columns (never positional arrays): the
 reference implementation's positional npy rows changed layout four times and
-broke its own notebooks (learning-dynamics.md §6).
+broke its own notebooks (the reference implementation renamed saved columns between versions).
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Probe log-probabilities: a fast exact scorer, the naive reference, and the training helper.
 
-Conventions follow the paper's code (learning-dynamics.md §4, §7): prompt and
+Conventions follow the paper's code (docs/glossary.md#metrics): prompt and
 response are tokenized separately without special tokens, EOS is appended to
 the response, and log pi(y|x) is the fp32 log-softmax SUMMED over the response
 tokens (EOS included, prompt excluded).
@@ -27,7 +27,7 @@ running over a row-selected copy of the group's prompt cache. If a forward
 runs out of memory, the batch budget is halved and the unfinished responses
 are retried, down to one response per forward.
 
-Per-sequence metrics (learning-dynamics.md §7, over response positions l,
+Per-sequence metrics (docs/glossary.md#metrics, over response positions l,
 pi_l = softmax at l, y_l = label, V = vocabulary size), all computed from
 exp(logits - max) so that nothing underflows to NaN or -inf:
   A_o            sqrt(V * (mean_l ||pi_l||_2)^2 + V - 2), the reference's ||A_o||_F

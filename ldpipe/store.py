@@ -2,7 +2,7 @@
 
 Every writer puts whole files under `root/<table>/<k>=<v>/.../<name>.parquet` and never
 edits one in place, so any number of processes may write at once (DuckDB would allow
-only one writer per database file, dagster-notes.md §5.1). A shard is written to a
+only one writing process per database file). A shard is written to a
 temp name in the same directory and `os.replace`d into place, so a reader (or a crash)
 never sees half a file, and rewriting the same name replaces it: a resumed run that
 redoes step N leaves exactly one copy of that step's rows.

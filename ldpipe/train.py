@@ -5,7 +5,7 @@ probe set is scored and written to the store as one shard; every optimizer step
 adds one train_metrics row. Shards are named by step, so a rerun rewrites the
 same files: each (run, step, example, response_type) row exists exactly once.
 
-DPO/IPO follow the paper's code (learning-dynamics.md §5.2): the reference is the
+DPO/IPO follow the paper's code (docs/glossary.md): the reference is the
 starting model, chosen and rejected run in one forward (2B sequences), and the
 reference log-probs are computed once before training, in the very batches of the
 first epoch, so the step-1 rewards (taken before the first update) are exactly 0.
@@ -407,7 +407,7 @@ def run_training(
         from ldpipe.lora import apply_lora
 
         model = apply_lora(model, run.lora, model_path, seed=run.seed).to(dev)
-    # Dropout off, as in the reference (§5.1): eval mode disables every dropout path of HF models and
+    # Dropout off, as in the reference implementation: eval mode disables every dropout path of HF models and
     # leaves gradients intact; it also keeps the policy's forward identical to the reference's.
     model.eval()
     objective = make_objective(run, tokenizer, examples, max_prompt_tokens=max_prompt_tokens,

@@ -99,7 +99,7 @@ def _pipes_metadata(meta: dict) -> dict:
 
 def _install_stop_handlers() -> None:
     # Installed explicitly: a process started from a background shell job inherits SIGINT ignored
-    # (dagster-notes.md §8), and Python's default SIGTERM would skip every cleanup.
+    # (Dagster Pipes forwards only SIGINT to its subprocess), and Python's default SIGTERM would skip every cleanup.
     def stop(signum, _frame):
         raise Stopped(f"worker stopped by {signal.Signals(signum).name}")
 

@@ -25,7 +25,7 @@ from fake_openai import Fault, FakeOpenAI  # tests/ is on sys.path (pytest's def
 SECRET = "sk-test-SECRET-0123456789abcdef"
 KEY_ENV = "LDPIPE_TEST_LLM_KEY"
 MODEL = "fake-model"
-# The reference's prompts, typed out here from the primer (§3) rather than imported, so a drift is caught.
+# The reference's prompts, typed out here (docs/glossary.md) rather than imported, so a drift is caught.
 SEMANTIC = ("Given the reference sentence, please generate an output sentence. Please use different words as much as "
             "possible while keeping the meaning of the reference sentence unchanged. Please only return the output "
             "sentence.\n\nReference sentence: {}\n\nOutput: ")

@@ -216,7 +216,7 @@ def test_bounds_and_bad_input(model, tokenizer, probes):
 # --------------------------------------------------------------------------- per-sequence metrics
 
 def _brute_metrics(logit_rows: list[list[float]], labels: list[int]) -> dict[str, float]:
-    """The §7 formulas by brute force in Python float64, straight from the definitions."""
+    """The metric formulas (docs/glossary.md#metrics) by brute force in Python float64, straight from the definitions."""
     V = len(logit_rows[0])
     norms, pes, energies, except_, match = [], [], [], 0.0, 0
     for row, y in zip(logit_rows, labels):

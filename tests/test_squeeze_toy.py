@@ -1,4 +1,4 @@
-"""The paper's squeezing toy (one softmax step): the claims of learning-dynamics.md §9 and the analytic logit change."""
+"""The paper's squeezing toy (one softmax step): the claims of docs/glossary.md#squeezing and the analytic logit change."""
 from __future__ import annotations
 
 import numpy as np
@@ -46,7 +46,7 @@ def test_logit_change_follows_pi_for_a_negative_gradient(kind):
 
 
 def test_panel_d_equal_steps_cancel_the_pi_terms():
-    """D (§9 table): eta_minus == eta_plus on one x, so only z_25 rises and z_42 falls, by eta ||x||^2."""
+    """D (the toy's setting D): eta_minus == eta_plus on one x, so only z_25 rises and z_42 falls, by eta ||x||^2."""
     r = run_panel("D")
     dz = r["z1"] - r["z0"]
     scale = r["eta_plus"] * r["x_norm_sq"]

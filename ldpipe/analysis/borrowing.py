@@ -1,4 +1,4 @@
-"""Hallucination "borrowing" in generations (learning-dynamics.md §8E): does the model answer prompt u with
+"""Hallucination "borrowing" in generations (docs/glossary.md#borrowing): does the model answer prompt u with
 material from OTHER prompts' training answers?
 
 The probability side is the view sql/borrowing.sql (y_{j≠u} = irr_train rising with y+ during SFT). Here, per

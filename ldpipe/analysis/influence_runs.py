@@ -5,11 +5,11 @@ The math lives in `ldpipe.influence`; this module maps a run onto it:
   <run_dir>/checkpoints/step-XXXXXXX (evenly thinned to `max_snapshots`), and <run_dir>/final;
 - updates: the run's loss at the checkpoint as coefficients on per-sequence gradients
   (SFT: 1 * g; DPO: beta*sigma(-beta*m) on g+ and -g-, m against the run's reference = its start
-  checkpoint; cDPO/IPO likewise), the influence-notes R5 unit;
+  checkpoint; cDPO/IPO likewise), the per-sequence unit of docs/glossary.md#entk;
 - step size: lr_eff = lr_t * clip_t / batch_size, read from the run's train_metrics (the step that
   follows the checkpoint, or the last step for the final one): a batch-mean loss gives one example
   1/B of the step, and the recorded clip factor scales all of it.
-- Adam/RMSprop (R6): `exact` / `projected` are the SGD direction. Where the checkpoint holds the run's
+- Adam/RMSprop (docs/glossary.md#entk): `exact` / `projected` are the SGD direction. Where the checkpoint holds the run's
   optimizer state (<ckpt>/optimizer_state.pt, written by train.py with snapshots and the final model),
   `exact_precond` / `projected_precond` apply the preconditioner P of ldpipe.optim_state.preconditioner:
   the first-order effect of one example's gradient on the NEXT update (Adam: (1-b1)/(1-b1^(t+1)) /
@@ -412,7 +412,7 @@ def agreement_table(influence: pl.DataFrame) -> pl.DataFrame:
     """INFLUENCE_AGREEMENT_SCHEMA: each estimate against its reference on the entries both have, per checkpoint.
 
     projected, naive vs exact; projected_precond vs exact_precond (projection + rank-1 preconditioner);
-    exact (SGD) and exact_precond vs naive_optimizer (the real loaded-optimizer step): before/after R6.
+    exact (SGD) and exact_precond vs naive_optimizer (the real loaded-optimizer step): without and with the preconditioner.
     """
     out = []
     for est, ref in AGREEMENT_PAIRS:

@@ -1,4 +1,4 @@
-"""The squeezing toy of the paper (learning-dynamics.md §9): one gradient step on a softmax
+"""The squeezing toy of the paper (docs/glossary.md#squeezing): one gradient step on a softmax
 (multi-class logistic regression) head, z = x^T W, pi = softmax(z).
 
 The step is W1 = W0 + eta_minus * outer(pi - e_minus, x)^T - eta_plus * outer(pi - e_plus, x)^T:
@@ -22,7 +22,7 @@ I = 4   # input dimension
 _PEAK_CLASSES = list(range(5, 13))  # multi-hot target of the one-step "peaky" initialisation
 
 # panel -> (initial W, pushed-down class, eta_minus, pushed-up class, eta_plus).
-# D is the table of §9 (the notebook's later version). With eta_minus == eta_plus on the same x the
+# D is the toy's setting D (the reference notebook's later version). With eta_minus == eta_plus on the same x the
 # pi terms of the two gradients cancel, Delta z = eta ||x||^2 (e_25 - e_42), so D shows the positive
 # push alone and y* does not gain. D0 is the notebook's earlier D (negative gradient only), the
 # panel that shows squeezing from a valley.

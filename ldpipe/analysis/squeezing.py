@@ -1,4 +1,4 @@
-"""Squeezing statistics at a run's checkpoints (learning-dynamics.md §2, §8F).
+"""Squeezing statistics at a run's checkpoints (docs/glossary.md#squeezing).
 
 The view sql/squeezing.sql follows log π(y*) against log π(y+) over training from the trajectories. This module
 adds what needs the model itself, per checkpoint (start, snapshots, final; see analysis/checkpoints.py):

@@ -1,5 +1,5 @@
 """Win rate of one checkpoint's generations over another's, judged by an OpenAI-compatible LLM
-(learning-dynamics.md §10), with the reference's blind spots fixed:
+(docs/glossary.md#win-rate), with the reference's blind spots fixed:
 
 - every prompt is judged twice, once with a's response as "Response A" (order a_first) and once with b's
   (b_first), so a judge that prefers a position gains neither model anything;
@@ -22,7 +22,7 @@ from ldpipe.schema import WIN_RATE_JUDGMENT_SCHEMA
 
 Log = Callable[[str], None]
 
-# The reference prompt (learning-dynamics.md §10) with a tie option.
+# The reference prompt (docs/glossary.md#win-rate) with a tie option.
 JUDGE_PROMPT = (
     "Given the history of multi-round chat, which response is more helpful?\n\nHistory:\n{prompt}\n\n"
     "Response A: {first}\n\nResponse B: {second}\n\n"

@@ -114,7 +114,7 @@ def generation_assets(spec: ExperimentSpec) -> list:
                                              description="Measured: after one negative-gradient step on a valley "
                                                          "class of a peaky softmax (panel D0), does only the "
                                                          "argmax y* gain probability?")],
-              description="The paper's squeezing toy (one softmax step, learning-dynamics.md §9): π before vs after "
+              description="The paper's squeezing toy (one softmax step, docs/glossary.md#squeezing): π before vs after "
                           "per panel; panel D0 is the negative gradient on a valley class.")
     def squeeze_toy(context: dg.AssetExecutionContext, ldpipe_home: LdpipeHome) -> dg.MaterializeResult:
         from ldpipe.analysis.squeeze_toy import PANELS, plot_panel, run_panel, summary_row
