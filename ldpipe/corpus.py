@@ -12,7 +12,6 @@ The base model must know the language of the data but not the answers it is late
 """
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,14 +40,10 @@ def resolve(path: str) -> Path:
 
 def file_digest(path: str) -> str:
     """The declared path and a content hash (part of the base model's config hash); 'missing' if absent."""
+    from ldpipe.hashing import file_hash
+
     p = resolve(path)
-    if not p.is_file():
-        return f"{path}:missing"
-    h = hashlib.sha256()
-    with p.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return f"{path}:{h.hexdigest()[:16]}"
+    return f"{path}:{file_hash(p)}" if p.is_file() else f"{path}:missing"
 
 
 def read_corpus_file(path: str | Path, *, max_rows: int | None = None) -> list[str]:

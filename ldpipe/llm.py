@@ -73,6 +73,15 @@ class LLMConfig:
     batch_poll_s: float = 30.0
     batch_max_wait_s: float = 26 * 3600.0  # polling gives up after this; a rerun resumes the same batch
 
+    @classmethod
+    def from_spec(cls, spec, *, cache_path: Path | None, **extra) -> "LLMConfig":
+        """The client config of a declared endpoint (spec.LLMSpec, JudgeSpec or ScorerSpec): the fields they share
+        with this config, copied; `extra` sets the rest (e.g. a judge's system message)."""
+        import dataclasses
+
+        shared = {f.name: getattr(spec, f.name) for f in dataclasses.fields(cls) if hasattr(spec, f.name)}
+        return cls(**{**shared, "cache_path": cache_path, **extra})
+
     def validate(self) -> None:
         for name in ("concurrency", "max_attempts", "max_tokens"):
             if getattr(self, name) < 1:

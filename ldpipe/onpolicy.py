@@ -137,10 +137,7 @@ def make_scorer(spec: ScorerSpec, context: RewardContext, *, cache_path=None,
         return RewardScorer(make_reward(spec.name, context))
     from ldpipe.llm import LLMConfig
 
-    cfg = LLMConfig(base_url=spec.base_url, model=spec.model, api_key_env=spec.api_key_env,
-                    concurrency=spec.concurrency, temperature=spec.temperature, max_tokens=spec.max_tokens,
-                    timeout_s=spec.timeout_s, max_attempts=spec.max_attempts, cache_path=cache_path,
-                    system_message="You are a careful, impartial judge.")
+    cfg = LLMConfig.from_spec(spec, cache_path=cache_path, system_message="You are a careful, impartial judge.")
     return JudgeScorer(cfg, mode=spec.mode, criteria=spec.criteria, environ=environ)
 
 

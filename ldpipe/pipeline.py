@@ -381,10 +381,7 @@ def _add_llm_types(sources: pl.DataFrame, llm, types: list[str], files: Experime
     from ldpipe.llm import LLMClient, LLMConfig
     from ldpipe.llm_types import build_llm_types
 
-    cfg = LLMConfig(base_url=llm.base_url, model=llm.model, api_key_env=llm.api_key_env,
-                    concurrency=llm.concurrency, temperature=llm.temperature, top_p=llm.top_p,
-                    max_tokens=llm.max_tokens, timeout_s=llm.timeout_s, max_attempts=llm.max_attempts,
-                    use_batch_api=llm.use_batch_api, cache_path=files.paths.llm_cache)
+    cfg = LLMConfig.from_spec(llm, cache_path=files.paths.llm_cache)
     with LLMClient(cfg) as client:
         rows, report = build_llm_types(sources, client, types=tuple(types))
         stats = client.stats.as_dict()

@@ -13,7 +13,6 @@ Differences from the reference implementation (docs/glossary.md#departures), on 
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import random
@@ -348,23 +347,7 @@ def build_custom_type(ct: Any, pool: Mapping[str, pl.DataFrame], *, seed: int) -
 
 # ----------------------------------------------------------------------------- per-type cache
 
-def content_hash(obj: Any) -> str:
-    """sha256 of a canonical JSON rendering (dicts sorted); 16 hex digits."""
-    blob = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-def file_hash(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()[:16]
-
-
-def frame_hash(df: pl.DataFrame) -> str:
-    """Content hash of a frame's rows (order-sensitive), independent of how Parquet encodes them."""
-    return content_hash([df.columns, df.rows()])
+from ldpipe.hashing import content_hash, file_hash, frame_hash  # noqa: E402  (re-exported: the cache keys' hashes)
 
 
 class TypeCache:

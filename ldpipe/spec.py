@@ -5,8 +5,6 @@ naming the file and the key path instead of a silently ignored setting.
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -573,14 +571,7 @@ class ExperimentSpec(_Strict):
                                     "train_rows": 0 if not caps else None if None in caps else max(caps)}}
 
 
-def config_hash(obj: Any) -> str:
-    def default(o: Any) -> Any:
-        if isinstance(o, BaseModel):
-            return o.model_dump(mode="json")
-        raise TypeError(type(o))
-
-    blob = json.dumps(obj, default=default, sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+from ldpipe.hashing import config_hash  # noqa: E402,F401  (re-exported: `from ldpipe.spec import config_hash`)
 
 
 def _format_errors(err: ValidationError) -> str:

@@ -127,9 +127,7 @@ def run_win_rate(spec, files, store, *, device: str = "auto", log: Log = print,
         model, tok = load_model_and_tokenizer(ck.path, device=dev, local_files_only=not spec.model.allow_download)
         gens[ref] = generate(model, tok, prompts["prompt"].to_list(), cfg, device=dev)
     j = wr.judge
-    llm_cfg = LLMConfig(base_url=j.base_url, model=j.model, api_key_env=j.api_key_env, concurrency=j.concurrency,
-                        temperature=j.temperature, max_tokens=j.max_tokens, timeout_s=j.timeout_s,
-                        max_attempts=j.max_attempts, cache_path=files.paths.llm_cache)
+    llm_cfg = LLMConfig.from_spec(j, cache_path=files.paths.llm_cache)
     summaries = []
     with LLMClient(llm_cfg, environ=environ) as client:
         for a, b in wr.pairs:
