@@ -16,10 +16,10 @@ import duckdb
 from datasets import Dataset
 from trl import SFTConfig, SFTTrainer
 
-from ldpipe.callback import ProbeTrackingCallback
-from ldpipe.data import load_local
-from ldpipe.models import TinyModelConfig, build_model, load_model_and_tokenizer, train_tokenizer
-from ldpipe.probes import ProbeRecipe, build_probe_set
+from ldpipe.training.callback import ProbeTrackingCallback
+from ldpipe.data.loaders import load_local
+from ldpipe.model.lm import TinyModelConfig, build_model, load_model_and_tokenizer, train_tokenizer
+from ldpipe.probes.build import ProbeRecipe, build_probe_set
 
 HERE = Path(__file__).resolve().parent
 

@@ -204,9 +204,9 @@ def _cmd_check(args: argparse.Namespace) -> int:
 
 def _check_store() -> int:
     """Every shard fits its table's schema, and every finished run's shards are all there, unchanged, alone."""
-    from ldpipe.catalog import check_store
+    from ldpipe.store.catalog import check_store
     from ldpipe.paths import Paths
-    from ldpipe.store import Store
+    from ldpipe.store.shards import Store
 
     store = Store(Paths.default().store)
     problems, counts = check_store(store)
@@ -219,7 +219,7 @@ def _check_store() -> int:
 
 
 def _cmd_sql(args: argparse.Namespace) -> int:
-    from ldpipe.sqlcli import run_sql
+    from ldpipe.store.sqlcli import run_sql
 
     return run_sql(args)
 
@@ -311,7 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
     refresh.add_argument("--sql-dir", help="directory of the SQL views (default: <project>/sql)")
     refresh.set_defaults(func=_cmd_catalog)
 
-    from ldpipe.sqlcli import add_sql_arguments
+    from ldpipe.store.sqlcli import add_sql_arguments
 
     s = sub.add_parser("sql", help="run a read-only SQL query against the DuckDB catalog")
     add_sql_arguments(s)

@@ -38,7 +38,7 @@ def _size(path: Path) -> int:
 
 
 def _load(spec: ExperimentSpec, rep: Report) -> pl.DataFrame | None:
-    from ldpipe.pipeline import _resolve, load_dataset
+    from ldpipe.data.stage import _resolve, load_dataset
 
     ds = spec.dataset
     if ds.kind == "synthetic":
@@ -71,7 +71,7 @@ def _model(spec: ExperimentSpec, rep: Report) -> None:
     m = spec.model
     if m.kind == "builtin":
         if m.corpus is not None:
-            from ldpipe.corpus import read_corpus_file, resolve
+            from ldpipe.data.corpus import read_corpus_file, resolve
 
             docs = read_corpus_file(resolve(m.corpus))
             rep.lines.append(f"model builtin: corpus {resolve(m.corpus)}: {len(docs)} documents")
@@ -82,8 +82,8 @@ def _model(spec: ExperimentSpec, rep: Report) -> None:
         return
     from transformers import AutoConfig
 
-    from ldpipe.models import load_tokenizer
-    from ldpipe.pipeline import _pretrained_source
+    from ldpipe.model.lm import load_tokenizer
+    from ldpipe.model.base import _pretrained_source
 
     src = _pretrained_source(spec)
     where = f"experiment {spec.name!r}, model.name_or_path {m.name_or_path!r}"   # as the base-model step says
@@ -120,7 +120,7 @@ def _runs(spec: ExperimentSpec, prefs: pl.DataFrame, rep: Report) -> None:
 
 
 def _probes(spec: ExperimentSpec, prefs: pl.DataFrame, rep: Report) -> None:
-    from ldpipe.probes import MODEL_STAGE_TYPES, OFFLINE_TYPES, REPHRASE_TYPES, ProbeRecipe, build_probe_set
+    from ldpipe.probes.build import MODEL_STAGE_TYPES, OFFLINE_TYPES, REPHRASE_TYPES, ProbeRecipe, build_probe_set
 
     ps = spec.probes
     if spec.dataset.kind == "reference_probes":

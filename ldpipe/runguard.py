@@ -95,7 +95,7 @@ def _is_worker(pid: int) -> bool:
         cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
         return False
-    return b"ldpipe.worker" in cmd or b"torch.distributed" in cmd
+    return b"ldpipe.training.worker" in cmd or b"torch.distributed" in cmd
 
 
 def stop_workers(pid: int, grace_s: float = CHILD_GRACE_S) -> list[int]:

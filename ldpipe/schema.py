@@ -40,7 +40,7 @@ TRAJECTORY_SCHEMA: dict[str, pl.DataType] = {
     "n_tokens": pl.Int64,
     "logp_mean": pl.Float64,     # logp_sum / n_tokens
     "argmax_logp_sum": pl.Float64,  # teacher-forced sum of log max_v pi (the paper's y*)
-    # Per-sequence metrics over response positions (ldpipe.scoring docstring; null in shards written before them):
+    # Per-sequence metrics over response positions (ldpipe.model.scoring docstring; null in shards written before them):
     "A_o": pl.Float64,           # sqrt(V * (mean_l ||pi_l||)^2 + V - 2), the reference's ||A_o||_F
     "p_e": pl.Float64,           # mean_l ||pi_l - e_{y_l}||_2, size of the SFT residual G
     "energy": pl.Float64,        # mean_l (1 - pi_l(y_l))
@@ -144,7 +144,7 @@ WIN_RATE_JUDGMENT_SCHEMA: dict[str, pl.DataType] = {
     "judge_text": pl.String,
 }
 
-# Cross-example influence (ldpipe.analysis.influence_runs): one row per (checkpoint, method, update, observed probe).
+# Cross-example influence (ldpipe.influence.runs): one row per (checkpoint, method, update, observed probe).
 INFLUENCE_SCHEMA: dict[str, pl.DataType] = {
     "run_id": pl.String,
     "checkpoint": pl.String,        # "start" | "step-0000040" (a snapshot) | "final"

@@ -199,7 +199,7 @@ class PretrainSpec(_Strict):
 
 
 class ModelSpec(_Strict):
-    # builtin: a BPE tokenizer + small GPT-NeoX trained offline on a corpus (ldpipe.corpus): the synthetic world's
+    # builtin: a BPE tokenizer + small GPT-NeoX trained offline on a corpus (ldpipe.data.corpus): the synthetic world's
     # own corpus, a declared `corpus` file, or else the dataset's rows that are neither trained on nor probed.
     # pretrained: any HF model id or local path (Pythia, Qwen); loaded with local_files_only unless allow_download.
     kind: Literal["builtin", "pretrained"] = "builtin"
@@ -234,10 +234,10 @@ EXTEND_SUPERVISE = "chosen+rejected"   # extend-SFT: train on y+ and y- (the pap
 
 
 class ScorerSpec(_Strict):
-    """Ranks on-policy samples: a built-in reward function (ldpipe.rewards) or an OpenAI-compatible judge."""
+    """Ranks on-policy samples: a built-in reward function (ldpipe.training.rewards) or an OpenAI-compatible judge."""
 
     kind: Literal["reward", "judge"] = "reward"
-    name: str | None = None              # reward: a name in ldpipe.rewards.REWARDS
+    name: str | None = None              # reward: a name in ldpipe.training.rewards.REWARDS
     model: str | None = None             # judge: the endpoint's model name
     base_url: str | None = None          # judge: None means OpenAI (or OPENAI_BASE_URL)
     api_key_env: str = "OPENAI_API_KEY"  # judge: the NAME of the variable holding the key
@@ -252,7 +252,7 @@ class ScorerSpec(_Strict):
     @model_validator(mode="after")
     def _kind_fields(self) -> "ScorerSpec":
         if self.kind == "reward":
-            from ldpipe.rewards import REWARDS
+            from ldpipe.training.rewards import REWARDS
 
             if self.name not in REWARDS:
                 raise ValueError(f"scorer kind 'reward' needs name, one of {sorted(REWARDS)}; got {self.name!r}")
@@ -549,7 +549,7 @@ class ExperimentSpec(_Strict):
         parts: dict[str, Any] = {"dataset": self.dataset, "model": self.model}
         if self.dataset.kind == "synthetic":
             # the built-in corpus changes with the generator's version, and the base model must follow it
-            from ldpipe.synthetic import CORPUS_VERSION
+            from ldpipe.data.synthetic import CORPUS_VERSION
 
             parts["corpus_version"] = CORPUS_VERSION
         if self.model.kind == "builtin":
@@ -560,7 +560,7 @@ class ExperimentSpec(_Strict):
         """What decides a builtin model's corpus beyond dataset and model (hash parts; empty for the synthetic
         world's own corpus, so those hashes are as before this key existed)."""
         if self.model.corpus is not None:
-            from ldpipe.corpus import file_digest   # a changed corpus file is a new base model
+            from ldpipe.data.corpus import file_digest   # a changed corpus file is a new base model
 
             return {"corpus_file": file_digest(self.model.corpus)}
         if self.dataset.kind == "synthetic":

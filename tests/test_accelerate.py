@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ldpipe.store import Store
+from ldpipe.store.shards import Store
 
 pytest.importorskip("trl")
 pytest.importorskip("accelerate")

@@ -15,7 +15,7 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
-from ldpipe.data import MAX_TEXT_CHARS
+from ldpipe.data.loaders import MAX_TEXT_CHARS
 from ldpipe.defs.experiments import build_defs
 from ldpipe.defs.resources import Compute, LdpipeHome
 from ldpipe.errors import SpecError

@@ -59,7 +59,7 @@ def test_bench_cli_rejects_unknown_name(capsys):
 
 
 def _tiny_probe(prompt_len: int, response_lens: list[int]):
-    from ldpipe.scoring import EncodedProbe
+    from ldpipe.model.scoring import EncodedProbe
 
     return EncodedProbe(example_id="e", prompt_ids=[1] * prompt_len, response_types=[f"t{i}" for i in response_lens],
                         response_ids=[[2] * n for n in response_lens])
@@ -67,7 +67,7 @@ def _tiny_probe(prompt_len: int, response_lens: list[int]):
 
 def test_flop_accounting_by_hand():
     from ldpipe.bench.flops import (full_sequence_flops, model_shape, shared_prefix_flops, training_flops)
-    from ldpipe.models import TinyModelConfig, build_model
+    from ldpipe.model.lm import TinyModelConfig, build_model
 
     V = 50
     model = build_model(TinyModelConfig(hidden_size=8, num_layers=1, num_heads=2, intermediate_size=16), vocab_size=V)

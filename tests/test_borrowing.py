@@ -5,10 +5,10 @@ import polars as pl
 import pytest
 
 from ldpipe.analysis.borrowing import AnswerIndex, FactIndex, score_generations, summarize
-from ldpipe.catalog import query, refresh_catalog
+from ldpipe.store.catalog import query, refresh_catalog
 from ldpipe.schema import TRAJECTORY_SCHEMA
-from ldpipe.store import Store
-from ldpipe.synthetic import SyntheticConfig, generate
+from ldpipe.store.shards import Store
+from ldpipe.data.synthetic import SyntheticConfig, generate
 
 from conftest import REPO
 

@@ -12,11 +12,11 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from ldpipe.catalog import KNOWN_TABLES, check_readonly_statement, connect_readonly, query, refresh_catalog
+from ldpipe.store.catalog import KNOWN_TABLES, check_readonly_statement, connect_readonly, query, refresh_catalog
 from ldpipe.errors import DataValidationError, LdpipeError
 from ldpipe.schema import TRAJECTORY_SCHEMA
-from ldpipe.sqlcli import add_sql_arguments, run_sql
-from ldpipe.store import Store
+from ldpipe.store.sqlcli import add_sql_arguments, run_sql
+from ldpipe.store.shards import Store
 
 LEARNING_CURVE = """\
 -- mean log-probability per run, step and response type (the paper's learning curves)

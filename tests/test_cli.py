@@ -103,7 +103,7 @@ def test_run_with_smoke_preset_trains_fewer_steps(tiny_project, monkeypatch, cap
     from ldpipe.cli import main
     from ldpipe.instance import latest_run_step_durations
     from ldpipe.spec import RUN_PRESETS
-    from ldpipe.store import Store
+    from ldpipe.store.shards import Store
 
     yaml = (tiny_project / "assets" / "tiny.yaml").read_text()
     (tiny_project / "assets" / "tiny.yaml").write_text(

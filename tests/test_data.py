@@ -1,4 +1,4 @@
-"""ldpipe.data on small real files written here (JSONL, gzip, Parquet, CSV), through `datasets`."""
+"""ldpipe.data.loaders on small real files written here (JSONL, gzip, Parquet, CSV), through `datasets`."""
 from __future__ import annotations
 
 import csv
@@ -10,7 +10,7 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from ldpipe.data import (
+from ldpipe.data.loaders import (
     DataSource,
     extract_hh_prompt,
     load_hh,

@@ -4,7 +4,7 @@ import duckdb
 import polars as pl
 import pytest
 
-from ldpipe.catalog import query
+from ldpipe.store.catalog import query
 from ldpipe.defs.experiments import build_defs
 from ldpipe.defs.resources import Compute, LdpipeHome
 from ldpipe.paths import Paths

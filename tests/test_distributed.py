@@ -17,11 +17,13 @@ import yaml
 from conftest import TINY_YAML
 from safetensors.torch import load_file
 
-from ldpipe import distributed, pipeline
+from ldpipe import pipeline
+
+from ldpipe.training import distributed
 from ldpipe.defs.training import worker_command
 from ldpipe.paths import Paths
 from ldpipe.spec import parse_experiment
-from ldpipe.store import Store
+from ldpipe.store.shards import Store
 
 torch.set_num_threads(1)
 
@@ -50,7 +52,7 @@ def _torchrun(decl: Path, home: Path, run: str) -> subprocess.CompletedProcess:
     for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(var, None)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-           "-m", "ldpipe.worker", "train", "--experiment-file", str(decl), "--run-name", run, "--home", str(home),
+           "-m", "ldpipe.training.worker", "train", "--experiment-file", str(decl), "--run-name", run, "--home", str(home),
            "--device", "cpu"]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
@@ -103,10 +105,10 @@ def test_my_slice_partitions_every_batch(monkeypatch):
 
 
 def test_worker_command():
-    assert worker_command(1)[1:] == ["-m", "ldpipe.worker", "train", "--pipes"]
+    assert worker_command(1)[1:] == ["-m", "ldpipe.training.worker", "train", "--pipes"]
     cmd = worker_command(2)
     assert cmd[1:3] == ["-m", "torch.distributed.run"] and "--nproc-per-node=2" in cmd
-    assert cmd[-4:] == ["-m", "ldpipe.worker", "train", "--pipes"][-4:]
+    assert cmd[-4:] == ["-m", "ldpipe.training.worker", "train", "--pipes"][-4:]
 
 
 @pytest.mark.slow

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from ldpipe.generate import GenerationConfig, generate
-from ldpipe.models import TinyModelConfig, build_model, train_tokenizer
+from ldpipe.model.generate import GenerationConfig, generate
+from ldpipe.model.lm import TinyModelConfig, build_model, train_tokenizer
 
 TEXTS = [f"the cat {i} sat on the mat and the dog {i % 7} ran to the park" for i in range(200)]
 
@@ -52,7 +52,7 @@ def test_bad_config_and_empty_input(lm):
 
 def test_greedy_generations_are_cached_per_checkpoint_prompts_and_config(lm, tmp_path):
     from ldpipe.analysis.generations import greedy_generations
-    from ldpipe.models import save_checkpoint
+    from ldpipe.model.lm import save_checkpoint
 
     model, tok = lm
     ckpt = save_checkpoint(model, tok, tmp_path / "ckpt")

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from ldpipe.errors import LdpipeError
-from ldpipe.influence import (
+from ldpipe.influence.entk import (
     Update,
     agreement,
     akg_decomposition,
@@ -24,8 +24,8 @@ from ldpipe.influence import (
     projection_coverage,
     sft_update,
 )
-from ldpipe.models import TinyModelConfig, build_model
-from ldpipe.scoring import batch_logps
+from ldpipe.model.lm import TinyModelConfig, build_model
+from ldpipe.model.scoring import batch_logps
 
 torch.set_num_threads(1)
 
@@ -367,7 +367,7 @@ def test_naive_optimizer_step_is_the_real_step(model, data):
 
 def _trained_with(kind: str, data, steps: int = 4, B: int = 4):
     """A tiny float64 model trained a few real steps with `kind`, and the optimizer (its state is the point)."""
-    from ldpipe.models import TinyModelConfig as C
+    from ldpipe.model.lm import TinyModelConfig as C
 
     train, _ = data
     m = build_model(C(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, seed=1), VOCAB).double()
@@ -391,7 +391,7 @@ def _make(kind, params, lr):
 def test_optimizer_state_round_trips_and_continues_bit_exactly(data, tmp_path):
     import copy
 
-    from ldpipe.optim_state import STATE_FILE, load_into, load_optimizer_state, save_optimizer_state
+    from ldpipe.training.optim_state import STATE_FILE, load_into, load_optimizer_state, save_optimizer_state
 
     train, _ = data
     m, opt = _trained_with("adamw", data, steps=3)
@@ -423,8 +423,8 @@ def test_optimizer_state_round_trips_and_continues_bit_exactly(data, tmp_path):
 def test_preconditioned_entk_predicts_a_loaded_optimizer_step(kind, data, tmp_path):
     """Known answer: lr/B * exact_entk(precond=P) is the first-order change after one real step of the optimizer
     loaded with the saved state (its zero-gradient drift subtracted), for a small lr and a small gradient."""
-    from ldpipe.influence import optimizer_drift
-    from ldpipe.optim_state import load_into, load_optimizer_state, preconditioner, save_optimizer_state
+    from ldpipe.influence.entk import optimizer_drift
+    from ldpipe.training.optim_state import load_into, load_optimizer_state, preconditioner, save_optimizer_state
 
     train, probes = data
     probes = probes[:10]
@@ -451,7 +451,7 @@ def test_preconditioned_entk_predicts_a_loaded_optimizer_step(kind, data, tmp_pa
 
 def test_projected_rank1_preconditioner_against_exact(data):
     """projected_precond with a projection of full rank isolates the rank-1 (Adafactor-style) factorisation of P."""
-    from ldpipe.optim_state import preconditioner, save_optimizer_state, load_optimizer_state
+    from ldpipe.training.optim_state import preconditioner, save_optimizer_state, load_optimizer_state
     import tempfile
     from pathlib import Path
 
@@ -470,7 +470,7 @@ def test_projected_rank1_preconditioner_against_exact(data):
 
 
 def _linear_names(m):
-    from ldpipe.influence import _covered_names
+    from ldpipe.influence.entk import _covered_names
     return set(_covered_names(m, dict(m.named_parameters())))
 
 
@@ -479,7 +479,7 @@ def test_heatmap_gives_the_dpo_column_its_own_colour_scale():
     blank, so it gets a block and a colour limit of its own."""
     import polars as pl
 
-    from ldpipe.analysis.influence_runs import heatmap_blocks, plot_heatmap
+    from ldpipe.influence.runs import heatmap_blocks, plot_heatmap
     from ldpipe.schema import INFLUENCE_HEATMAP_SCHEMA
 
     rows = []
@@ -506,7 +506,7 @@ def test_heatmap_gives_the_dpo_column_its_own_colour_scale():
 def test_untouched_coordinates_moved_by_training_directions(model, data):
     """Coordinates an optimizer never updated (v == 0) have no first-order preconditioner: count the ones the
     training directions move. Embedding rows of tokens outside the pairs are never moved."""
-    from ldpipe.influence import untouched_moved
+    from ldpipe.influence.entk import untouched_moved
 
     pairs = data[0][:2]
     emb = model.get_input_embeddings().weight

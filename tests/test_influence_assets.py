@@ -5,7 +5,7 @@ import polars as pl
 import pytest
 import yaml
 
-from ldpipe.catalog import query
+from ldpipe.store.catalog import query
 from ldpipe.defs.experiments import build_defs
 from ldpipe.defs.resources import Compute, LdpipeHome
 from ldpipe.errors import SpecError
@@ -120,10 +120,10 @@ def test_checkpoints_and_step_sizes_of_a_run(tmp_path):
     """start / evenly thinned snapshots / final, and lr_eff = lr * clip / batch of the step taken from each."""
     import json
 
-    from ldpipe.analysis.influence_runs import run_checkpoints, step_scales
-    from ldpipe.pipeline import ExperimentFiles
+    from ldpipe.influence.runs import run_checkpoints, step_scales
+    from ldpipe.layout import ExperimentFiles
     from ldpipe.schema import TRAIN_METRICS_SCHEMA
-    from ldpipe.store import Store
+    from ldpipe.store.shards import Store
 
     spec = parse_experiment({"name": "x", "runs": [{"name": "sft", "batch_size": 4, "lr": 1.0e-3}],
                              "influence": {"max_snapshots": 2}}, source="t")
@@ -164,8 +164,8 @@ def test_influence_uses_saved_optimizer_state_and_falls_back(tiny_project, tmp_p
 
     from conftest import TINY_YAML, build_inputs
     from ldpipe import pipeline
-    from ldpipe.analysis import influence_runs as ir
-    from ldpipe.optim_state import STATE_FILE, load_optimizer_state
+    from ldpipe.influence import runs as ir
+    from ldpipe.training.optim_state import STATE_FILE, load_optimizer_state
 
     data = yaml.safe_load(TINY_YAML)
     data["runs"][0].update(snapshot_every=2)
@@ -225,7 +225,7 @@ def test_heatmap_dpo_column_uses_the_runs_own_preference_loss(tiny_project, algo
     from conftest import TINY_YAML, build_inputs
 
     from ldpipe import pipeline
-    from ldpipe.analysis.influence_runs import compute_heatmap
+    from ldpipe.influence.runs import compute_heatmap
     from ldpipe.spec import ExperimentSpec
 
     beta = 0.5

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from ldpipe.catalog import query
+from ldpipe.store.catalog import query
 
 REPO = Path(__file__).resolve().parents[1]
 

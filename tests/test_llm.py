@@ -15,10 +15,10 @@ import pytest
 from ldpipe.errors import DataValidationError, LdpipeError, SpecError
 from ldpipe.llm import (ChatRequest, LLMClient, LLMConfig, LLMError, batch_requests_jsonl, cache_key,
                         parse_batch_output, retry_after_s)
-from ldpipe.llm_types import LLM_TYPES, build_llm_types, strip_preamble
-from ldpipe.probes import REPHRASE_TYPES, ProbeRecipe, build_probe_set, check_probe_set
+from ldpipe.probes.llm_types import LLM_TYPES, build_llm_types, strip_preamble
+from ldpipe.probes.build import REPHRASE_TYPES, ProbeRecipe, build_probe_set, check_probe_set
 from ldpipe.schema import PROBE_SCHEMA
-from ldpipe.synthetic import SyntheticConfig, generate
+from ldpipe.data.synthetic import SyntheticConfig, generate
 
 from fake_openai import Fault, FakeOpenAI  # tests/ is on sys.path (pytest's default "prepend" import mode)
 

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from ldpipe.losses import dpo_loss, ipo_loss, sft_loss
+from ldpipe.training.losses import dpo_loss, ipo_loss, sft_loss
 
 torch.set_num_threads(1)
 

@@ -12,7 +12,7 @@ import yaml
 from ldpipe import pipeline
 from ldpipe.errors import LdpipeError, SpecError
 from ldpipe.paths import Paths
-from ldpipe.probes import build_custom_type
+from ldpipe.probes.build import build_custom_type
 from ldpipe.schema import PROBE_SCHEMA
 from ldpipe.spec import parse_experiment
 
@@ -68,8 +68,8 @@ def test_model_types_for_every_prompt_and_joined(built):
     assert all(p.startswith("base_model:") and p.endswith(":greedy") for p in init["provenance"])
     assert all(y.startswith(" ") for y in init["response"])   # y+'s leading space, as the scorer sees y+
     # y_init is the model's own greedy continuation of the probe prompt, cut at the stop markers
-    from ldpipe.generate import GenerationConfig, generate
-    from ldpipe.models import load_model_and_tokenizer
+    from ldpipe.model.generate import GenerationConfig, generate
+    from ldpipe.model.lm import load_model_and_tokenizer
 
     model, tok = load_model_and_tokenizer(pipeline.base_model_path(spec, files))
     ids = sorted(chosen)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from ldpipe.errors import LdpipeError
-from ldpipe.models import (
+from ldpipe.model.lm import (
     EOS_TOKEN,
     PretrainConfig,
     TinyModelConfig,
@@ -215,7 +215,7 @@ def test_threads_from_the_environment(monkeypatch):
 def test_attention_without_cudnn_only_changes_cuda():
     import torch
 
-    from ldpipe.models import attention_without_cudnn
+    from ldpipe.model.lm import attention_without_cudnn
 
     before = torch.backends.cuda.cudnn_sdp_enabled()
     with attention_without_cudnn("cpu"):
@@ -231,7 +231,7 @@ _DISK_FULL_SCRIPT = """
 import sys
 from pathlib import Path
 from ldpipe.errors import LdpipeError
-from ldpipe.models import TinyModelConfig, build_model, save_checkpoint, train_tokenizer
+from ldpipe.model.lm import TinyModelConfig, build_model, save_checkpoint, train_tokenizer
 
 root = Path(sys.argv[1])
 tok = train_tokenizer([f"word{i} and more text {i % 5}" for i in range(50)], vocab_size=300)

@@ -11,16 +11,16 @@ import yaml
 from conftest import TINY_YAML, build_inputs
 from fake_openai import FakeOpenAI
 
-import ldpipe.train
+import ldpipe.training.loop
 from ldpipe import pipeline
 from ldpipe.errors import SpecError
 from ldpipe.llm import LLMConfig
-from ldpipe.models import load_model_and_tokenizer
-from ldpipe.onpolicy import JudgeScorer, parse_score, parse_verdict, select_pair
-from ldpipe.rewards import SyntheticFactReward, distinct_ngrams, make_reward
+from ldpipe.model.lm import load_model_and_tokenizer
+from ldpipe.training.onpolicy import JudgeScorer, parse_score, parse_verdict, select_pair
+from ldpipe.training.rewards import SyntheticFactReward, distinct_ngrams, make_reward
 from ldpipe.spec import parse_experiment
-from ldpipe.store import Store
-from ldpipe.synthetic import SyntheticConfig, generate
+from ldpipe.store.shards import Store
+from ldpipe.data.synthetic import SyntheticConfig, generate
 
 torch.set_num_threads(1)
 
@@ -44,12 +44,12 @@ def _spec(runs=RUNS):
 def _train(spec, files, name, run_changes=None):
     """train_run with a spy on make_objective: the real objective is used, and returned for inspection."""
     made = []
-    real = ldpipe.train.make_objective
+    real = ldpipe.training.loop.make_objective
     run = spec.run(name)
     if run_changes:
         run = run.model_copy(update=run_changes)
     mp = pytest.MonkeyPatch()
-    mp.setattr(ldpipe.train, "make_objective", lambda *a, **k: made.append(real(*a, **k)) or made[-1])
+    mp.setattr(ldpipe.training.loop, "make_objective", lambda *a, **k: made.append(real(*a, **k)) or made[-1])
     try:
         info = pipeline.train_run(spec, run, files, device="cpu", log=lambda m: None)
     finally:

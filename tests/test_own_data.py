@@ -14,7 +14,7 @@ import duckdb
 import polars as pl
 import pytest
 
-from ldpipe.corpus import from_dataset, read_corpus_file
+from ldpipe.data.corpus import from_dataset, read_corpus_file
 from ldpipe.errors import DataValidationError
 from ldpipe.spec import ExperimentSpec
 

@@ -1,4 +1,4 @@
-"""Training through Dagster Pipes: the run asset trains in `python -m ldpipe.worker` (a real subprocess).
+"""Training through Dagster Pipes: the run asset trains in `python -m ldpipe.training.worker` (a real subprocess).
 
 Same metadata and trajectories as the in-process library call; a failing trainer gives a failed step with the
 trainer's message; interrupting the launching process stops the worker; the worker runs without Dagster too.
@@ -95,7 +95,7 @@ def test_run_through_pipes_matches_the_library_and_reports_checks(tiny_project):
     assert (joined["logp_sum"] - joined["logp_sum_lib"]).abs().max() < 1e-4
 
     # debugging without Dagster: the worker CLI with the smoke preset, on the project's files
-    out = subprocess.run([sys.executable, "-m", "ldpipe.worker", "train", "--experiment-file",
+    out = subprocess.run([sys.executable, "-m", "ldpipe.training.worker", "train", "--experiment-file",
                           str(tiny_project / "assets" / "tiny.yaml"), "--run", "sft", "--device", "cpu",
                           "--preset", "smoke", "--overrides", '{"seed": 3}'],
                          capture_output=True, text=True, timeout=300, env=os.environ.copy())
@@ -158,7 +158,7 @@ def _worker_pids(parent: int) -> list[int]:
     out = []
     for pid in map(int, kids):
         try:
-            if b"ldpipe.worker" in Path(f"/proc/{pid}/cmdline").read_bytes():
+            if b"ldpipe.training.worker" in Path(f"/proc/{pid}/cmdline").read_bytes():
                 out.append(pid)
         except FileNotFoundError:
             pass

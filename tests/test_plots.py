@@ -10,7 +10,9 @@ from matplotlib.colors import to_hex
 from matplotlib.legend import Legend
 from matplotlib.text import Annotation
 
-from ldpipe.analysis import borrowing, curves, influence_runs, squeeze_toy
+from ldpipe.analysis import borrowing, curves, squeeze_toy
+
+from ldpipe.influence import runs as influence_runs
 from ldpipe.schema import CORE_RESPONSE_TYPES, INFLUENCE_HEATMAP_SCHEMA
 
 CUSTOM = [f"custom_{i:02d}" for i in range(20)]   # user-declared types (spec probes.custom_types)

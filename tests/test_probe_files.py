@@ -19,7 +19,7 @@ import yaml
 
 from ldpipe import pipeline
 from ldpipe.paths import Paths, project_dir
-from ldpipe.probes import check_probe_set
+from ldpipe.probes.build import check_probe_set
 from ldpipe.spec import load_experiments, parse_experiment
 
 from conftest import REPO
@@ -91,7 +91,7 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
 
 def _checkpoint(path: Path, texts: list[str]) -> None:
     """A small untrained GPT-NeoX with a BPE tokenizer of the data's words (a local `pretrained` model)."""
-    from ldpipe.models import TinyModelConfig, build_model, save_checkpoint, train_tokenizer
+    from ldpipe.model.lm import TinyModelConfig, build_model, save_checkpoint, train_tokenizer
 
     tok = train_tokenizer(texts, vocab_size=300)
     model = build_model(TinyModelConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64,
@@ -165,7 +165,7 @@ def test_reference_shuffles_with_double_spaces_pass_perturbations_valid(project)
 
 
 def test_word_counts_and_permutation_check_ignore_spacing():
-    from ldpipe.probes import split_words
+    from ldpipe.probes.build import split_words
 
     assert split_words(" one  two\n\nthree ") == ["one", "two", "three"]
     probes = pl.DataFrame({"example_id": ["a", "a"], "response_type": ["chosen", "random_permute"],
@@ -174,7 +174,7 @@ def test_word_counts_and_permutation_check_ignore_spacing():
     report = check_probe_set(probes, ["chosen", "random_permute"])
     assert report["shuffle_failures"] == 0 and report["shuffle_checked"] == 1
     assert report["length_words"]["chosen"] == {"mean": 3.0, "min": 3, "max": 3, "rows": 1}
-    from ldpipe.llm_types import llm_prompt
+    from ldpipe.probes.llm_types import llm_prompt
 
     assert llm_prompt("random_sentence", " one  two  three\n") == "Please generate a random sentence with 3 words."
 
@@ -182,7 +182,7 @@ def test_word_counts_and_permutation_check_ignore_spacing():
 # ----------------------------------------------------------------------------- "first N" is file order
 
 def test_training_rows_and_probe_prompts_follow_file_order(project):
-    from ldpipe.analysis.influence_runs import training_units
+    from ldpipe.influence.runs import training_units
 
     spec = _spec("local")
     files = pipeline.files_for(spec)
@@ -220,8 +220,8 @@ def test_generation_prompts_take_the_first_rows_of_the_file():
 # ----------------------------------------------------------------------------- truncation per response type
 
 def test_truncation_counted_per_type_in_metadata_store_and_warnings(project):
-    from ldpipe.catalog import query
-    from ldpipe.models import load_tokenizer
+    from ldpipe.store.catalog import query
+    from ldpipe.model.lm import load_tokenizer
 
     proj, result, instance = project
     spec = _spec("local")
@@ -260,8 +260,8 @@ NOTE = "no held-out (test) split in dataset local/dataset (local: pairs.jsonl): 
 
 def test_analyses_say_there_is_no_held_out_split(project):
     from ldpipe.analysis.winrate import run_win_rate
-    from ldpipe.catalog import query
-    from ldpipe.store import Store
+    from ldpipe.store.catalog import query
+    from ldpipe.store.shards import Store
 
     _proj, result, instance = project
     borrowing = _materialization(result, "local/borrowing").metadata["held_out"].value

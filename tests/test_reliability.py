@@ -19,10 +19,10 @@ import duckdb
 import polars as pl
 import pytest
 
-from ldpipe.catalog import connect_readonly, query, refresh_catalog
+from ldpipe.store.catalog import connect_readonly, query, refresh_catalog
 from ldpipe.errors import LdpipeError
 from ldpipe.schema import TRAJECTORY_SCHEMA
-from ldpipe.store import Store, writer_alive
+from ldpipe.store.shards import Store, writer_alive
 
 REPO = Path(__file__).resolve().parents[1]
 LDPIPE = str(Path(sys.executable).parent / "ldpipe")
@@ -48,9 +48,9 @@ WRITER = textwrap.dedent("""
     import polars as pl
     sys.path.insert(0, sys.argv[4])
     from test_reliability import _traj, BIG
-    import ldpipe.catalog as catalog
+    import ldpipe.store.catalog as catalog
     from ldpipe.schema import TRAJECTORY_SCHEMA
-    from ldpipe.store import Store
+    from ldpipe.store.shards import Store
     mode, root, cat = sys.argv[1], sys.argv[2], sys.argv[3]
     store = Store(root)
     df = _traj("r", 1, BIG)
@@ -236,9 +236,9 @@ APPENDER = textwrap.dedent("""
     from pathlib import Path
     sys.path.insert(0, sys.argv[4])
     from test_reliability import _traj
-    from ldpipe.catalog import refresh_catalog
+    from ldpipe.store.catalog import refresh_catalog
     from ldpipe.schema import TRAJECTORY_SCHEMA
-    from ldpipe.store import Store
+    from ldpipe.store.shards import Store
     root, cat, stop = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
     store, refreshes = Store(root), 0
     sql = Path(sys.argv[4]).parent / "sql"
@@ -259,7 +259,7 @@ APPENDER = textwrap.dedent("""
 READER = textwrap.dedent("""
     import json, sys
     from pathlib import Path
-    from ldpipe.catalog import query
+    from ldpipe.store.catalog import query
     cat, stop = Path(sys.argv[1]), Path(sys.argv[2])
     counts = []
     for i in range(400):                          # bounded

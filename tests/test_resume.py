@@ -15,10 +15,12 @@ import yaml
 from conftest import TINY_YAML, build_inputs
 from safetensors.torch import load_file
 
-from ldpipe import pipeline, resume
-from ldpipe.models import read_metadata
+from ldpipe import pipeline
+
+from ldpipe.training import resume
+from ldpipe.model.lm import read_metadata
 from ldpipe.spec import load_experiment, parse_experiment
-from ldpipe.store import Store
+from ldpipe.store.shards import Store
 
 torch.set_num_threads(1)
 

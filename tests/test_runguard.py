@@ -37,7 +37,7 @@ def _workers() -> list[int]:
     for d in Path("/proc").iterdir():
         if d.name.isdigit():
             try:
-                if b"ldpipe.worker" in (d / "cmdline").read_bytes() and \
+                if b"ldpipe.training.worker" in (d / "cmdline").read_bytes() and \
                         (d / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
                     out.append(int(d.name))
             except OSError:

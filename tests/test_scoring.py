@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from ldpipe.errors import DataValidationError, LdpipeError
-from ldpipe.models import TinyModelConfig, build_model, train_tokenizer
+from ldpipe.model.lm import TinyModelConfig, build_model, train_tokenizer
 from ldpipe.schema import PROBE_SCHEMA
-from ldpipe.scoring import (
+from ldpipe.model.scoring import (
     METRIC_SCHEMA,
     SCORE_SCHEMA,
     EncodedProbe,
@@ -236,7 +236,7 @@ def _brute_metrics(logit_rows: list[list[float]], labels: list[int]) -> dict[str
 
 
 def test_token_stats_hand_computed_and_stable_at_max_prob_one():
-    from ldpipe.scoring import _reduce_stats, _token_stats
+    from ldpipe.model.scoring import _reduce_stats, _token_stats
 
     rows = [[2.0, 1.0, 0.5, -1.0],   # generic
             [0.0, 0.0, 0.0, 0.0],    # uniform, a four-way tie for the argmax
@@ -340,7 +340,7 @@ def test_out_of_memory_halves_the_batch_and_retries(model, encoded, naive, caplo
     unfaulted = score_probes(model, encoded, max_batch_tokens=4096)
     handle, seen = _fail_above(model, 40, exc_factory)
     try:
-        with caplog.at_level(logging.WARNING, logger="ldpipe.scoring"):
+        with caplog.at_level(logging.WARNING, logger="ldpipe.model.scoring"):
             calls: list[tuple[int, int]] = []
             faulted = score_probes(model, encoded, max_batch_tokens=4096, progress=lambda d, t: calls.append((d, t)))
     finally:

@@ -12,7 +12,7 @@ import pytest
 
 from ldpipe.errors import DataValidationError, LdpipeError
 from ldpipe.schema import TRAJECTORY_SCHEMA
-from ldpipe.store import Store
+from ldpipe.store.shards import Store
 
 
 def traj(run: str, step: int, examples: list[str], *, logp: float = -2.0) -> pl.DataFrame:
@@ -166,7 +166,7 @@ def test_delete_partition(tmp_path: Path) -> None:
 WRITER = """
 import sys, polars as pl
 from pathlib import Path
-from ldpipe.store import Store
+from ldpipe.store.shards import Store
 s = Store(Path(sys.argv[1])); wid = sys.argv[2]
 for i in range(15):
     s.write_shard("t", pl.DataFrame({"writer": [wid] * 500, "i": [i] * 500}), partition={"run": "r"}, name="same")
@@ -191,7 +191,7 @@ def test_scratch_folders_of_dead_owners_are_swept_live_ones_kept(tmp_path):
     import subprocess
     import sys
 
-    from ldpipe.store import scratch_dir, sweep_scratch
+    from ldpipe.store.shards import scratch_dir, sweep_scratch
 
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
                           check=True, timeout=60).stdout.strip()

@@ -12,7 +12,7 @@ from conftest import REPO, TINY_YAML
 
 @pytest.mark.slow
 def test_squeezing_study_at_smoke_size(tiny_project):
-    from ldpipe.catalog import query
+    from ldpipe.store.catalog import query
     from ldpipe.defs.experiments import build_defs
     from ldpipe.defs.resources import Compute, LdpipeHome
     from ldpipe.defs.training import preset_run_config

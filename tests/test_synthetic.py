@@ -11,7 +11,7 @@ import pytest
 
 from ldpipe.errors import DataValidationError
 from ldpipe.schema import PREFERENCE_SCHEMA
-from ldpipe.synthetic import (ANSWERS, ATTRIBUTES, CORPUS_STATEMENTS, FACTS_SCHEMA, MEANING_ANSWERS,
+from ldpipe.data.synthetic import (ANSWERS, ATTRIBUTES, CORPUS_STATEMENTS, FACTS_SCHEMA, MEANING_ANSWERS,
                               MEANING_REFUSALS, MEANING_SUPPORTS, REFUSALS, REPHRASE_SCHEMA, REPHRASE_TYPES,
                               SUPPORTS, VALUES, SyntheticConfig, SyntheticWorld, generate, human_sentence,
                               REJECTED_KINDS, sentences)
@@ -400,7 +400,7 @@ def test_rejected_kinds_span_the_similarity_axis(world: SyntheticWorld) -> None:
 
 
 def test_remarks_state_no_fact_and_name_only_their_entity(world: SyntheticWorld) -> None:
-    from ldpipe import synthetic_remarks as R
+    from ldpipe.data import synthetic_remarks as R
 
     vocab = R.vocabulary()
     value_words = {x for vals in VALUES.values() for v in vals for x in v.split()} - {"a", "the", "an"}

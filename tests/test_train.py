@@ -9,11 +9,11 @@ from conftest import TINY_YAML, build_inputs
 
 from ldpipe import pipeline
 from ldpipe.errors import LdpipeError, SpecError
-from ldpipe.models import load_model_and_tokenizer, read_metadata
+from ldpipe.model.lm import load_model_and_tokenizer, read_metadata
 from ldpipe.paths import Paths
-from ldpipe.scoring import batch_logps, encode_pair
+from ldpipe.model.scoring import batch_logps, encode_pair
 from ldpipe.spec import parse_experiment
-from ldpipe.store import Store
+from ldpipe.store.shards import Store
 
 torch.set_num_threads(1)
 

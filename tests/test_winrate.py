@@ -7,11 +7,11 @@ import polars as pl
 import pytest
 
 from ldpipe.analysis.winrate import JUDGE_PROMPT, judge_pairs, parse_verdict, run_win_rate, summarize
-from ldpipe.catalog import query, refresh_catalog
+from ldpipe.store.catalog import query, refresh_catalog
 from ldpipe.llm import LLMClient, LLMConfig
 from ldpipe.schema import WIN_RATE_JUDGMENT_SCHEMA
 from ldpipe.spec import parse_experiment
-from ldpipe.store import Store
+from ldpipe.store.shards import Store
 
 from conftest import REPO
 from fake_openai import FakeOpenAI  # tests/ is on sys.path (pytest's default "prepend" import mode)

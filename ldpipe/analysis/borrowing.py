@@ -25,7 +25,7 @@ import polars as pl
 
 from ldpipe.analysis.plots import figure_png, run_colours, subplots
 from ldpipe.analysis.squeezing import has_repeat, ngram_list
-from ldpipe.probes import word_list
+from ldpipe.probes.build import word_list
 from ldpipe.errors import DataValidationError
 from ldpipe.schema import GENERATION_BORROWING_SCHEMA
 
@@ -124,9 +124,9 @@ def run_borrowing(spec, files, store, *, device: str = "auto", log: Log = print,
     from ldpipe.analysis.checkpoints import run_checkpoints
     from ldpipe.analysis.squeezing import generation_prompts, held_out_note
     from ldpipe.analysis.generations import greedy_generations
-    from ldpipe.generate import GenerationConfig
-    from ldpipe.models import load_model_and_tokenizer, resolve_device
-    from ldpipe.pipeline import load_preferences_file, load_probes_file
+    from ldpipe.model.generate import GenerationConfig
+    from ldpipe.model.lm import load_model_and_tokenizer, resolve_device
+    from ldpipe.layout import load_preferences_file, load_probes_file
 
     g = spec.generation_analysis
     dev = resolve_device(device)
@@ -139,7 +139,7 @@ def run_borrowing(spec, files, store, *, device: str = "auto", log: Log = print,
     answers = AnswerIndex(dict(train.select("example_id", "chosen").iter_rows()), g.borrow_ngram)
     facts = None
     if spec.dataset.kind == "synthetic":
-        from ldpipe.synthetic import SyntheticWorld
+        from ldpipe.data.synthetic import SyntheticWorld
 
         world = SyntheticWorld.load(files.world)
         facts = FactIndex(world.facts, world.example_facts())

@@ -27,15 +27,15 @@ class Checkpoint:
 
 
 def _complete(path: Path) -> bool:
-    from ldpipe.models import is_checkpoint
+    from ldpipe.model.lm import is_checkpoint
 
     return is_checkpoint(path)
 
 
 def run_checkpoints(spec: ExperimentSpec, run: RunSpec, files, *, snapshots: bool = True) -> list[Checkpoint]:
     """start, snapshots (if any and asked for) and final of one run; fails naming the run if it is not trained."""
-    from ldpipe.models import read_metadata
-    from ldpipe.pipeline import start_point
+    from ldpipe.model.lm import read_metadata
+    from ldpipe.training.runs import start_point
 
     rid = spec.run_id(run)
     final = files.run_dir(run) / "final"
@@ -54,7 +54,7 @@ def run_checkpoints(spec: ExperimentSpec, run: RunSpec, files, *, snapshots: boo
 
 def resolve_ref(spec: ExperimentSpec, ref: str, files) -> Checkpoint:
     """A checkpoint reference ("base", "<run>", "<run>@start", "<run>@step-XXXXXXX") -> Checkpoint."""
-    from ldpipe.pipeline import base_model_path
+    from ldpipe.model.base import base_model_path
 
     if ref == "base":
         return Checkpoint(f"{spec.name}.base", "base", 0, base_model_path(spec, files))

@@ -114,3 +114,37 @@ def chain_curves(curves: pl.DataFrame, chain: list[tuple[str, str]]) -> tuple[pl
     out = (pl.concat(parts, how="diagonal_relaxed").join(base, on="response_type", how="inner")
            .with_columns((pl.col("mean_logp") - pl.col("base_logp")).alias("mean_delta")).drop("base_logp"))
     return out.sort("step", "response_type"), boundaries
+
+
+def learning_curves(spec, files, log=print) -> dict:
+    """The learning-curves step: each run's curves (and each chain's, on one axis) from the catalog, plotted."""
+    from ldpipe.store.catalog import query
+
+    ids = [spec.run_id(r) for r in spec.runs]
+    in_list = ", ".join(f"'{i}'" for i in ids) or "''"
+    curves = query(files.paths.catalog, f"select * from learning_curves where run_id in ({in_list})")
+    pngs, chains = {}, {}
+    smooth = spec.curves.ema
+    note = f" (EMA {smooth})" if smooth else ""
+    for run in spec.runs:
+        part = curves.filter(pl.col("run_id") == spec.run_id(run))
+        if part.is_empty():
+            continue
+        png = plot_learning_curves(part, title=f"{spec.run_id(run)}: change of log π(y|x) per response type{note}",
+                                   smooth=smooth)
+        pngs[run.name] = str(save_plot(png, files.curves_png(run)))
+        if run.start_from is None:
+            continue
+        # a chained run: every phase (e.g. SFT then DPO) on one axis, from the first run's first evaluation
+        chain, r = [], run
+        while r is not None:
+            chain.insert(0, (spec.run_id(r), f"{r.name} ({r.algo})"))
+            r = spec.parent(r)
+        if all(not curves.filter(pl.col("run_id") == c).is_empty() for c, _ in chain):
+            joined, bounds = chain_curves(curves, chain)
+            png = plot_learning_curves(joined, title=f"{' → '.join(c for _, c in chain)}: change of log π(y|x) "
+                                                     f"since the first phase{note}", smooth=smooth, boundaries=bounds)
+            chains[run.name] = str(save_plot(png, files.paths.plots / f"{spec.name}.{run.name}.chain.png"))
+    log(f"[{spec.name}] learning curves: {curves.height} rows, plots {list(pngs.values()) + list(chains.values())}")
+    return {"rows": curves.height, "plots": pngs, "chain_plots": chains, "curves": curves}
+

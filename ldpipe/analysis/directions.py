@@ -24,7 +24,7 @@ import polars as pl
 
 from ldpipe.analysis.squeeze_stats import squeeze_diagnostics, start_end
 from ldpipe.spec import EXTEND_SUPERVISE, ExperimentSpec, RunSpec
-from ldpipe.store import Store
+from ldpipe.store.shards import Store
 
 SFT_RISE = ("chosen", "irr_train")
 SFT_FALL = ("irr_hum", "random_permute", "random_nonhum")

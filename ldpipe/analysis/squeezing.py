@@ -19,8 +19,8 @@ import polars as pl
 import torch
 
 from ldpipe.analysis.plots import figure_png, run_colours, subplots
-from ldpipe.models import eval_mode
-from ldpipe.probes import word_list
+from ldpipe.model.lm import eval_mode
+from ldpipe.probes.build import word_list
 from ldpipe.schema import GENERATION_STATS_SCHEMA
 
 Log = Callable[[str], None]
@@ -115,10 +115,10 @@ def run_squeezing(spec, files, store, *, device: str = "auto", log: Log = print,
     Without a test split, `warn` (default `log`) gets held_out_note's line."""
     from ldpipe.analysis.checkpoints import run_checkpoints
     from ldpipe.analysis.generations import greedy_generations
-    from ldpipe.generate import GenerationConfig
-    from ldpipe.models import load_model_and_tokenizer, resolve_device
-    from ldpipe.pipeline import load_preferences_file, load_probes_file
-    from ldpipe.scoring import encode_pair
+    from ldpipe.model.generate import GenerationConfig
+    from ldpipe.model.lm import load_model_and_tokenizer, resolve_device
+    from ldpipe.layout import load_preferences_file, load_probes_file
+    from ldpipe.model.scoring import encode_pair
 
     g = spec.generation_analysis
     dev = resolve_device(device)

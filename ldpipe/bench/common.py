@@ -20,14 +20,14 @@ def set_threads(threads: int | None) -> int:
 
 @lru_cache(maxsize=1)
 def world():
-    from ldpipe.synthetic import SyntheticConfig, generate
+    from ldpipe.data.synthetic import SyntheticConfig, generate
 
     return generate(SyntheticConfig(seed=0))
 
 
 @lru_cache(maxsize=1)
 def tokenizer(vocab_size: int = 2048):
-    from ldpipe.models import train_tokenizer
+    from ldpipe.model.lm import train_tokenizer
 
     return train_tokenizer(world().corpus, vocab_size=vocab_size)
 
@@ -46,7 +46,7 @@ ARCHS: dict[str, tuple[dict, int | None]] = {
 def bench_model(arch: str = "default", seed: int = 0):
     """A model of one of ARCHS, random weights."""
     from ldpipe.errors import LdpipeError
-    from ldpipe.models import TinyModelConfig, build_model
+    from ldpipe.model.lm import TinyModelConfig, build_model
 
     if arch not in ARCHS:
         raise LdpipeError(f"unknown --arch {arch!r}; choose one of {list(ARCHS)}")
@@ -56,14 +56,14 @@ def bench_model(arch: str = "default", seed: int = 0):
 
 def bench_device(device: str | None):
     """--device: auto (CUDA when present) | cpu | cuda | cuda:N, resolved as training resolves it."""
-    from ldpipe.models import resolve_device
+    from ldpipe.model.lm import resolve_device
 
     return resolve_device(device or "auto")
 
 
 def probe_frame(n_prompts: int):
-    from ldpipe.probes import ProbeRecipe, build_probe_set
-    from ldpipe.synthetic import human_sentence
+    from ldpipe.probes.build import ProbeRecipe, build_probe_set
+    from ldpipe.data.synthetic import human_sentence
 
     w = world()
     return build_probe_set(w.preferences, ProbeRecipe(n_examples=n_prompts, seed=0), rephrases=w.rephrases,
@@ -71,14 +71,14 @@ def probe_frame(n_prompts: int):
 
 
 def encoded_probes(n_prompts: int, max_prompt_tokens: int = 96, max_response_tokens: int = 64):
-    from ldpipe.scoring import encode_probes
+    from ldpipe.model.scoring import encode_probes
 
     return encode_probes(tokenizer(), probe_frame(n_prompts), max_prompt_tokens=max_prompt_tokens,
                          max_response_tokens=max_response_tokens)
 
 
 def save_bench_model(model, path: Path, arch: str) -> Path:
-    from ldpipe.models import save_checkpoint
+    from ldpipe.model.lm import save_checkpoint
 
     return save_checkpoint(model, tokenizer(), path, metadata={"bench": True, "arch": arch})
 

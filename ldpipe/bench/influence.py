@@ -14,10 +14,10 @@ from ldpipe.bench.common import bench_model, encoded_probes, set_threads, timed,
 
 
 def _inputs(n_train: int, n_prompts: int, model_path: str | None, arch: str):
-    from ldpipe.scoring import encode_pair
+    from ldpipe.model.scoring import encode_pair
 
     if model_path:
-        from ldpipe.models import load_model_and_tokenizer
+        from ldpipe.model.lm import load_model_and_tokenizer
 
         model, tok = load_model_and_tokenizer(model_path)
     else:
@@ -27,7 +27,7 @@ def _inputs(n_train: int, n_prompts: int, model_path: str | None, arch: str):
                    for p, c in zip(train["prompt"].to_list(), train["chosen"].to_list())]
     if model_path:
         from ldpipe.bench.common import probe_frame
-        from ldpipe.scoring import encode_probes
+        from ldpipe.model.scoring import encode_probes
 
         enc = encode_probes(tok, probe_frame(n_prompts), max_prompt_tokens=96, max_response_tokens=64)
     else:
@@ -40,7 +40,7 @@ def _with_adapter(model):
     """A copy of `model` with a fresh LoRA adapter (r=8), only the adapter trainable."""
     import copy
 
-    from ldpipe.lora import apply_lora
+    from ldpipe.model.lora import apply_lora
     from ldpipe.spec import LoraSpec
 
     return apply_lora(copy.deepcopy(model), LoraSpec(r=8), ".", seed=0)
@@ -49,7 +49,7 @@ def _with_adapter(model):
 def bench_influence(*, quick: bool = False, threads: int | None = None, model_path: str | None = None,
                     rank: int = 32, lr: float = 1e-4, arch: str = "default", device: str | None = None) -> dict:
     from ldpipe.bench.common import bench_device
-    from ldpipe.influence import agreement, exact_entk, naive_one_step, projected_entk
+    from ldpipe.influence.entk import agreement, exact_entk, naive_one_step, projected_entk
 
     n_threads = set_threads(threads)
     dev = bench_device(device)
@@ -85,7 +85,7 @@ def bench_influence(*, quick: bool = False, threads: int | None = None, model_pa
             "spearman_exact_vs_naive": en["spearman"], "relerr_exact_vs_naive": en["relative_error"],
             "exact_lora_s": t_lora, "lora_speedup_vs_exact": t_exact / t_lora, "lora_parameters": lora_params,
         })
-    from ldpipe.models import count_parameters
+    from ldpipe.model.lm import count_parameters
 
     last = results[-1]
     met = (last["projected_speedup_vs_naive"] >= 50 and last["spearman_projected_vs_exact"] >= 0.9

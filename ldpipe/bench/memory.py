@@ -22,7 +22,7 @@ def _child(workload: str, size: str, n_prompts: int, n_train: int, device: str) 
     import torch
 
     from ldpipe.bench.common import bench_model, encoded_probes, tokenizer, world
-    from ldpipe.models import count_parameters
+    from ldpipe.model.lm import count_parameters
 
     torch.set_num_threads(int(os.environ.get("LDPIPE_BENCH_THREADS", "1")))
     dev = torch.device(device)
@@ -30,14 +30,14 @@ def _child(workload: str, size: str, n_prompts: int, n_train: int, device: str) 
     model.eval()
     enc = encoded_probes(n_prompts)
     if workload == "scoring":
-        from ldpipe.scoring import score_probes
+        from ldpipe.model.scoring import score_probes
 
         score_probes(model, enc)
     elif workload.startswith("influence"):
         import polars as pl
 
-        from ldpipe.influence import exact_entk, projected_entk
-        from ldpipe.scoring import encode_pair
+        from ldpipe.influence.entk import exact_entk, projected_entk
+        from ldpipe.model.scoring import encode_pair
 
         train = world().preferences.filter(pl.col("split") == "train").sort("example_id").head(n_train)
         tp = [encode_pair(tokenizer(), p, c, max_prompt_tokens=96, max_response_tokens=64)

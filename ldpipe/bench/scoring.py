@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from ldpipe.bench.common import set_threads, timed
-from ldpipe.scoring import SCORE_SCHEMA, EncodedProbe
+from ldpipe.model.scoring import SCORE_SCHEMA, EncodedProbe
 
 # the baseline reports the core columns only; the scorer may add more metrics
 _PADDED_SCHEMA = {k: SCORE_SCHEMA[k] for k in ("example_id", "response_type", "logp_sum", "n_tokens", "logp_mean",
@@ -52,8 +52,8 @@ def _bench_inputs(quick: bool, probes_path: str | None, n_prompts: int | None, a
     model.config.max_position_embeddings = max(model.config.max_position_embeddings, 512)
     if not probes_path:
         return model, encoded_probes(n), "built-in synthetic default"
-    from ldpipe.data import load_reference_probes
-    from ldpipe.scoring import encode_probes
+    from ldpipe.data.loaders import load_reference_probes
+    from ldpipe.model.scoring import encode_probes
 
     probes = load_reference_probes(probes_path)
     keep = probes["example_id"].unique(maintain_order=True).head(n).to_list()
@@ -77,8 +77,8 @@ def bench_scoring(*, quick: bool = False, probes_path: str | None = None, n_prom
     from ldpipe.bench.common import bench_device
     from ldpipe.bench.flops import full_sequence_flops, measured_peak, model_shape, shared_prefix_flops
     from ldpipe.errors import LdpipeError
-    from ldpipe.models import count_parameters
-    from ldpipe.scoring import score_naive, score_probes
+    from ldpipe.model.lm import count_parameters
+    from ldpipe.model.scoring import score_naive, score_probes
 
     if autocast not in ("fp32", "bf16"):
         raise LdpipeError(f"--autocast must be fp32 or bf16, got {autocast!r}")

@@ -19,7 +19,7 @@ from ldpipe.bench.common import Timer
 def make_store(root: Path, rows: int, *, runs: int = 10, types: int = 10, evals: int = 51, seed: int = 0) -> dict:
     """Write about `rows` trajectory rows: runs x evals shards of examples x types rows each."""
     from ldpipe.schema import TRAJECTORY_SCHEMA
-    from ldpipe.store import Store
+    from ldpipe.store.shards import Store
 
     examples = max(1, -(-rows // (runs * types * evals)))   # at least `rows` rows
     rng = np.random.default_rng(seed)
@@ -63,7 +63,7 @@ def _polars_curves(root: Path) -> pl.DataFrame:
 
 def bench_sql(*, quick: bool = False, threads: int | None = None, rows: int | None = None,
               repeats: int = 3) -> dict:
-    from ldpipe.catalog import connect_readonly, refresh_catalog
+    from ldpipe.store.catalog import connect_readonly, refresh_catalog
     from ldpipe.paths import project_dir
 
     target = rows or (1_000_000 if quick else 10_000_000)

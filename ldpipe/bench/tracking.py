@@ -25,8 +25,8 @@ def _train_examples() -> list[tuple[str, str]]:
 def _run(model_path: Path, store_root: Path, probes, *, epochs: float, eval_every: int, batch_size: int,
          tag: str, device: str, autocast: str) -> float:
     from ldpipe.spec import RunSpec
-    from ldpipe.store import Store
-    from ldpipe.train import run_training
+    from ldpipe.store.shards import Store
+    from ldpipe.training.loop import run_training
 
     examples = _train_examples()
     # no resume checkpoints: their disk writes would dilute the overhead (the load and final save stay in)
@@ -43,7 +43,7 @@ def _work(shape, probes, epochs: float) -> tuple[float, float]:
     """(training work of the whole run, scoring work of one evaluation) in model FLOPs (bench.flops)."""
     from ldpipe.bench.common import tokenizer
     from ldpipe.bench.flops import shared_prefix_flops, training_flops
-    from ldpipe.scoring import encode_pair
+    from ldpipe.model.scoring import encode_pair
 
     enc = [encode_pair(tokenizer(), p, c, max_prompt_tokens=96, max_response_tokens=64) for p, c in _train_examples()]
     one_epoch = training_flops(shape, [(len(p), len(r)) for p, r in enc])

@@ -5,7 +5,7 @@
   catalog -> <exp>/influence_heatmap (PNG in metadata)
 
 Each writes one shard per run (partition run_id) into its store table and refreshes the catalog.
-The work lives in ldpipe.analysis.influence_runs.
+The work lives in ldpipe.influence.runs.
 """
 
 import dagster as dg
@@ -16,7 +16,7 @@ from ldpipe.defs.common import CATALOG_KEY, md_table, png_markdown
 from ldpipe.defs.resources import Compute, LdpipeHome
 from ldpipe.schema import AKG_SCHEMA, INFLUENCE_AGREEMENT_SCHEMA, INFLUENCE_HEATMAP_SCHEMA, INFLUENCE_SCHEMA
 from ldpipe.spec import ExperimentSpec
-from ldpipe.store import Store
+from ldpipe.store.shards import Store
 
 
 def _write(files, table: str, df: pl.DataFrame, run_id: str, schema: dict) -> None:
@@ -24,7 +24,7 @@ def _write(files, table: str, df: pl.DataFrame, run_id: str, schema: dict) -> No
 
 
 def influence_assets(spec: ExperimentSpec) -> list:
-    from ldpipe.analysis import influence_runs as ir
+    from ldpipe.influence import runs as ir
 
     runs = ir.influence_runs(spec)
     if not runs:

@@ -1,6 +1,6 @@
 """Training assets of one experiment: <exp>/base_model -> <exp>/run_<name> (pool "gpu") -> <exp>/paper_directions.
 
-A run asset trains out of process: it launches `python -m ldpipe.worker train --pipes` through Dagster Pipes
+A run asset trains out of process: it launches `python -m ldpipe.training.worker train --pipes` through Dagster Pipes
 (`PipesSubprocessClient`), which streams the trainer's logs, metadata and measured checks back. Why a subprocess:
 torch training holds the CPU/GPU and the GIL for minutes; in the step process it would starve heartbeats, a crash
 (OOM, segfault) would take the step process down with it, and a terminated run could leave it running. Through
@@ -25,8 +25,8 @@ from ldpipe.defs.probes import probe_keys
 from ldpipe.defs.resources import Compute, LdpipeHome
 from ldpipe.errors import SpecError
 from ldpipe.spec import ExperimentSpec, RunSpec, apply_run_overrides
-from ldpipe.store import Store, scratch_dir
-from ldpipe.worker import ERROR_FILE_ENV
+from ldpipe.store.shards import Store, scratch_dir
+from ldpipe.training.worker import ERROR_FILE_ENV
 
 # How long the worker gets to stop after SIGINT before the step gives up waiting.
 TERMINATION_TIMEOUT_S = 30
@@ -106,7 +106,7 @@ def _run_asset(spec: ExperimentSpec, declared: RunSpec):
               check_specs=checks, tags={"ldpipe/algo": declared.algo},
               description=f"{declared.algo.upper()} run '{declared.name}' from {origin} with probe tracking every "
                           f"{declared.eval_every} steps; trajectories go to the Parquet store. Trains in a "
-                          f"subprocess (`python -m ldpipe.worker`) through Dagster Pipes.")
+                          f"subprocess (`python -m ldpipe.training.worker`) through Dagster Pipes.")
     def run_asset(context: dg.AssetExecutionContext, config: RunOverrides, ldpipe_home: LdpipeHome,
                   compute: Compute) -> dg.MaterializeResult:
         try:
@@ -132,8 +132,8 @@ def _run_asset(spec: ExperimentSpec, declared: RunSpec):
 
 def worker_command(nproc_per_node: int = 1) -> list[str]:
     """The trainer's command line: the worker itself, or torchrun starting `nproc_per_node` data-parallel
-    copies of it (ldpipe.distributed; rank 0 talks to Pipes)."""
-    worker = ["-m", "ldpipe.worker", "train", "--pipes"]
+    copies of it (ldpipe.training.distributed; rank 0 talks to Pipes)."""
+    worker = ["-m", "ldpipe.training.worker", "train", "--pipes"]
     if nproc_per_node < 1:
         raise dg.Failure(description=f"Compute.nproc_per_node must be >= 1, got {nproc_per_node}")
     if nproc_per_node == 1:

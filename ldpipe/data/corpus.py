@@ -4,7 +4,7 @@ The base model must know the language of the data but not the answers it is late
 (otherwise a "rise" of y+ under SFT would partly be memory). So, by source:
 - a declared `model.corpus` file: used as it is (.txt: documents separated by blank lines; .jsonl: a "text"
   field per line);
-- the synthetic world: its own corpus (ldpipe.synthetic keeps it free of every SFT and probe sentence);
+- the synthetic world: its own corpus (ldpipe.data.synthetic keeps it free of every SFT and probe sentence);
 - any other dataset: every row's prompt (a question is not its answer), plus the chosen and rejected
   responses of the rows that no declared run trains on and no probe uses: training rows (the first
   `n_train` of the train split in file order; every train row when a run has no cap), probe prompts, and
@@ -83,7 +83,7 @@ def read_corpus_file(path: str | Path, *, max_rows: int | None = None) -> list[s
 
 def from_dataset(spec, prefs: pl.DataFrame, probes: pl.DataFrame | None) -> Corpus:
     """Prompts of every row; responses of the rows neither trained on nor probed (module docstring)."""
-    from ldpipe.pipeline import training_rows   # the rows each declared run trains on (file order, n_train)
+    from ldpipe.data.selection import training_rows  # the rows each declared run trains on (file order, n_train)
 
     trained = {ex for r in spec.runs for ex in training_rows(prefs, r)["example_id"].to_list()}
     probed_ids = set(probes["example_id"].to_list()) if probes is not None else set()
@@ -119,7 +119,7 @@ def base_corpus(spec, prefs_path: Path, probes_path: Path, world_path: Path) -> 
         docs = read_corpus_file(p)
         return Corpus(docs, f"file {p} ({len(docs)} documents)", {"documents": len(docs)})
     if spec.dataset.kind == "synthetic":
-        from ldpipe.synthetic import SyntheticWorld
+        from ldpipe.data.synthetic import SyntheticWorld
 
         world = SyntheticWorld.load(world_path)
         return Corpus(list(world.corpus), f"the synthetic world's corpus ({len(world.corpus)} documents)",

@@ -23,7 +23,7 @@ from ldpipe.schema import ONPOLICY_PAIRS_TABLE_SCHEMA, TRAIN_METRICS_SCHEMA, TRA
 from ldpipe.schema import GENERATION_BORROWING_SCHEMA, GENERATION_STATS_SCHEMA, WIN_RATE_JUDGMENT_SCHEMA
 from ldpipe.schema import AKG_SCHEMA, INFLUENCE_AGREEMENT_SCHEMA, INFLUENCE_HEATMAP_SCHEMA, INFLUENCE_SCHEMA
 from ldpipe.schema import PROBE_PAIRS_SCHEMA, PROBE_TRUNCATION_SCHEMA
-from ldpipe.store import Store, remove_stale_temps
+from ldpipe.store.shards import Store, remove_stale_temps
 
 KNOWN_TABLES: dict[str, dict[str, pl.DataType]] = {
     "trajectories": TRAJECTORY_SCHEMA,
@@ -246,7 +246,7 @@ def _single_select(path: Path) -> str:
 def connect_readonly(catalog_path: Path) -> duckdb.DuckDBPyConnection:
     catalog_path = Path(catalog_path)
     if not catalog_path.is_file():
-        raise LdpipeError(f"no catalog at {catalog_path}: refresh the catalog first (ldpipe.catalog.refresh_catalog)")
+        raise LdpipeError(f"no catalog at {catalog_path}: refresh the catalog first (ldpipe.store.catalog.refresh_catalog)")
     try:
         return duckdb.connect(str(catalog_path), read_only=True, config=dict(_READER_CONFIG))
     except duckdb.Error as e:
@@ -367,3 +367,13 @@ def query(catalog_path: Path, sql: str) -> pl.DataFrame:
         raise LdpipeError(f"query failed: the result cannot be converted: {str(e).splitlines()[0]}") from None
     finally:
         con.close()
+
+
+def refresh(files, sql_dir: Path | None = None) -> dict:
+    """Rebuild the catalog of an ldpipe home (`files`: its Paths or an experiment's layout) with the built-in
+    views and the project's sql/."""
+    from ldpipe.paths import sql_dirs
+
+    paths = getattr(files, "paths", files)
+    return refresh_catalog(paths.catalog, paths.store, sql_dirs(sql_dir))
+

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterable, Protocol, Sequence
 
 from ldpipe.errors import LdpipeError
-from ldpipe.synthetic import ANSWERS, ATTRIBUTES, QUESTIONS, SUPPORTS, VALUES
+from ldpipe.data.synthetic import ANSWERS, ATTRIBUTES, QUESTIONS, SUPPORTS, VALUES
 
 
 class Reward(Protocol):

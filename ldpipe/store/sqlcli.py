@@ -12,7 +12,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from ldpipe.atomic import write_with
-from ldpipe.catalog import query, relocate_if_moved, store_roots
+from ldpipe.store.catalog import query, relocate_if_moved, store_roots
 from ldpipe.errors import LdpipeError
 from ldpipe.paths import Paths
 

@@ -12,7 +12,7 @@ from typing import Sequence
 
 import torch
 
-from ldpipe.models import attention_without_cudnn, eval_mode
+from ldpipe.model.lm import attention_without_cudnn, eval_mode
 
 
 @dataclass(frozen=True)

@@ -201,7 +201,7 @@ def build_probe_set(preferences: pl.DataFrame, recipe: ProbeRecipe, *, rephrases
     recipe.validate()
     prefs = _validate_preferences(preferences)
     if human_sentence is None:
-        from ldpipe.synthetic import human_sentence
+        from ldpipe.data.synthetic import human_sentence
     train = prefs.filter(pl.col("split") == "train")
     test = prefs.filter(pl.col("split") == "test")
     if train.height < recipe.n_examples:

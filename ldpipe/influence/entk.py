@@ -15,7 +15,7 @@ A plain SGD step theta' = theta + eta * d_i changes a probe's log-prob by, to fi
     Delta log pi(y_j|x_j) ~= eta * (d_i . g_j)          (the "eNTK" entry K[i, j])
 
 For Adam/RMSprop the step is eta * clip * (P * d_i) with P ~ 1/(sqrt(v) + eps) per parameter
-(docs/glossary.md#entk; ldpipe.optim_state.preconditioner builds P from a checkpoint's saved optimizer state); `precond` and `clip_factor` apply that on the training side only. Losses that are batch
+(docs/glossary.md#entk; ldpipe.training.optim_state.preconditioner builds P from a checkpoint's saved optimizer state); `precond` and `clip_factor` apply that on the training side only. Losses that are batch
 MEANS scale each example by 1/B: pass lr/B (or a weight) for a per-example prediction.
 
 Three ways to get K (docs/glossary.md#entk):
@@ -29,7 +29,7 @@ splits one entry into the paper's A·K·G factors at one observed position (tiny
 the V x P Jacobian); `akg_factors` gives the same factors' summaries at every observed position
 from one Jacobian-vector product (any model size), with the realised change of a real SGD step.
 `naive_optimizer_step` is the validator with the run's real optimizer (Adam/RMSprop, clipping), fresh or
-loaded with a checkpoint's state (ldpipe.optim_state), minus its zero-gradient drift (`optimizer_drift`).
+loaded with a checkpoint's state (ldpipe.training.optim_state), minus its zero-gradient drift (`optimizer_drift`).
 """
 from __future__ import annotations
 
@@ -43,9 +43,9 @@ import torch
 import torch.nn as nn
 
 from ldpipe.errors import LdpipeError
-from ldpipe.losses import preference_coefficient
-from ldpipe.models import eval_mode
-from ldpipe.scoring import batch_logps
+from ldpipe.training.losses import preference_coefficient
+from ldpipe.model.lm import eval_mode
+from ldpipe.model.scoring import batch_logps
 
 Pair = tuple[list[int], list[int]]
 Precond = dict[str, torch.Tensor]
@@ -670,7 +670,7 @@ def naive_optimizer_step(model: nn.Module, loss_fn: Callable[[nn.Module], torch.
     The step is what training does: backward, clip_grad_norm_(max_grad_norm), the gradient times
     `grad_scale` (e.g. the run's recorded clip factor of the whole batch), optimizer.step() with the
     optimizer from `optimizer_factory` (called once per step: a fresh one, or one loaded with a
-    checkpoint's state, see ldpipe.optim_state.load_into). A loaded Adam moves the weights even for a zero
+    checkpoint's state, see ldpipe.training.optim_state.load_into). A loaded Adam moves the weights even for a zero
     gradient (momentum drift); pass `drift` (from `optimizer_drift`) to subtract that part, leaving the
     example's own effect. Parameters without a gradient get a zero one, so drift and step cover the same
     parameters. Returns (delta, {"grad_norm", "clip_factor"}).

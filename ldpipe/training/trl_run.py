@@ -2,10 +2,10 @@
 callback, so the same YAML run (SFT, DPO, IPO, cDPO, `start_from` chains, `lora:`) can run on the trainer most
 researchers use, and still record every probe's log-probability in the store.
 
-What carries over from ldpipe's own loop (ldpipe.train): the start checkpoint, the optimizer (AdamW with betas
+What carries over from ldpipe's own loop (ldpipe.training.loop): the start checkpoint, the optimizer (AdamW with betas
 (0.9, 0.95) and no weight decay, or RMSprop), lr with linear warmup then constant, gradient clipping, the number
 of optimizer steps (epochs x ceil(examples / batch_size)), the seed, the final checkpoint's folder and metadata, and
-the store rows (ldpipe.callback). What is TRL's own: the data order (the Trainer's seeded sampler), the SFT loss
+the store rows (ldpipe.training.callback). What is TRL's own: the data order (the Trainer's seeded sampler), the SFT loss
 (the mean NLL over completion tokens, where ldpipe sums over each sequence; the README's "Agreement with TRL"
 gives each convention), and truncation (the sequence's end is kept, `max_prompt_tokens + max_response_tokens`).
 Resume: TRL's own checkpoints every `checkpoint_every` steps under `<run dir>/trl/`, continued on a rerun.
@@ -20,10 +20,10 @@ from typing import Any, Sequence
 
 import polars as pl
 
-from ldpipe.callback import ProbeTrackingCallback
+from ldpipe.training.callback import ProbeTrackingCallback
 from ldpipe.errors import LdpipeError
 from ldpipe.spec import RunSpec
-from ldpipe.store import Store
+from ldpipe.store.shards import Store
 
 
 def _world_size() -> int:
@@ -70,14 +70,14 @@ def run_trl(run: RunSpec, *, run_id: str, config_hash: str, model_path: Path | s
             examples: Sequence[tuple[str, ...]], probes: pl.DataFrame, store: Store, out_dir: Path,
             max_prompt_tokens: int, max_response_tokens: int, device: str = "auto", step_offset: int = 0,
             checkpoint_metadata: dict | None = None, log=print):
-    """Train `run` with TRL from `model_path`, tracking `probes`; returns ldpipe.train.TrainResult."""
+    """Train `run` with TRL from `model_path`, tracking `probes`; returns ldpipe.training.loop.TrainResult."""
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
 
-    from ldpipe.lora import apply_lora, is_peft
-    from ldpipe.models import load_model_and_tokenizer, resolve_device, save_checkpoint
-    from ldpipe.optim_state import save_optimizer_state
-    from ldpipe.train import TrainResult, keep_other_config, seed_everything
+    from ldpipe.model.lora import apply_lora, is_peft
+    from ldpipe.model.lm import load_model_and_tokenizer, resolve_device, save_checkpoint
+    from ldpipe.training.optim_state import save_optimizer_state
+    from ldpipe.training.loop import TrainResult, keep_other_config, seed_everything
 
     if not examples:
         raise LdpipeError(f"run {run_id}: no training examples")
@@ -145,7 +145,7 @@ def fix_resume_weights(trainer: Any) -> None:
     `from_pretrained`, which maps the names. Adapter checkpoints (peft) are not affected."""
     from safetensors import safe_open
 
-    from ldpipe.lora import is_peft
+    from ldpipe.model.lora import is_peft
 
     original = trainer._load_from_checkpoint
 

@@ -376,7 +376,7 @@ def save_checkpoint(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, 
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
     if tmp.exists():
         shutil.rmtree(tmp)
-    from ldpipe import lora
+    from ldpipe.model import lora
 
     if lora.is_peft(model):   # the adapter alone is saved; ldpipe.json says where its base weights are
         metadata = {**(metadata or {}), **lora.checkpoint_metadata(model, path)}
@@ -415,7 +415,7 @@ def _sweep_dead_siblings(path: Path) -> None:
 
 
 def is_checkpoint(path: Path) -> bool:
-    """A complete model folder: full weights (config.json) or a LoRA adapter (ldpipe.lora)."""
+    """A complete model folder: full weights (config.json) or a LoRA adapter (ldpipe.model.lora)."""
     path = Path(path)
     return (path / "config.json").is_file() or (path / "adapter_config.json").is_file()
 
@@ -436,7 +436,7 @@ def _model_source(name_or_path: str | Path) -> str:
     name = str(name_or_path)
     p = Path(name).expanduser()
     if p.exists():
-        if p.is_dir() and (p / "adapter_config.json").is_file():   # a LoRA checkpoint (ldpipe.lora)
+        if p.is_dir() and (p / "adapter_config.json").is_file():   # a LoRA checkpoint (ldpipe.model.lora)
             return str(p)
         if not p.is_dir() or not (p / "config.json").is_file():
             raise LdpipeError(f"model path {str(p)!r} holds no model (no config.json)")
@@ -483,7 +483,7 @@ def load_model_and_tokenizer(
     source = _model_source(name_or_path)
     dev = resolve_device(device)
     tokenizer = load_tokenizer(name_or_path, local_files_only=local_files_only)
-    from ldpipe import lora
+    from ldpipe.model import lora
 
     if lora.is_adapter_dir(source):   # base + adapter, the adapter trainable (influence over it alone)
         base, _ = load_model_and_tokenizer(lora.base_of(Path(source), read_metadata(Path(source))), device=dev,

@@ -15,6 +15,10 @@ import torch
 import torch.nn.functional as F
 
 PreferenceStats = dict[str, torch.Tensor]
+# the TRL-style names of reward_stats -> the train_metrics columns that hold them (ldpipe.schema)
+STAT_COLUMNS = {"rewards/chosen": "rewards_chosen", "rewards/rejected": "rewards_rejected",
+                "rewards/accuracies": "rewards_accuracy", "rewards/margins": "rewards_margin"}
+REWARD_COLUMNS = tuple(STAT_COLUMNS.values())
 
 
 def sft_loss(logp: torch.Tensor) -> torch.Tensor:

@@ -27,7 +27,7 @@ import torch
 
 from ldpipe.atomic import free_space, fsync_dir, is_disk_full
 from ldpipe.errors import LdpipeError
-from ldpipe.store import Store
+from ldpipe.store.shards import Store
 
 RESUME_DIR = "resume"
 SNAPSHOT_DIR = "checkpoints"

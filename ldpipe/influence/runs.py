@@ -1,6 +1,6 @@
 """Influence analyses of a declared run (issue 5): the eNTK matrix, its agreement checks, A-K-G, the heat map.
 
-The math lives in `ldpipe.influence`; this module maps a run onto it:
+The math lives in `ldpipe.influence.entk`; this module maps a run onto it:
 - checkpoints: the run's start (base model or parent's final), snapshots at
   <run_dir>/checkpoints/step-XXXXXXX (evenly thinned to `max_snapshots`), and <run_dir>/final;
 - updates: the run's loss at the checkpoint as coefficients on per-sequence gradients
@@ -11,7 +11,7 @@ The math lives in `ldpipe.influence`; this module maps a run onto it:
   1/B of the step, and the recorded clip factor scales all of it.
 - Adam/RMSprop (docs/glossary.md#entk): `exact` / `projected` are the SGD direction. Where the checkpoint holds the run's
   optimizer state (<ckpt>/optimizer_state.pt, written by train.py with snapshots and the final model),
-  `exact_precond` / `projected_precond` apply the preconditioner P of ldpipe.optim_state.preconditioner:
+  `exact_precond` / `projected_precond` apply the preconditioner P of ldpipe.training.optim_state.preconditioner:
   the first-order effect of one example's gradient on the NEXT update (Adam: (1-b1)/(1-b1^(t+1)) /
   (sqrt(b2 v/(1-b2^(t+1))) + eps); later momentum carry-over and the g^2 effect on v ignored). The
   `start` checkpoint always has a fresh optimizer (Adam's first step ~lr*sign(g) has no linearisation):
@@ -37,9 +37,9 @@ import torch
 
 from ldpipe.analysis.plots import figure_png, subplots
 from ldpipe.errors import LdpipeError
-from ldpipe.influence import (Update, agreement, akg_factors, exact_entk, naive_one_step, naive_optimizer_step,
+from ldpipe.influence.entk import (Update, agreement, akg_factors, exact_entk, naive_one_step, naive_optimizer_step,
                               optimizer_drift, per_sequence_gradients, projected_entk, untouched_moved)
-from ldpipe.optim_state import load_into, load_optimizer_state, preconditioner, untouched
+from ldpipe.training.optim_state import load_into, load_optimizer_state, preconditioner, untouched
 from ldpipe.schema import AKG_SCHEMA, INFLUENCE_AGREEMENT_SCHEMA, INFLUENCE_HEATMAP_SCHEMA, INFLUENCE_SCHEMA
 from ldpipe.spec import EXTEND_SUPERVISE, ExperimentSpec, InfluenceSpec, RunSpec
 
@@ -67,8 +67,8 @@ class Checkpoint:
 
 
 def run_checkpoints(spec: ExperimentSpec, run: RunSpec, files, inf: InfluenceSpec | None = None) -> list[Checkpoint]:
-    from ldpipe.models import is_checkpoint, read_metadata
-    from ldpipe.pipeline import start_point
+    from ldpipe.model.lm import is_checkpoint, read_metadata
+    from ldpipe.training.runs import start_point
 
     inf = inf or spec.influence
     final = files.run_dir(run) / "final"
@@ -101,7 +101,7 @@ def step_scales(spec: ExperimentSpec, run: RunSpec, files, steps: list[int]) -> 
 
 def step_factors(spec: ExperimentSpec, run: RunSpec, files, steps: list[int]) -> dict[int, tuple[float, float]]:
     """(lr_t, clip_t) per checkpoint step: of the step taken FROM that checkpoint (the last step for final)."""
-    from ldpipe.store import Store
+    from ldpipe.store.shards import Store
 
     metrics = Store(files.paths.store).read("train_metrics", run_id=spec.run_id(run))
     out = {}
@@ -128,7 +128,8 @@ class Unit:
 
 def training_units(spec: ExperimentSpec, run: RunSpec, files) -> list[Unit]:
     """The run's training examples with ids, as pipeline._training_examples forms them."""
-    from ldpipe.pipeline import load_preferences_file, load_probes_file, training_rows
+    from ldpipe.layout import load_preferences_file, load_probes_file
+    from ldpipe.data.selection import training_rows
 
     train = training_rows(load_preferences_file(files), run)
     rows = train.select("example_id", "prompt", "chosen", "rejected").rows()
@@ -146,7 +147,7 @@ def training_units(spec: ExperimentSpec, run: RunSpec, files) -> list[Unit]:
 def observed_probes(spec: ExperimentSpec, files, inf: InfluenceSpec | None = None,
                     types: tuple[str, ...] | None = None) -> pl.DataFrame:
     """Probe rows of `n_probe_prompts` seeded-random probe prompts (every type, or `types`)."""
-    from ldpipe.pipeline import load_probes_file
+    from ldpipe.layout import load_probes_file
 
     inf = inf or spec.influence
     probes = load_probes_file(files)
@@ -181,13 +182,13 @@ class _RunLoss:
     def reference(run: RunSpec, model, pairs: list[tuple[Pair, Pair | None]]) -> torch.Tensor | None:
         if run.algo == "sft":
             return None
-        from ldpipe.scoring import batch_logps
+        from ldpipe.model.scoring import batch_logps
 
         with torch.no_grad():
             return torch.stack([batch_logps(model, [c, r])[0] for c, r in pairs]).double()
 
     def _margins(self, model) -> list[float]:
-        from ldpipe.scoring import batch_logps
+        from ldpipe.model.scoring import batch_logps
 
         with torch.no_grad():
             pol = torch.stack([batch_logps(model, [c, r])[0] for c, r in self.pairs]).double()
@@ -196,7 +197,7 @@ class _RunLoss:
     def updates(self, model) -> list[Update]:
         if self.run.algo == "sft":
             return [Update(((c, 1.0),)) for c, _ in self.pairs]
-        from ldpipe.losses import preference_coefficient
+        from ldpipe.training.losses import preference_coefficient
 
         out = []
         for (c, r), m in zip(self.pairs, self._margins(model)):
@@ -206,8 +207,8 @@ class _RunLoss:
         return out
 
     def loss_fn(self, i: int):
-        from ldpipe.losses import dpo_loss, ipo_loss
-        from ldpipe.scoring import batch_logps
+        from ldpipe.training.losses import dpo_loss, ipo_loss
+        from ldpipe.model.scoring import batch_logps
 
         c, r = self.pairs[i]
         B = self.run.batch_size  # one example's share of a batch-mean loss
@@ -224,7 +225,7 @@ class _RunLoss:
 
 
 def _encode_units(tok, spec: ExperimentSpec, units: list[Unit]) -> list[tuple[Pair, Pair | None]]:
-    from ldpipe.scoring import encode_pair
+    from ldpipe.model.scoring import encode_pair
 
     kw = {"max_prompt_tokens": spec.probes.max_prompt_tokens, "max_response_tokens": spec.probes.max_response_tokens}
     out = []
@@ -235,7 +236,7 @@ def _encode_units(tok, spec: ExperimentSpec, units: list[Unit]) -> list[tuple[Pa
 
 
 def _encode_observed(tok, spec: ExperimentSpec, probes: pl.DataFrame) -> tuple[list[Pair], list[tuple[str, str]]]:
-    from ldpipe.scoring import encode_probes
+    from ldpipe.model.scoring import encode_probes
 
     enc = encode_probes(tok, probes, max_prompt_tokens=spec.probes.max_prompt_tokens,
                         max_response_tokens=spec.probes.max_response_tokens, source="influence probes")
@@ -272,7 +273,7 @@ class _RunContext:
     """Everything shared by a run's analyses: checkpoints, step sizes, units, observed probes, reference."""
 
     def __init__(self, spec: ExperimentSpec, run: RunSpec, files, device: str):
-        from ldpipe.models import load_model_and_tokenizer, resolve_device
+        from ldpipe.model.lm import load_model_and_tokenizer, resolve_device
 
         self.spec, self.run, self.files, self.inf = spec, run, files, spec.influence
         self.dev = resolve_device(device)
@@ -286,7 +287,7 @@ class _RunContext:
         if not self.units:
             raise LdpipeError(f"run {self.run_id}: no training examples to analyse")
         self._load = load_model_and_tokenizer
-        from ldpipe.pipeline import start_point
+        from ldpipe.training.runs import start_point
 
         self.start_path = start_point(spec, run, files).path
         self._ref = None
@@ -294,7 +295,7 @@ class _RunContext:
     def load(self, ckpt: Checkpoint):
         model, tok = self._load(ckpt.path, device=self.dev)
         if self.run.lora is not None:   # the start of a LoRA run: the adapter as training initialised it
-            from ldpipe.lora import apply_lora
+            from ldpipe.model.lora import apply_lora
 
             model = apply_lora(model, self.run.lora, ckpt.path, seed=self.run.seed).to(self.dev)
         return model, tok
@@ -379,7 +380,7 @@ def _compute_influence(spec, run, files, *, device, log):
                     for i in range(min(inf.n_naive, len(updates))):
                         emit(method, i, naive_one_step(model, updates, obs_pairs, lr=eta, i=i))
                 else:  # naive_optimizer: the run's optimizer as it stood at the checkpoint
-                    from ldpipe.train import make_optimizer
+                    from ldpipe.training.loop import make_optimizer
 
                     def factory(ps, st=st):
                         opt = _fresh_optimizer(make_optimizer, run, ps, lr_t)
@@ -497,8 +498,8 @@ def compute_heatmap(spec: ExperimentSpec, run: RunSpec, files, *, device: str = 
 
 
 def _compute_heatmap(spec, run, files, *, device, log):
-    from ldpipe.losses import preference_coefficient
-    from ldpipe.scoring import batch_logps
+    from ldpipe.training.losses import preference_coefficient
+    from ldpipe.model.scoring import batch_logps
 
     ctx = _RunContext(spec, run, files, device)
     inf = ctx.inf

@@ -1,6 +1,6 @@
 """Probe tracking inside any Hugging Face `transformers.Trainer` (TRL's SFTTrainer and DPOTrainer included).
 
-    from ldpipe.callback import ProbeTrackingCallback
+    from ldpipe.training.callback import ProbeTrackingCallback
     trainer = SFTTrainer(..., callbacks=[ProbeTrackingCallback(probes, "store/", run_id="mine.sft")])
 
 Every `eval_every` optimizer steps (and at step 0 and the last step) the callback scores the probe set with
@@ -22,23 +22,22 @@ from typing import Any, Callable, Sequence
 import polars as pl
 from transformers import TrainerCallback
 
-from ldpipe import resume
+from ldpipe.training import resume
 from ldpipe.schema import TRAIN_METRICS_SCHEMA, TRAJECTORY_SCHEMA
-from ldpipe.scoring import EncodedProbe, encode_probes, score_probes
-from ldpipe.store import Store
+from ldpipe.model.scoring import EncodedProbe, encode_probes, score_probes
+from ldpipe.training.losses import STAT_COLUMNS
+from ldpipe.store.shards import Store
 
 RUN_TABLES = ("trajectories", "train_metrics")
 # trainer log keys -> train_metrics columns (TRL's DPO logs rewards/*; `loss` and `grad_norm` every trainer logs)
-_LOG_COLUMNS = {"loss": "loss", "grad_norm": "grad_norm", "learning_rate": "lr",
-                "rewards/chosen": "rewards_chosen", "rewards/rejected": "rewards_rejected",
-                "rewards/accuracies": "rewards_accuracy", "rewards/margins": "rewards_margin"}
+_LOG_COLUMNS = {"loss": "loss", "grad_norm": "grad_norm", "learning_rate": "lr", **STAT_COLUMNS}
 
 
 class ProbeTrackingCallback(TrainerCallback):
     """Score `probes` every `eval_every` optimizer steps of a Trainer run and write ldpipe store rows.
 
     probes: a probe table (ldpipe.schema.PROBE_SCHEMA: example_id, response_type, prompt, response), a Parquet
-        file of one, or already encoded probes (ldpipe.scoring.EncodedProbe).
+        file of one, or already encoded probes (ldpipe.model.scoring.EncodedProbe).
     store: an ldpipe Store or its root folder (e.g. `<ldpipe home>/store`).
     run_id / config_hash / phase: the identity columns of every row (phase: "sft", "dpo", "ipo", ...).
     tokenizer: encodes `probes`; default: the trainer's processing class.

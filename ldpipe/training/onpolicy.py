@@ -7,7 +7,7 @@ runs on the fresh pairs against a frozen copy of the starting model (the referen
 pairs are computed on the spot. Refreshing every step on the batch's own prompts is the purest form: each pair
 comes from the very policy it updates.
 
-Scorers: a built-in reward function (ldpipe.rewards) or an OpenAI-compatible judge (pointwise 1-10 scores, or
+Scorers: a built-in reward function (ldpipe.training.rewards) or an OpenAI-compatible judge (pointwise 1-10 scores, or
 pairwise A/B verdicts in both orders turned into win counts). An unparsable verdict is counted; pairwise it is a tie, pointwise
 the sample gets no score (it can be neither chosen nor rejected).
 """
@@ -21,10 +21,10 @@ from typing import Protocol, Sequence
 import polars as pl
 import torch
 
-from ldpipe.generate import GenerationConfig, generate
-from ldpipe.losses import dpo_loss, ipo_loss
-from ldpipe.rewards import Reward, RewardContext, make_reward
-from ldpipe.scoring import batch_logps, encode_pair
+from ldpipe.model.generate import GenerationConfig, generate
+from ldpipe.training.losses import dpo_loss, ipo_loss
+from ldpipe.training.rewards import Reward, RewardContext, make_reward
+from ldpipe.model.scoring import batch_logps, encode_pair
 from ldpipe.spec import OnPolicySpec, RunSpec, ScorerSpec
 
 Ids = list[int]
@@ -186,7 +186,7 @@ class OnPolicyObjective:
         self.ref_model = copy.deepcopy(model).eval().requires_grad_(False)
         self.device = dev
 
-    # Resume checkpoints (ldpipe.resume) keep the step (it seeds the sampling) and the reference's weights: a
+    # Resume checkpoints (ldpipe.training.resume) keep the step (it seeds the sampling) and the reference's weights: a
     # resumed run loads the policy's later weights, so the starting model is gone by then.
     def state_dict(self) -> dict:
         if self.ref_model is None:
@@ -228,7 +228,7 @@ class OnPolicyObjective:
         self._ensure_ref(model, dev)
         if self.ref_model is None:
             raise RuntimeError("OnPolicyObjective.prepare must run before training")
-        from ldpipe.train import _STAT_COLUMNS
+        from ldpipe.training.losses import STAT_COLUMNS as _STAT_COLUMNS
 
         self.step += 1
         prompts = [self.prompts[i] for i in idx]

@@ -8,7 +8,7 @@ B's value ("hallucination borrowing") can be counted against the `facts` table.
 Answers have the entropy of real text (so that SFT cannot memorise y+ token by token, and DPO's argmax path y*
 has room to pull away from it): a chosen answer states the fact in one of several phrasings, sometimes adds a
 supporting sentence, then continues with 0-4 free-text remarks from a grammar with real branching and Zipf-skewed
-word choice (ldpipe.synthetic_remarks). Lengths spread like chat answers (about 6 to 60 words).
+word choice (ldpipe.data.synthetic_remarks). Lengths spread like chat answers (about 6 to 60 words).
 
 Rejected answers are plausible text in the same language, written with the "odd" (flat) word choice that a
 model trained on chosen answers finds unlikely, and spread along a similarity-to-y+ axis (REJECTED_KINDS, the
@@ -46,7 +46,7 @@ from pathlib import Path
 
 import polars as pl
 
-from ldpipe import synthetic_remarks as R
+from ldpipe.data import synthetic_remarks as R
 from ldpipe.atomic import write_bytes, write_json, write_parquet
 from ldpipe.errors import DataValidationError
 from ldpipe.schema import PREFERENCE_SCHEMA, conform

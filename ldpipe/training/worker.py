@@ -1,4 +1,4 @@
-"""Out-of-process trainer: `python -m ldpipe.worker train ...`.
+"""Out-of-process trainer: `python -m ldpipe.training.worker train ...`.
 
 The Dagster run asset launches this through Dagster Pipes (`PipesSubprocessClient`), so torch training runs in
 its own process rather than in the code server or the step process: its logs stream to the Dagster run, its
@@ -7,15 +7,15 @@ trainer's message, and a terminated run stops it (SIGINT from Pipes; SIGTERM or 
 process also stop it). This module imports `dagster_pipes` only, never `dagster`.
 
 Without Dagster (debugging):
-    python -m ldpipe.worker train --experiment-file assets/default.yaml --run sft [--home .ldpipe]
+    python -m ldpipe.training.worker train --experiment-file assets/default.yaml --run sft [--home .ldpipe]
         [--device cpu] [--preset smoke] [--overrides '{"lr": 1e-3}']
 prints the logs, then the metadata and check results as JSON.
 
-Data-parallel (ldpipe.distributed): under torchrun every rank runs this module and trains its slice of each
+Data-parallel (ldpipe.training.distributed): under torchrun every rank runs this module and trains its slice of each
 batch; rank 0 alone opens the Pipes channel, reports, and writes files. The run asset launches
-`python -m torch.distributed.run --nproc-per-node N -m ldpipe.worker train --pipes` when the Compute resource's
+`python -m torch.distributed.run --nproc-per-node N -m ldpipe.training.worker train --pipes` when the Compute resource's
 `nproc_per_node` is above 1; by hand:
-    python -m torch.distributed.run --standalone --nproc-per-node 2 -m ldpipe.worker train \
+    python -m torch.distributed.run --standalone --nproc-per-node 2 -m ldpipe.training.worker train \
         --experiment-file ... --run-name sft     (torchrun's own parser takes "--run" for its --run-path)
 """
 from __future__ import annotations
@@ -44,11 +44,12 @@ def train_and_measure(spec, run_name: str, overrides: dict | None, *, home: str 
                       log: Callable[[str], None]) -> tuple[dict, list]:
     """Train one declared run (with launch-time overrides) and measure its checks from the stored trajectories.
     Returns (materialization metadata as (value, pipes type) pairs, list of CheckOutcome)."""
-    from ldpipe import distributed, pipeline
+    from ldpipe import pipeline
+    from ldpipe.training import distributed
     from ldpipe.analysis.directions import evaluate_run, run_trajectory
     from ldpipe.paths import Paths
     from ldpipe.spec import apply_run_overrides
-    from ldpipe.store import Store
+    from ldpipe.store.shards import Store
 
     run = apply_run_overrides(spec.run(run_name), overrides)
     if run != spec.run(run_name):
@@ -64,7 +65,7 @@ def train_and_measure(spec, run_name: str, overrides: dict | None, *, home: str 
 
 def run_metadata(info: dict) -> dict[str, tuple[Any, str]]:
     """The run asset's materialization metadata: key -> (raw value, Pipes metadata type)."""
-    from ldpipe import distributed
+    from ldpipe.training import distributed
 
     meta: dict[str, tuple[Any, str]] = {
         "run_id": (info["run_id"], "text"), "config_hash": (info["config_hash"], "text"),
@@ -134,7 +135,7 @@ def _write_error(exc: BaseException) -> None:
 def _train_pipes() -> int:
     from dagster_pipes import open_dagster_pipes
 
-    from ldpipe import distributed
+    from ldpipe.training import distributed
     from ldpipe.spec import ExperimentSpec
 
     if not distributed.is_main():
@@ -161,7 +162,7 @@ def _train_pipes_follower() -> int:
     channel per step: rank 0's)."""
     from dagster_pipes import PipesDefaultContextLoader, PipesEnvVarParamsLoader
 
-    from ldpipe import distributed
+    from ldpipe.training import distributed
     from ldpipe.spec import ExperimentSpec
 
     with PipesDefaultContextLoader().load_context(PipesEnvVarParamsLoader().load_context_params()) as data:
@@ -173,7 +174,7 @@ def _train_pipes_follower() -> int:
 
 
 def _train_cli(args: argparse.Namespace) -> int:
-    from ldpipe import distributed
+    from ldpipe.training import distributed
     from ldpipe.spec import load_experiment
 
     spec = load_experiment(Path(args.experiment_file))
@@ -191,7 +192,7 @@ def _train_cli(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m ldpipe.worker", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m ldpipe.training.worker", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     t = sub.add_parser("train", help="train one declared run")
@@ -212,15 +213,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _train_pipes() if args.pipes else _train_cli(args)
     except Stopped as e:
-        print(f"ldpipe.worker: {e}", file=sys.stderr, flush=True)
+        print(f"ldpipe.training.worker: {e}", file=sys.stderr, flush=True)
         return 130
     except Exception as e:  # noqa: BLE001  (the CLI boundary: message first, traceback after)
         _write_error(e)
         traceback.print_exc()
-        print(f"ldpipe.worker: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+        print(f"ldpipe.training.worker: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
         return 1
     finally:
-        from ldpipe import distributed
+        from ldpipe.training import distributed
 
         distributed.shutdown()
 

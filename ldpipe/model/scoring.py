@@ -53,7 +53,7 @@ import torch
 import torch.nn.functional as F
 
 from ldpipe.errors import DataValidationError, LdpipeError
-from ldpipe.models import attention_without_cudnn, eval_mode
+from ldpipe.model.lm import attention_without_cudnn, eval_mode
 from ldpipe.schema import PROBE_SCHEMA
 
 log = logging.getLogger(__name__)
@@ -552,7 +552,7 @@ def score_probes(model, encoded: Sequence[EncodedProbe], *, device=None, max_bat
     (SCORE_SCHEMA). Out of memory halves `max_batch_tokens` and retries (module docstring)."""
     if max_batch_tokens < 1:
         raise LdpipeError(f"max_batch_tokens must be >= 1, got {max_batch_tokens}")
-    from ldpipe.lora import unwrap
+    from ldpipe.model.lora import unwrap
 
     model = unwrap(model)   # a LoRA model: the transformers model whose layers carry the adapter
     dev = _prepare(model, device)
@@ -671,7 +671,7 @@ def batch_logps(model, pairs: Sequence[tuple[list[int], list[int]]], *, device=N
     """
     if not pairs:
         raise LdpipeError("batch_logps: no pairs")
-    from ldpipe.lora import unwrap
+    from ldpipe.model.lora import unwrap
 
     model = unwrap(model)   # a LoRA model: the transformers model whose layers carry the adapter
     dev = _prepare(model, device)

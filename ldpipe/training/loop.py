@@ -10,7 +10,7 @@ starting model, chosen and rejected run in one forward (2B sequences), and the
 reference log-probs are computed once before training, in the very batches of the
 first epoch, so the step-1 rewards (taken before the first update) are exactly 0.
 
-Resumable (ldpipe.resume): every `checkpoint_every` steps the model, optimizer, LR scheduler, RNG
+Resumable (ldpipe.training.resume): every `checkpoint_every` steps the model, optimizer, LR scheduler, RNG
 states, step and objective state (DPO's reference log-probs) are saved under `<out_dir>/resume/`,
 after that step's train_metrics are flushed. A rerun with the same config hash continues from the
 newest checkpoint: trajectory and train_metrics shards after its step are removed first and the
@@ -35,21 +35,19 @@ import numpy as np
 import polars as pl
 import torch
 
-from ldpipe import distributed, resume
-from ldpipe.losses import dpo_loss, ipo_loss, sft_loss
-from ldpipe.models import load_model_and_tokenizer, read_metadata, resolve_device, save_checkpoint, use_bf16
+from ldpipe.training import distributed
+
+from ldpipe.training import resume
+from ldpipe.training.losses import REWARD_COLUMNS, STAT_COLUMNS as _STAT_COLUMNS, dpo_loss, ipo_loss, sft_loss
+from ldpipe.model.lm import load_model_and_tokenizer, read_metadata, resolve_device, save_checkpoint, use_bf16
 from ldpipe.schema import ONPOLICY_PAIRS_TABLE_SCHEMA, TRAIN_METRICS_SCHEMA, TRAJECTORY_SCHEMA
-from ldpipe.optim_state import save_optimizer_state
-from ldpipe.scoring import EncodedProbe, batch_logps, encode_pair, score_probes
+from ldpipe.training.optim_state import save_optimizer_state
+from ldpipe.model.scoring import EncodedProbe, batch_logps, encode_pair, score_probes
 from ldpipe.spec import RunSpec
-from ldpipe.store import Store
+from ldpipe.store.shards import Store
 
 Log = Callable[[str], None]
 Ids = list[int]
-REWARD_COLUMNS = ("rewards_chosen", "rewards_rejected", "rewards_accuracy", "rewards_margin")
-# losses' TRL-style stat names -> train_metrics columns
-_STAT_COLUMNS = dict(zip(("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins"),
-                         REWARD_COLUMNS))
 
 
 @dataclass
@@ -193,7 +191,7 @@ def make_objective(run: RunSpec, tokenizer, examples: Sequence[tuple[str, ...]],
     """SFT takes (prompt, response) examples, DPO/IPO (prompt, chosen, rejected). `llm_cache`: where an on-policy
     judge caches its verdicts (the run's ldpipe home)."""
     if run.pairs == "on_policy":   # only the prompts are used: pairs are sampled from the policy every step
-        from ldpipe.onpolicy import make_onpolicy_objective
+        from ldpipe.training.onpolicy import make_onpolicy_objective
 
         return make_onpolicy_objective(run, tokenizer, examples, max_prompt_tokens=max_prompt_tokens,
                                        max_response_tokens=max_response_tokens, cache_path=llm_cache)
@@ -404,7 +402,7 @@ def run_training(
         distributed.init(dev)
     model, tokenizer = load_model_and_tokenizer(model_path, device=dev)
     if run.lora is not None:   # an adapter on top of the start checkpoint; only its parameters train
-        from ldpipe.lora import apply_lora
+        from ldpipe.model.lora import apply_lora
 
         model = apply_lora(model, run.lora, model_path, seed=run.seed).to(dev)
     # Dropout off, as in the reference implementation: eval mode disables every dropout path of HF models and
