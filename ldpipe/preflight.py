@@ -82,7 +82,7 @@ def _model(spec: ExperimentSpec, rep: Report) -> None:
         return
     from transformers import AutoConfig
 
-    from ldpipe.model.lm import load_tokenizer
+    from ldpipe.model.checkpoints import load_tokenizer
     from ldpipe.model.base import _pretrained_source
 
     src = _pretrained_source(spec)

@@ -52,7 +52,7 @@ def test_bad_config_and_empty_input(lm):
 
 def test_greedy_generations_are_cached_per_checkpoint_prompts_and_config(lm, tmp_path):
     from ldpipe.analysis.generations import greedy_generations
-    from ldpipe.model.lm import save_checkpoint
+    from ldpipe.model.checkpoints import save_checkpoint
 
     model, tok = lm
     ckpt = save_checkpoint(model, tok, tmp_path / "ckpt")

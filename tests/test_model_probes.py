@@ -69,7 +69,7 @@ def test_model_types_for_every_prompt_and_joined(built):
     assert all(y.startswith(" ") for y in init["response"])   # y+'s leading space, as the scorer sees y+
     # y_init is the model's own greedy continuation of the probe prompt, cut at the stop markers
     from ldpipe.model.generate import GenerationConfig, generate
-    from ldpipe.model.lm import load_model_and_tokenizer
+    from ldpipe.model.checkpoints import load_model_and_tokenizer
 
     model, tok = load_model_and_tokenizer(pipeline.base_model_path(spec, files))
     ids = sorted(chosen)

@@ -8,21 +8,8 @@ import pytest
 import torch
 
 from ldpipe.errors import LdpipeError
-from ldpipe.model.lm import (
-    EOS_TOKEN,
-    PretrainConfig,
-    TinyModelConfig,
-    build_model,
-    configure_threads,
-    count_parameters,
-    load_model_and_tokenizer,
-    lm_loss,
-    pretrain,
-    read_metadata,
-    resolve_device,
-    save_checkpoint,
-    train_tokenizer,
-)
+from ldpipe.model.lm import EOS_TOKEN, PretrainConfig, TinyModelConfig, build_model, configure_threads, count_parameters, lm_loss, pretrain, resolve_device, train_tokenizer
+from ldpipe.model.checkpoints import load_model_and_tokenizer, read_metadata, save_checkpoint
 
 torch.set_num_threads(1)
 
@@ -231,7 +218,8 @@ _DISK_FULL_SCRIPT = """
 import sys
 from pathlib import Path
 from ldpipe.errors import LdpipeError
-from ldpipe.model.lm import TinyModelConfig, build_model, save_checkpoint, train_tokenizer
+from ldpipe.model.lm import TinyModelConfig, build_model, train_tokenizer
+from ldpipe.model.checkpoints import save_checkpoint
 
 root = Path(sys.argv[1])
 tok = train_tokenizer([f"word{i} and more text {i % 5}" for i in range(50)], vocab_size=300)

@@ -15,7 +15,7 @@ import ldpipe.training.loop
 from ldpipe import pipeline
 from ldpipe.errors import SpecError
 from ldpipe.llm import LLMConfig
-from ldpipe.model.lm import load_model_and_tokenizer
+from ldpipe.model.checkpoints import load_model_and_tokenizer
 from ldpipe.training.onpolicy import JudgeScorer, parse_score, parse_verdict, select_pair
 from ldpipe.training.rewards import SyntheticFactReward, distinct_ngrams, make_reward
 from ldpipe.spec import parse_experiment

@@ -91,7 +91,8 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
 
 def _checkpoint(path: Path, texts: list[str]) -> None:
     """A small untrained GPT-NeoX with a BPE tokenizer of the data's words (a local `pretrained` model)."""
-    from ldpipe.model.lm import TinyModelConfig, build_model, save_checkpoint, train_tokenizer
+    from ldpipe.model.lm import TinyModelConfig, build_model, train_tokenizer
+    from ldpipe.model.checkpoints import save_checkpoint
 
     tok = train_tokenizer(texts, vocab_size=300)
     model = build_model(TinyModelConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64,
@@ -221,7 +222,7 @@ def test_generation_prompts_take_the_first_rows_of_the_file():
 
 def test_truncation_counted_per_type_in_metadata_store_and_warnings(project):
     from ldpipe.store.catalog import query
-    from ldpipe.model.lm import load_tokenizer
+    from ldpipe.model.checkpoints import load_tokenizer
 
     proj, result, instance = project
     spec = _spec("local")

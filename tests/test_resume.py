@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from ldpipe import pipeline
 
 from ldpipe.training import resume
-from ldpipe.model.lm import read_metadata
+from ldpipe.model.checkpoints import read_metadata
 from ldpipe.spec import load_experiment, parse_experiment
 from ldpipe.store.shards import Store
 

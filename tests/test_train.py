@@ -9,7 +9,7 @@ from conftest import TINY_YAML, build_inputs
 
 from ldpipe import pipeline
 from ldpipe.errors import LdpipeError, SpecError
-from ldpipe.model.lm import load_model_and_tokenizer, read_metadata
+from ldpipe.model.checkpoints import load_model_and_tokenizer, read_metadata
 from ldpipe.paths import Paths
 from ldpipe.model.scoring import batch_logps, encode_pair
 from ldpipe.spec import parse_experiment

@@ -125,7 +125,8 @@ def run_borrowing(spec, files, store, *, device: str = "auto", log: Log = print,
     from ldpipe.analysis.squeezing import generation_prompts, held_out_note
     from ldpipe.analysis.generations import greedy_generations
     from ldpipe.model.generate import GenerationConfig
-    from ldpipe.model.lm import load_model_and_tokenizer, resolve_device
+    from ldpipe.model.lm import resolve_device
+    from ldpipe.model.checkpoints import load_model_and_tokenizer
     from ldpipe.layout import load_preferences_file, load_probes_file
 
     g = spec.generation_analysis

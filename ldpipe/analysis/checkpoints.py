@@ -27,14 +27,14 @@ class Checkpoint:
 
 
 def _complete(path: Path) -> bool:
-    from ldpipe.model.lm import is_checkpoint
+    from ldpipe.model.checkpoints import is_checkpoint
 
     return is_checkpoint(path)
 
 
 def run_checkpoints(spec: ExperimentSpec, run: RunSpec, files, *, snapshots: bool = True) -> list[Checkpoint]:
     """start, snapshots (if any and asked for) and final of one run; fails naming the run if it is not trained."""
-    from ldpipe.model.lm import read_metadata
+    from ldpipe.model.checkpoints import read_metadata
     from ldpipe.training.runs import start_point
 
     rid = spec.run_id(run)

@@ -101,7 +101,8 @@ def run_win_rate(spec, files, store, *, device: str = "auto", log: Log = print,
     from ldpipe.analysis.checkpoints import resolve_ref
     from ldpipe.model.generate import GenerationConfig, generate
     from ldpipe.llm import LLMClient, LLMConfig
-    from ldpipe.model.lm import load_model_and_tokenizer, resolve_device
+    from ldpipe.model.lm import resolve_device
+    from ldpipe.model.checkpoints import load_model_and_tokenizer
     from ldpipe.layout import load_preferences_file
 
     wr = spec.generation_analysis.win_rate

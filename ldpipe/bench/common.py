@@ -78,7 +78,7 @@ def encoded_probes(n_prompts: int, max_prompt_tokens: int = 96, max_response_tok
 
 
 def save_bench_model(model, path: Path, arch: str) -> Path:
-    from ldpipe.model.lm import save_checkpoint
+    from ldpipe.model.checkpoints import save_checkpoint
 
     return save_checkpoint(model, tokenizer(), path, metadata={"bench": True, "arch": arch})
 

@@ -17,7 +17,7 @@ def _inputs(n_train: int, n_prompts: int, model_path: str | None, arch: str):
     from ldpipe.model.scoring import encode_pair
 
     if model_path:
-        from ldpipe.model.lm import load_model_and_tokenizer
+        from ldpipe.model.checkpoints import load_model_and_tokenizer
 
         model, tok = load_model_and_tokenizer(model_path)
     else:

@@ -67,7 +67,7 @@ class Checkpoint:
 
 
 def run_checkpoints(spec: ExperimentSpec, run: RunSpec, files, inf: InfluenceSpec | None = None) -> list[Checkpoint]:
-    from ldpipe.model.lm import is_checkpoint, read_metadata
+    from ldpipe.model.checkpoints import is_checkpoint, read_metadata
     from ldpipe.training.runs import start_point
 
     inf = inf or spec.influence
@@ -273,7 +273,8 @@ class _RunContext:
     """Everything shared by a run's analyses: checkpoints, step sizes, units, observed probes, reference."""
 
     def __init__(self, spec: ExperimentSpec, run: RunSpec, files, device: str):
-        from ldpipe.model.lm import load_model_and_tokenizer, resolve_device
+        from ldpipe.model.lm import resolve_device
+        from ldpipe.model.checkpoints import load_model_and_tokenizer
 
         self.spec, self.run, self.files, self.inf = spec, run, files, spec.influence
         self.dev = resolve_device(device)

@@ -21,9 +21,8 @@ Log = Callable[[str], None]
 
 def build_base_model(spec: ExperimentSpec, files: ExperimentFiles, *, device: str = "auto",
                      log: Log = print, warn: Log | None = None) -> dict:
-    from ldpipe.model.lm import (PretrainConfig, TinyModelConfig, build_model, count_parameters,
-                               load_model_and_tokenizer, pretrain, resolve_device, save_checkpoint,
-                               train_tokenizer)
+    from ldpipe.model.lm import PretrainConfig, TinyModelConfig, build_model, count_parameters, pretrain, resolve_device, train_tokenizer
+    from ldpipe.model.checkpoints import load_model_and_tokenizer, save_checkpoint
 
     m = spec.model
     if m.kind == "pretrained":

@@ -139,7 +139,7 @@ def _probe_truncation(spec: ExperimentSpec, files: ExperimentFiles,
     and responses scoring cuts with the base model's tokenizer and the probes.max_*_tokens limits, and the
     tokens it drops; one shard per experiment. Returns ({type: counts}, warnings for the types of which more
     than TRUNCATION_WARN_SHARE of the prompts or responses are cut)."""
-    from ldpipe.model.lm import load_tokenizer
+    from ldpipe.model.checkpoints import load_tokenizer
     from ldpipe.schema import PROBE_TRUNCATION_SCHEMA
     from ldpipe.model.scoring import truncation_counts
     from ldpipe.store.shards import Store
@@ -174,7 +174,7 @@ def _probe_truncation(spec: ExperimentSpec, files: ExperimentFiles,
 def _generate_model_types(types: list[str], chosen: pl.DataFrame, model_ref, fp: dict, gen, decoding: dict, ps,
                           seed: int, device: str, log: Log) -> tuple[pl.DataFrame, dict, dict]:
     from ldpipe.model.generate import GenerationConfig, generate
-    from ldpipe.model.lm import load_model_and_tokenizer, load_tokenizer
+    from ldpipe.model.checkpoints import load_model_and_tokenizer, load_tokenizer
     from ldpipe.probes.build import random_token_rows
 
     ids, prompts, ys = (chosen[c].to_list() for c in ("example_id", "prompt", "response"))

@@ -39,7 +39,8 @@ from ldpipe.training import distributed
 
 from ldpipe.training import resume
 from ldpipe.training.losses import REWARD_COLUMNS, STAT_COLUMNS as _STAT_COLUMNS, dpo_loss, ipo_loss, sft_loss
-from ldpipe.model.lm import load_model_and_tokenizer, read_metadata, resolve_device, save_checkpoint, use_bf16
+from ldpipe.model.lm import resolve_device, use_bf16
+from ldpipe.model.checkpoints import load_model_and_tokenizer, read_metadata, save_checkpoint
 from ldpipe.schema import ONPOLICY_PAIRS_TABLE_SCHEMA, TRAIN_METRICS_SCHEMA, TRAJECTORY_SCHEMA
 from ldpipe.training.optim_state import save_optimizer_state
 from ldpipe.model.scoring import EncodedProbe, batch_logps, encode_pair, score_probes

@@ -26,7 +26,8 @@ def train_run(spec: ExperimentSpec, run: RunSpec, files: ExperimentFiles, *, sto
 
     Resumes from the run's resume checkpoint when one with the same config hash exists
     (`resumed_from` in the result: its step, else None)."""
-    from ldpipe.model.lm import configure_threads, load_tokenizer
+    from ldpipe.model.lm import configure_threads
+    from ldpipe.model.checkpoints import load_tokenizer
     from ldpipe.model.scoring import encode_probes
     from ldpipe.store.shards import Store
     from ldpipe.training.loop import run_training
@@ -88,7 +89,7 @@ class StartPoint:
 
 def start_point(spec: ExperimentSpec, run: RunSpec, files: ExperimentFiles) -> StartPoint:
     """The base model, or the final checkpoint of the run named by `start_from`."""
-    from ldpipe.model.lm import is_checkpoint, read_metadata
+    from ldpipe.model.checkpoints import is_checkpoint, read_metadata
 
     parent = spec.parent(run)
     if parent is None:

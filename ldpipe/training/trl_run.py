@@ -75,7 +75,8 @@ def run_trl(run: RunSpec, *, run_id: str, config_hash: str, model_path: Path | s
     from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
 
     from ldpipe.model.lora import apply_lora, is_peft
-    from ldpipe.model.lm import load_model_and_tokenizer, resolve_device, save_checkpoint
+    from ldpipe.model.lm import resolve_device
+    from ldpipe.model.checkpoints import load_model_and_tokenizer, save_checkpoint
     from ldpipe.training.optim_state import save_optimizer_state
     from ldpipe.training.loop import TrainResult, keep_other_config, seed_everything
 
