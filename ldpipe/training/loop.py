@@ -23,13 +23,11 @@ import contextlib
 import functools
 import itertools
 import math
-import os
 import random
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Protocol, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import polars as pl
@@ -38,18 +36,16 @@ import torch
 from ldpipe.training import distributed
 
 from ldpipe.training import resume
-from ldpipe.training.losses import REWARD_COLUMNS, STAT_COLUMNS as _STAT_COLUMNS, dpo_loss, ipo_loss, sft_loss
 from ldpipe.model.lm import resolve_device, use_bf16
-from ldpipe.model.checkpoints import load_model_and_tokenizer, read_metadata, save_checkpoint
-from ldpipe.schema import ONPOLICY_PAIRS_TABLE_SCHEMA, TRAIN_METRICS_SCHEMA, TRAJECTORY_SCHEMA
+from ldpipe.model.checkpoints import load_model_and_tokenizer, save_checkpoint
 from ldpipe.training.optim_state import save_optimizer_state
-from ldpipe.model.scoring import EncodedProbe, batch_logps, encode_pair, score_probes
+from ldpipe.model.scoring import EncodedProbe
 from ldpipe.spec import RunSpec
 from ldpipe.store.shards import Store
+from ldpipe.training.objectives import Objective, _LogpsModule, make_objective
+from ldpipe.training.record import RUN_TABLES, _Recorder, keep_other_config
 
 Log = Callable[[str], None]
-Ids = list[int]
-
 
 @dataclass
 class TrainResult:
@@ -89,129 +85,6 @@ def batch_schedule(n: int, batch_size: int, seed: int) -> Iterator[list[int]]:
         rng.shuffle(order)
         for i in range(0, n, batch_size):
             yield order[i:i + batch_size]
-
-
-# ------------------------------------------------------------------ objectives
-
-class _LogpsModule(torch.nn.Module):
-    """batch_logps as a module's forward, so DistributedDataParallel can wrap it: DDP only syncs the
-    gradients of a backward whose forward went through the wrapper."""
-
-    def __init__(self, model, dev: torch.device):
-        super().__init__()
-        self.lm, self.dev = model, dev
-
-    def forward(self, pairs: list[tuple[Ids, Ids]]) -> torch.Tensor:
-        return batch_logps(self.lm, pairs, device=self.dev)[0]
-
-
-def _logps(model, pairs: list[tuple[Ids, Ids]], dev: torch.device) -> torch.Tensor:
-    """Summed response log-probs; `model` is the causal LM, or (data-parallel training) its DDP wrapper."""
-    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
-        return model(pairs)
-    return batch_logps(model, pairs, device=dev)[0]
-
-
-class Objective(Protocol):
-    n: int
-
-    def prepare(self, model, first_epoch: list[list[int]], dev: torch.device) -> None: ...
-
-    def loss(self, model, idx: list[int], dev: torch.device) -> tuple[torch.Tensor, dict[str, float]]: ...
-
-
-@dataclass
-class SftObjective:
-    """Summed NLL of (prompt, response) pairs."""
-    pairs: list[tuple[Ids, Ids]]
-
-    @property
-    def n(self) -> int:
-        return len(self.pairs)
-
-    def prepare(self, model, first_epoch: list[list[int]], dev: torch.device) -> None:
-        pass
-
-    def loss(self, model, idx: list[int], dev: torch.device) -> tuple[torch.Tensor, dict[str, float]]:
-        logp = _logps(model, [self.pairs[i] for i in idx], dev)
-        return sft_loss(logp), {}
-
-
-@dataclass
-class PreferenceObjective:
-    """Off-policy DPO/IPO on (prompt, chosen, rejected); the reference is the model at `prepare` time."""
-    triples: list[tuple[Ids, Ids, Ids]]
-    algo: str
-    beta: float
-    label_smoothing: float = 0.0
-    ref: torch.Tensor | None = None   # [n, 2]: reference log pi of chosen, rejected
-
-    @property
-    def n(self) -> int:
-        return len(self.triples)
-
-    def _logps(self, model, idx: list[int], dev: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        chosen = [(self.triples[i][0], self.triples[i][1]) for i in idx]
-        rejected = [(self.triples[i][0], self.triples[i][2]) for i in idx]
-        logp = _logps(model, chosen + rejected, dev)
-        return logp[: len(idx)], logp[len(idx):]
-
-    @torch.no_grad()
-    def prepare(self, model, first_epoch: list[list[int]], dev: torch.device) -> None:
-        # Same batches, same forward as step 1 of training: identical numbers, so rewards start at exactly 0.
-        ref = torch.full((self.n, 2), float("nan"), device=dev)
-        for idx in first_epoch:
-            c, r = self._logps(model, idx, dev)
-            ref[idx, 0], ref[idx, 1] = c, r
-        if torch.isnan(ref).any():
-            raise RuntimeError("reference log-probs missing for some pairs: first_epoch must cover every pair")
-        self.ref = ref
-
-    # Optional Objective methods: state a resume checkpoint keeps (an objective without them is `prepare`d
-    # again on the starting model when a run resumes).
-    def state_dict(self) -> dict:
-        return {"ref": self.ref}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.ref = state["ref"]
-
-    def loss(self, model, idx: list[int], dev: torch.device) -> tuple[torch.Tensor, dict[str, float]]:
-        if self.ref is None:
-            raise RuntimeError("PreferenceObjective.prepare must run before training")
-        c, r = self._logps(model, idx, dev)
-        rc, rr = self.ref[idx, 0], self.ref[idx, 1]
-        if self.algo == "ipo":
-            loss, stats = ipo_loss(c, r, rc, rr, self.beta)
-        else:
-            loss, stats = dpo_loss(c, r, rc, rr, self.beta, self.label_smoothing)
-        return loss, {_STAT_COLUMNS[k]: float(v) for k, v in stats.items()}
-
-
-def make_objective(run: RunSpec, tokenizer, examples: Sequence[tuple[str, ...]], *, max_prompt_tokens: int,
-                   max_response_tokens: int, llm_cache: Path | None = None) -> SftObjective | PreferenceObjective:
-    """SFT takes (prompt, response) examples, DPO/IPO (prompt, chosen, rejected). `llm_cache`: where an on-policy
-    judge caches its verdicts (the run's ldpipe home)."""
-    if run.pairs == "on_policy":   # only the prompts are used: pairs are sampled from the policy every step
-        from ldpipe.training.onpolicy import make_onpolicy_objective
-
-        return make_onpolicy_objective(run, tokenizer, examples, max_prompt_tokens=max_prompt_tokens,
-                                       max_response_tokens=max_response_tokens, cache_path=llm_cache)
-    width = 2 if run.algo == "sft" else 3
-    bad = next((i for i, e in enumerate(examples) if len(e) != width), None)
-    if bad is not None:
-        raise ValueError(f"{run.algo} needs {width}-tuples of text; example {bad} has {len(examples[bad])}")
-
-    def enc(prompt: str, response: str) -> tuple[Ids, Ids]:
-        return encode_pair(tokenizer, prompt, response, max_prompt_tokens=max_prompt_tokens,
-                           max_response_tokens=max_response_tokens)
-
-    if run.algo == "sft":
-        return SftObjective([enc(p, y) for p, y in examples])
-    triples = []
-    for p, yc, yr in examples:
-        p_ids, c_ids = enc(p, yc)
-        triples.append((p_ids, c_ids, enc(p, yr)[1]))
-    return PreferenceObjective(triples, algo=run.algo, beta=run.beta, label_smoothing=run.label_smoothing)
 
 
 # ------------------------------------------------------------------ the loop
@@ -255,106 +128,6 @@ def _train_step_ddp(ddp, opt, sched, objective: Objective, idx: list[int], max_g
     sums = distributed.sum_across([float(loss.detach()) * n, *(stats[k] * n for k in keys)], dev)
     means = [v / len(idx) for v in sums]
     return {"loss": means[0], "grad_norm": grad_norm, "clip_factor": clip, "lr": lr, **dict(zip(keys, means[1:]))}
-
-
-RUN_TABLES = ("trajectories", "train_metrics", "onpolicy_pairs")   # store tables partitioned by run_id
-ARCHIVE = "archive"   # <run dir>/archive/config_hash=<hash>/: an earlier configuration's checkpoints
-
-
-def keep_other_config(store: Store, out_dir: Path, run_id: str, config_hash: str, log: Log) -> list[str]:
-    """Before a fresh run replaces a run id's record: if that record (store rows, final checkpoint) is of another
-    configuration (a smoke preset over a full run, an edited declaration), move it aside instead of losing it.
-    Shards go to the store's archive (`Store.archive_partition`, no longer in any view), the final checkpoint
-    and snapshots to `<run dir>/archive/config_hash=<old>/`. A rerun of the same configuration replaces its
-    own record as before (it recomputes the same numbers). Returns what was moved."""
-    moved: list[str] = []
-    stored = set().union(*(store.partition_values(t, {"run_id": run_id}, "config_hash") for t in RUN_TABLES))
-    others = sorted(h for h in stored if h is not None and h != config_hash)
-    if others:
-        moved += map(str, store.archive_partitions(RUN_TABLES, "run_id", run_id, {"config_hash": "+".join(others)}))
-    final = Path(out_dir) / "final"
-    old = read_metadata(final).get("config_hash") if final.is_dir() else None
-    if old is not None and old != config_hash:
-        dst = Path(out_dir) / ARCHIVE / f"config_hash={old}"
-        if dst.exists():   # an earlier copy of the same configuration: replaced, as its store rows are
-            shutil.rmtree(dst)
-        dst.mkdir(parents=True)
-        for name in ("final", resume.SNAPSHOT_DIR):
-            if (Path(out_dir) / name).exists():
-                os.replace(Path(out_dir) / name, dst / name)
-        moved.append(str(dst))
-    if moved:
-        log(f"{run_id}: the stored record is of another configuration ({', '.join(others) or old}, this run is "
-            f"{config_hash}); kept it aside instead of replacing it: {'; '.join(moved)}")
-    return moved
-
-
-def _eval_frame(scores: pl.DataFrame, *, run_id: str, config_hash: str, phase: str, step: int,
-                epoch: float) -> pl.DataFrame:
-    return scores.with_columns(
-        pl.lit(run_id).alias("run_id"),
-        pl.lit(config_hash).alias("config_hash"),
-        pl.lit(phase).alias("phase"),
-        pl.lit(step, dtype=pl.Int64).alias("step"),
-        pl.lit(epoch, dtype=pl.Float64).alias("epoch"),
-    ).select(list(TRAJECTORY_SCHEMA))
-
-
-@dataclass
-class _Recorder:
-    """Writes probe evaluations and train_metrics shards of one run."""
-    store: Store
-    run_id: str
-    config_hash: str
-    phase: str
-    steps_per_epoch: int
-    total_steps: int
-    log: Log
-    flushed_step: int = 0                             # train_metrics rows 1..flushed_step are in shards
-    rows: list[dict] = field(default_factory=list)   # rows not flushed yet
-    last_row: dict | None = None
-    pairs: Callable[[], pl.DataFrame] | None = None   # on-policy objectives: their sampled pairs so far
-    amp: Callable = contextlib.nullcontext             # autocast context of the scoring forward
-
-    def evaluate(self, model, probes: Sequence[EncodedProbe], step: int, dev: torch.device) -> pl.DataFrame:
-        te = time.perf_counter()
-        with self.amp():
-            scores = score_probes(model, probes, device=dev)
-        frame = _eval_frame(scores, run_id=self.run_id,
-                            config_hash=self.config_hash, phase=self.phase, step=step,
-                            epoch=step / self.steps_per_epoch)
-        self.store.write_shard("trajectories", frame, partition={"run_id": self.run_id},
-                               name=resume.step_name(step), schema=TRAJECTORY_SCHEMA)
-        means = frame.group_by("response_type").agg(pl.col("logp_sum").mean()).sort("response_type")
-        brief = ", ".join(f"{t}={v:.1f}" for t, v in means.iter_rows())
-        self.log(f"[{self.run_id}] eval step {step}/{self.total_steps} ({time.perf_counter() - te:.1f}s): {brief}")
-        return frame
-
-    def add(self, step: int, values: dict[str, float]) -> None:
-        self.last_row = {"run_id": self.run_id, "config_hash": self.config_hash, "phase": self.phase,
-                         "step": step, "epoch": step / self.steps_per_epoch,
-                         **{c: None for c in REWARD_COLUMNS}, **values}
-        self.rows.append(self.last_row)
-
-    def flush(self, step: int) -> None:
-        """One shard "steps-<first>-<last>" per flush: a resume checkpoint flushes first, so shard
-        boundaries fall on checkpoints and a resumed run drops whole shards."""
-        if not self.rows:
-            return
-        name = f"steps-{self.flushed_step + 1:07d}-{step:07d}"
-        self.store.write_shard("train_metrics", pl.DataFrame(self.rows, schema=TRAIN_METRICS_SCHEMA),
-                               partition={"run_id": self.run_id}, name=name, schema=TRAIN_METRICS_SCHEMA)
-        if self.pairs is not None:   # on-policy: the sampled pairs of the same steps, under the same shard name
-            pairs = self.pairs().filter((pl.col("step") > self.flushed_step) & (pl.col("step") <= step))
-            frame = pairs.with_columns(pl.lit(self.run_id).alias("run_id"), pl.lit(self.config_hash).alias("config_hash"))
-            self.store.write_shard("onpolicy_pairs", frame.select(list(ONPOLICY_PAIRS_TABLE_SCHEMA)),
-                                   partition={"run_id": self.run_id}, name=name, schema=ONPOLICY_PAIRS_TABLE_SCHEMA)
-        self.flushed_step, self.rows = step, []
-        last = self.last_row
-        extra = f" margin {last['rewards_margin']:.2f} acc {last['rewards_accuracy']:.2f}" \
-            if last["rewards_margin"] is not None else ""
-        self.log(f"[{self.run_id}] step {step}/{self.total_steps} loss {last['loss']:.3f} "
-                 f"grad_norm {last['grad_norm']:.1f} lr {last['lr']:.2e}{extra}")
 
 
 def _every(n: int | None, step: int) -> bool:

@@ -78,7 +78,8 @@ def run_trl(run: RunSpec, *, run_id: str, config_hash: str, model_path: Path | s
     from ldpipe.model.lm import resolve_device
     from ldpipe.model.checkpoints import load_model_and_tokenizer, save_checkpoint
     from ldpipe.training.optim_state import save_optimizer_state
-    from ldpipe.training.loop import TrainResult, keep_other_config, seed_everything
+    from ldpipe.training.loop import TrainResult, seed_everything
+    from ldpipe.training.record import keep_other_config
 
     if not examples:
         raise LdpipeError(f"run {run_id}: no training examples")
