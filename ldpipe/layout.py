@@ -92,7 +92,7 @@ def _finish_stage(frames: list[pl.DataFrame]) -> pl.DataFrame:
 
 def load_probes_file(files: ExperimentFiles) -> pl.DataFrame:
     """The whole probe set: the probe-set stage's rows plus, once built, the model-made ones."""
-    from ldpipe.probes.build import file_hash
+    from ldpipe.hashing import file_hash
 
     if not files.probes.exists():
         raise LdpipeError(f"{files.probes} is missing: materialize the probe set first")

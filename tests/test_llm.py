@@ -16,7 +16,8 @@ from ldpipe.errors import DataValidationError, LdpipeError, SpecError
 from ldpipe.llm import (ChatRequest, LLMClient, LLMConfig, LLMError, batch_requests_jsonl, cache_key,
                         parse_batch_output, retry_after_s)
 from ldpipe.probes.llm_types import LLM_TYPES, build_llm_types, strip_preamble
-from ldpipe.probes.build import REPHRASE_TYPES, ProbeRecipe, build_probe_set, check_probe_set
+from ldpipe.probes.build import REPHRASE_TYPES, ProbeRecipe, build_probe_set
+from ldpipe.probes.checks import check_probe_set
 from ldpipe.schema import PROBE_SCHEMA
 from ldpipe.data.synthetic import SyntheticConfig, generate
 

@@ -19,7 +19,7 @@ import yaml
 
 from ldpipe import pipeline
 from ldpipe.paths import Paths, project_dir
-from ldpipe.probes.build import check_probe_set
+from ldpipe.probes.checks import check_probe_set
 from ldpipe.spec import load_experiments, parse_experiment
 
 from conftest import REPO

@@ -5,8 +5,8 @@ import polars as pl
 import pytest
 
 from ldpipe.errors import DataValidationError, SpecError
-from ldpipe.probes.build import (MODEL_TYPES, OFFLINE_TYPES, REPHRASE_TYPES, ProbeRecipe, build_probe_set,
-                           check_probe_set, shuffle_words)
+from ldpipe.probes.build import MODEL_TYPES, OFFLINE_TYPES, REPHRASE_TYPES, ProbeRecipe, build_probe_set, shuffle_words
+from ldpipe.probes.checks import check_probe_set
 from ldpipe.schema import PROBE_SCHEMA
 from ldpipe.data.synthetic import SyntheticConfig, SyntheticWorld, generate
 
@@ -201,7 +201,7 @@ def test_bad_inputs_give_clear_errors(world: SyntheticWorld) -> None:
 
 
 def test_pair_similarity_records_kind_and_word_overlap(build, world: SyntheticWorld) -> None:
-    from ldpipe.probes.build import pair_similarity, word_overlap
+    from ldpipe.probes.checks import pair_similarity, word_overlap
     from ldpipe.schema import PROBE_PAIRS_SCHEMA
 
     assert word_overlap("The cat sat.", "the CAT ran") == pytest.approx(2 / 4) and word_overlap("", "") == 0.0

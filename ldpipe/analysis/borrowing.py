@@ -25,7 +25,7 @@ import polars as pl
 
 from ldpipe.analysis.plots import figure_png, run_colours, subplots
 from ldpipe.analysis.squeezing import has_repeat, ngram_list
-from ldpipe.probes.build import word_list
+from ldpipe.probes.checks import word_list
 from ldpipe.errors import DataValidationError
 from ldpipe.schema import GENERATION_BORROWING_SCHEMA
 

@@ -21,7 +21,7 @@ def greedy_generations(ckpt_path: Path | str, prompts: Sequence[str], config, ca
     from ldpipe.atomic import write_parquet
     from ldpipe.model.generate import generate
     from ldpipe.probes.model_stage import model_fingerprint
-    from ldpipe.probes.build import content_hash
+    from ldpipe.hashing import content_hash
 
     prompts = list(prompts)
     key = content_hash({"model": model_fingerprint(ckpt_path), "prompts": prompts, "config": asdict(config)})

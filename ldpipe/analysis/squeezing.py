@@ -20,7 +20,7 @@ import torch
 
 from ldpipe.analysis.plots import figure_png, run_colours, subplots
 from ldpipe.model.lm import eval_mode
-from ldpipe.probes.build import word_list
+from ldpipe.probes.checks import word_list
 from ldpipe.schema import GENERATION_STATS_SCHEMA
 
 Log = Callable[[str], None]

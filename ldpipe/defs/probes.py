@@ -32,7 +32,7 @@ def _preview(probes: pl.DataFrame) -> str:
 
 
 def _lengths(checks: dict) -> str:
-    from ldpipe.probes.build import length_table
+    from ldpipe.probes.checks import length_table
 
     table = length_table(checks)
     return md_table(table, 60) if not table.is_empty() else "(no rows)"

@@ -24,7 +24,7 @@ Log = Callable[[str], None]
 def model_fingerprint(ref: Path | str) -> dict[str, str]:
     """Content hashes of a checkpoint's weights+config and of its tokenizer files (files over 64 MiB by
     size and mtime, so a multi-GB model is not re-read); a hub id stands for itself."""
-    from ldpipe.probes.build import content_hash, file_hash
+    from ldpipe.hashing import content_hash, file_hash
 
     p = Path(ref)
     if not p.is_dir():
@@ -49,7 +49,9 @@ def build_model_probes(spec: ExperimentSpec, files: ExperimentFiles, *, device: 
     vocabulary (`random_tokens`) and custom types made from these; written to `files.model_probes`. Also counts,
     with the base model's tokenizer, what scoring cuts from the whole probe set (`_probe_truncation`); `warn`
     (default `log`) gets a line per type of which more than a quarter of the prompts or responses are cut."""
-    from ldpipe.probes.build import (check_probe_set, content_hash, file_hash, frame_hash, random_token_rows)
+    from ldpipe.probes.build import random_token_rows
+    from ldpipe.hashing import content_hash, file_hash, frame_hash
+    from ldpipe.probes.checks import check_probe_set
 
     ps, gen = spec.probes, spec.probes.generation
     if not files.probes.exists():

@@ -82,7 +82,8 @@ def _fetch(cache, keys: dict[str, str], make: Callable[[list[str]], tuple[pl.Dat
 
 def _fetch_custom(cache, ps, names: list[str], keys: dict[str, str], pool, status, skipped, info) -> list[str]:
     """Build/reuse the user-declared types `names` (in declaration order) from the rows in `pool`."""
-    from ldpipe.probes.build import build_custom_type, content_hash, custom_type_inputs
+    from ldpipe.probes.build import build_custom_type, custom_type_inputs
+    from ldpipe.hashing import content_hash
 
     done = []
     for ct in ps.custom_types:
@@ -123,8 +124,9 @@ def _write_if_changed(df: pl.DataFrame, path: Path) -> bool:
 
 def build_probes(spec: ExperimentSpec, files: ExperimentFiles, log: Log = print) -> dict:
     """Stage 1 of the probe set: every type that needs no model, written to `files.probes`."""
-    from ldpipe.probes.build import (REPHRASE_TYPES, ProbeRecipe, build_probe_set, check_probe_set, content_hash,
-                               custom_type_inputs, file_hash)
+    from ldpipe.probes.build import REPHRASE_TYPES, ProbeRecipe, build_probe_set, custom_type_inputs
+    from ldpipe.hashing import content_hash, file_hash
+    from ldpipe.probes.checks import check_probe_set
 
     ps, ds = spec.probes, spec.dataset
     cache = _probe_cache(files)
@@ -221,7 +223,7 @@ def build_probes(spec: ExperimentSpec, files: ExperimentFiles, log: Log = print)
 def _write_probe_pairs(spec: ExperimentSpec, files: ExperimentFiles, probes: pl.DataFrame) -> dict[str, int]:
     """The store table probe_pairs (how each probe prompt's y- relates to its y+), one shard per experiment;
     returns the count of probe prompts per rejected kind ("unknown" where the dataset records none)."""
-    from ldpipe.probes.build import pair_similarity
+    from ldpipe.probes.checks import pair_similarity
     from ldpipe.schema import PROBE_PAIRS_SCHEMA
     from ldpipe.store.shards import Store
 
