@@ -9,21 +9,9 @@ import torch
 import torch.nn.functional as F
 
 from ldpipe.errors import LdpipeError
-from ldpipe.influence.entk import (
-    Update,
-    agreement,
-    akg_decomposition,
-    akg_factors,
-    dpo_update,
-    ipo_update,
-    exact_entk,
-    naive_one_step,
-    naive_optimizer_step,
-    per_sequence_gradients,
-    projected_entk,
-    projection_coverage,
-    sft_update,
-)
+from ldpipe.influence.entk import Update, agreement, dpo_update, ipo_update, exact_entk, naive_one_step, per_sequence_gradients, sft_update
+from ldpipe.influence.projected import projected_entk, projection_coverage
+from ldpipe.influence.akg import akg_decomposition, akg_factors, naive_optimizer_step
 from ldpipe.model.lm import TinyModelConfig, build_model
 from ldpipe.model.scoring import batch_logps
 
@@ -423,7 +411,7 @@ def test_optimizer_state_round_trips_and_continues_bit_exactly(data, tmp_path):
 def test_preconditioned_entk_predicts_a_loaded_optimizer_step(kind, data, tmp_path):
     """Known answer: lr/B * exact_entk(precond=P) is the first-order change after one real step of the optimizer
     loaded with the saved state (its zero-gradient drift subtracted), for a small lr and a small gradient."""
-    from ldpipe.influence.entk import optimizer_drift
+    from ldpipe.influence.akg import optimizer_drift
     from ldpipe.training.optim_state import load_into, load_optimizer_state, preconditioner, save_optimizer_state
 
     train, probes = data
@@ -470,7 +458,7 @@ def test_projected_rank1_preconditioner_against_exact(data):
 
 
 def _linear_names(m):
-    from ldpipe.influence.entk import _covered_names
+    from ldpipe.influence.projected import _covered_names
     return set(_covered_names(m, dict(m.named_parameters())))
 
 
@@ -479,7 +467,7 @@ def test_heatmap_gives_the_dpo_column_its_own_colour_scale():
     blank, so it gets a block and a colour limit of its own."""
     import polars as pl
 
-    from ldpipe.influence.runs import heatmap_blocks, plot_heatmap
+    from ldpipe.influence.heatmap import heatmap_blocks, plot_heatmap
     from ldpipe.schema import INFLUENCE_HEATMAP_SCHEMA
 
     rows = []

@@ -120,7 +120,7 @@ def test_checkpoints_and_step_sizes_of_a_run(tmp_path):
     """start / evenly thinned snapshots / final, and lr_eff = lr * clip / batch of the step taken from each."""
     import json
 
-    from ldpipe.influence.runs import run_checkpoints, step_scales
+    from ldpipe.influence.inputs import run_checkpoints, step_scales
     from ldpipe.layout import ExperimentFiles
     from ldpipe.schema import TRAIN_METRICS_SCHEMA
     from ldpipe.store.shards import Store
@@ -225,7 +225,7 @@ def test_heatmap_dpo_column_uses_the_runs_own_preference_loss(tiny_project, algo
     from conftest import TINY_YAML, build_inputs
 
     from ldpipe import pipeline
-    from ldpipe.influence.runs import compute_heatmap
+    from ldpipe.influence.heatmap import compute_heatmap
     from ldpipe.spec import ExperimentSpec
 
     beta = 0.5

@@ -12,7 +12,7 @@ from matplotlib.text import Annotation
 
 from ldpipe.analysis import borrowing, curves, squeeze_toy
 
-from ldpipe.influence import runs as influence_runs
+from ldpipe.influence import heatmap as influence_heatmap
 from ldpipe.schema import CORE_RESPONSE_TYPES, INFLUENCE_HEATMAP_SCHEMA
 
 CUSTOM = [f"custom_{i:02d}" for i in range(20)]   # user-declared types (spec probes.custom_types)
@@ -154,7 +154,7 @@ def test_no_title_cut_off(drawn, which):
     elif which == "squeeze_toy":
         fig, renderer = drawn(squeeze_toy, squeeze_toy.plot_panel, squeeze_toy.run_panel("D0"))
     elif which == "heatmap":
-        fig, renderer = drawn(influence_runs, influence_runs.plot_heatmap, _heatmap_rows(),
+        fig, renderer = drawn(influence_heatmap, influence_heatmap.plot_heatmap, _heatmap_rows(),
                               title="exp.sft_run: accumulated eNTK influence")
     elif which == "borrowing":
         fig, renderer = drawn(borrowing, borrowing.plot_borrowing, *_run_rows(),

@@ -183,7 +183,7 @@ def test_word_counts_and_permutation_check_ignore_spacing():
 # ----------------------------------------------------------------------------- "first N" is file order
 
 def test_training_rows_and_probe_prompts_follow_file_order(project):
-    from ldpipe.influence.runs import training_units
+    from ldpipe.influence.inputs import training_units
 
     spec = _spec("local")
     files = pipeline.files_for(spec)

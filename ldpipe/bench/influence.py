@@ -49,7 +49,8 @@ def _with_adapter(model):
 def bench_influence(*, quick: bool = False, threads: int | None = None, model_path: str | None = None,
                     rank: int = 32, lr: float = 1e-4, arch: str = "default", device: str | None = None) -> dict:
     from ldpipe.bench.common import bench_device
-    from ldpipe.influence.entk import agreement, exact_entk, naive_one_step, projected_entk
+    from ldpipe.influence.entk import agreement, exact_entk, naive_one_step
+    from ldpipe.influence.projected import projected_entk
 
     n_threads = set_threads(threads)
     dev = bench_device(device)

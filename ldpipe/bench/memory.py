@@ -36,7 +36,8 @@ def _child(workload: str, size: str, n_prompts: int, n_train: int, device: str) 
     elif workload.startswith("influence"):
         import polars as pl
 
-        from ldpipe.influence.entk import exact_entk, projected_entk
+        from ldpipe.influence.entk import exact_entk
+        from ldpipe.influence.projected import projected_entk
         from ldpipe.model.scoring import encode_pair
 
         train = world().preferences.filter(pl.col("split") == "train").sort("example_id").head(n_train)

@@ -24,9 +24,10 @@ def _write(files, table: str, df: pl.DataFrame, run_id: str, schema: dict) -> No
 
 
 def influence_assets(spec: ExperimentSpec) -> list:
+    from ldpipe.influence import heatmap, inputs
     from ldpipe.influence import runs as ir
 
-    runs = ir.influence_runs(spec)
+    runs = inputs.influence_runs(spec)
     if not runs:
         return []
     exp = spec.name
@@ -123,10 +124,10 @@ def influence_assets(spec: ExperimentSpec) -> list:
         meta: dict = {}
         total = 0
         for run in runs:
-            df = ir.compute_heatmap(spec, run, files, device=compute.device, log=context.log.info)
+            df = heatmap.compute_heatmap(spec, run, files, device=compute.device, log=context.log.info)
             _write(files, "influence_heatmap", df, spec.run_id(run), INFLUENCE_HEATMAP_SCHEMA)
             total += df.height
-            png = ir.plot_heatmap(df, title=f"{spec.run_id(run)}: accumulated eNTK influence")
+            png = heatmap.plot_heatmap(df, title=f"{spec.run_id(run)}: accumulated eNTK influence")
             path = save_plot(png, files.paths.plots / f"{exp}.{run.name}.influence_heatmap.png")
             meta[f"heatmap_{run.name}"] = png_markdown(str(path), f"influence heat map {run.name}")
             meta[f"heatmap_{run.name}_path"] = dg.MetadataValue.path(str(path))
