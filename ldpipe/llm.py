@@ -1,6 +1,10 @@
 """Chat completions from any OpenAI-compatible endpoint (OpenAI, vLLM, llama.cpp, Ollama) through the official
 `openai` client, with a persistent SQLite cache, a concurrency limit, bounded retries and an optional Batch API path.
 
+One file on purpose (longer than ldpipe's ~400-line rule): the cache key, the retry policy, the Batch API and the
+stats all turn on one request identity, and a call's exactly-once behaviour (cached, retried, batched, resumed)
+reads end to end here.
+
 - Cache: one row per completed call, committed at once (WAL), keyed by the model name, the messages, the sampling
   params and a `sample` tag, and never by the base URL, so the same model behind another URL reuses the rows.
   A rerun makes zero repeat calls, and a run that dies keeps what it finished.

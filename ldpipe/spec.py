@@ -2,6 +2,9 @@
 
 Every model forbids unknown keys, so a typo ("learning_rate" for "lr") is an error
 naming the file and the key path instead of a silently ignored setting.
+
+One file on purpose (it is longer than ldpipe's ~400-line rule): it is the declaration language, and a reader
+looking for what a YAML key does, its default and its validation finds every key of every section here.
 """
 from __future__ import annotations
 

@@ -34,6 +34,10 @@ Facts that examples state appear only as corpus statements, and no sentence of a
 occurs in the corpus (a remark that would is drawn again). The corpus never says anything false about a world
 entity. Dialogues use exactly the prompts' "\n\nHuman: ...\n\nAssistant: ..." format, so an answer follows
 "Assistant:" as it does in SFT.
+
+One file on purpose (longer than ldpipe's ~400-line rule; the remark grammar is already apart): the template
+families, the facts each may state and the corpus's exclusions are one set of invariants (no SFT sentence in the
+corpus, no contradiction, one wording per family) that only hold when read together.
 """
 from __future__ import annotations
 

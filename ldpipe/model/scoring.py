@@ -37,6 +37,9 @@ exp(logits - max) so that nothing underflows to NaN or -inf:
                  probabilities (-inf only if a position puts all mass on one token)
   argmax_match   #{l : y_l = argmax_v pi_l(v)}, the positions where the response IS the teacher-forced
                  argmax path y* (argmax_logp_sum - logp_sum sums the gap over the other positions)
+
+One file on purpose (longer than ldpipe's ~400-line rule): the fast scorer, the naive reference it is tested
+against and the training helper share the truncation and encoding rules, and their equality is the contract.
 """
 from __future__ import annotations
 
