@@ -18,6 +18,22 @@ from ldpipe.spec import ExperimentSpec, RunSpec
 Log = Callable[[str], None]
 
 
+# A run's directory, <models>/<exp>/runs/<run>/: the final checkpoint, model snapshots, resume checkpoints and
+# earlier configurations' records. Every stage and analysis names these through here.
+FINAL_DIR = "final"
+SNAPSHOT_DIR = "checkpoints"   # model-only checkpoints step-NNNNNNN (RunSpec.snapshot_every)
+RESUME_DIR = "resume"          # resume checkpoints of an unfinished run (ldpipe.training.resume)
+ARCHIVE_DIR = "archive"        # archive/config_hash=<hash>/: an earlier configuration's checkpoints
+
+
+def step_name(step: int) -> str:
+    return f"step-{step:07d}"
+
+
+def snapshot_path(run_dir: Path, step: int) -> Path:
+    return Path(run_dir) / SNAPSHOT_DIR / step_name(step)
+
+
 @dataclass(frozen=True)
 class ExperimentFiles:
     """Where one experiment's artifacts live."""
@@ -60,13 +76,20 @@ class ExperimentFiles:
     def run_dir(self, run: RunSpec) -> Path:
         return self.paths.models / self.name / "runs" / run.name
 
+    def final_dir(self, run: RunSpec) -> Path:
+        """The run's final checkpoint (a LoRA run's: its adapter)."""
+        return self.run_dir(run) / FINAL_DIR
+
+    def snapshots_dir(self, run: RunSpec) -> Path:
+        return self.run_dir(run) / SNAPSHOT_DIR
+
     def resume_dir(self, run: RunSpec) -> Path:
         """Resume checkpoints of an unfinished run (ldpipe.training.resume; removed when the run finishes)."""
-        return self.run_dir(run) / "resume"
+        return self.run_dir(run) / RESUME_DIR
 
     def snapshot_dir(self, run: RunSpec, step: int) -> Path:
         """The model-only checkpoint of `run` after `step` optimizer steps (RunSpec.snapshot_every)."""
-        return self.run_dir(run) / "checkpoints" / f"step-{step:07d}"
+        return snapshot_path(self.run_dir(run), step)
 
     def curves_png(self, run: RunSpec | None = None) -> Path:
         return self.paths.plots / f"{self.name}{'.' + run.name if run else ''}.learning_curves.png"

@@ -142,7 +142,7 @@ def test_checkpoints_and_step_sizes_of_a_run(tmp_path):
     for s in (2, 4, 6, 8):
         ckpt(files.run_dir(run) / "checkpoints" / f"step-{s:07d}")
     (files.run_dir(run) / "checkpoints" / "step-0000005").mkdir()  # incomplete: no config.json
-    got = [(c.name, c.step) for c in run_checkpoints(spec, run, files)]
+    got = [(c.label, c.step) for c in run_checkpoints(spec, run, files)]
     assert got == [("start", 0), ("step-0000002", 2), ("step-0000008", 8), ("final", 10)]
 
     # no metrics yet: the declared lr, unclipped; then the recorded lr and clip of step s + 1 (last step for final)

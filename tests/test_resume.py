@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 
 from ldpipe import pipeline
 
+from ldpipe.layout import step_name
 from ldpipe.training import resume
 from ldpipe.model.checkpoints import read_metadata
 from ldpipe.spec import load_experiment, parse_experiment
@@ -195,7 +196,7 @@ def test_truncate_rewrites_a_metrics_shard_that_straddles_the_checkpoint(tmp_pat
     store.write_shard("train_metrics", rows.slice(2), partition={"run_id": "r"}, name="steps-0000003-0000006")
     for s in (0, 2, 4):
         store.write_shard("trajectories", pl.DataFrame({"step": [s]}), partition={"run_id": "r"},
-                          name=resume.step_name(s))
+                          name=step_name(s))
     removed = resume.truncate_store(store, "r", 3)
     assert removed == {"trajectories": 1, "train_metrics": 1}
     assert store.read("train_metrics")["step"].sort().to_list() == [1, 2, 3]

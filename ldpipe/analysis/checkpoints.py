@@ -33,16 +33,17 @@ def _complete(path: Path) -> bool:
 
 
 def run_checkpoints(spec: ExperimentSpec, run: RunSpec, files, *, snapshots: bool = True) -> list[Checkpoint]:
-    """start, snapshots (if any and asked for) and final of one run; fails naming the run if it is not trained."""
+    """start, snapshots (if any and asked for, in step order) and final of one run: the one listing every analysis
+    uses; fails naming the run if it is not trained."""
     from ldpipe.model.checkpoints import read_metadata
     from ldpipe.training.runs import start_point
 
     rid = spec.run_id(run)
-    final = files.run_dir(run) / "final"
+    final = files.final_dir(run)
     if not _complete(final):
         raise LdpipeError(f"run {rid}: no final checkpoint at {final}: materialize {spec.name}/run_{run.name} first")
     out = [Checkpoint(rid, "start", 0, start_point(spec, run, files).path)]
-    snap_dir = files.run_dir(run) / "checkpoints"
+    snap_dir = files.snapshots_dir(run)
     if snapshots and snap_dir.is_dir():
         found = [(int(m.group(1)), p) for p in snap_dir.iterdir()
                  if (m := _SNAPSHOT.match(p.name)) and p.is_dir() and _complete(p)]

@@ -9,7 +9,8 @@ from ldpipe.influence.entk import per_sequence_gradients
 from ldpipe.schema import INFLUENCE_HEATMAP_SCHEMA
 from ldpipe.spec import ExperimentSpec, RunSpec
 from ldpipe.influence.runs import Log, _RunContext, _encode_observed, _threads
-from ldpipe.influence.inputs import Checkpoint, observed_probes
+from ldpipe.influence.inputs import observed_probes
+from ldpipe.analysis.checkpoints import Checkpoint
 
 
 # --------------------------------------------------------------------------- heat map
@@ -60,7 +61,7 @@ def _compute_heatmap(spec, run, files, *, device, log):
             with torch.no_grad():
                 pol = torch.stack([batch_logps(model, [c, r])[0] for c, r in cr]).double()
             if ref is None:  # the run's start checkpoint is the reference
-                ref_model = model if ckpt.name == "start" else ctx.load(Checkpoint("start", 0, ctx.start_path))[0]
+                ref_model = model if ckpt.label == "start" else ctx.load(Checkpoint(ctx.run_id, "start", 0, ctx.start_path))[0]
                 with torch.no_grad():
                     ref = torch.stack([batch_logps(ref_model, [c, r])[0] for c, r in cr]).double()
             margin = (pol[:, 0] - ref[:, 0]) - (pol[:, 1] - ref[:, 1])
@@ -77,10 +78,10 @@ def _compute_heatmap(spec, run, files, *, device, log):
                     acc.setdefault((t, to, scope), []).append(float(row[j]))
         for (t, to, scope), vals in acc.items():
             m = float(np.mean(vals))
-            per_ckpt.append({"run_id": ctx.run_id, "checkpoint": ckpt.name, "checkpoint_step": ckpt.step,
+            per_ckpt.append({"run_id": ctx.run_id, "checkpoint": ckpt.label, "checkpoint_step": ckpt.step,
                              "trained_type": t, "observed_type": to, "scope": scope, "entk_mean": m,
                              "value": eta * m, "n": len(vals)})
-        log(f"[{ctx.run_id}] heat map at {ckpt.name}: {len(dirs)} updates x {len(pairs)} probes")
+        log(f"[{ctx.run_id}] heat map at {ckpt.label}: {len(dirs)} updates x {len(pairs)} probes")
         del model
     df = pl.DataFrame(per_ckpt, schema=INFLUENCE_HEATMAP_SCHEMA)
     total = (df.group_by("run_id", "trained_type", "observed_type", "scope")

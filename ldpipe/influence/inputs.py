@@ -2,9 +2,9 @@
 from __future__ import annotations
 import random
 from dataclasses import dataclass
-from pathlib import Path
 import numpy as np
 import polars as pl
+from ldpipe.analysis.checkpoints import Checkpoint, run_checkpoints as all_checkpoints
 from ldpipe.errors import LdpipeError
 from ldpipe.spec import EXTEND_SUPERVISE, ExperimentSpec, InfluenceSpec, RunSpec
 
@@ -20,39 +20,18 @@ def influence_runs(spec: ExperimentSpec) -> list[RunSpec]:
     return [r for r in spec.runs if inf.runs is None or r.name in inf.runs]
 
 
-@dataclass(frozen=True)
-class Checkpoint:
-    name: str          # "start" | "step-0000040" | "final"
-    step: int          # the run's local optimizer step
-    path: Path | str
-
-
 def run_checkpoints(spec: ExperimentSpec, run: RunSpec, files, inf: InfluenceSpec | None = None) -> list[Checkpoint]:
-    from ldpipe.model.checkpoints import is_checkpoint, read_metadata
-    from ldpipe.training.runs import start_point
-
+    """The checkpoints `influence.checkpoints` asks for, out of the run's (analysis.checkpoints.run_checkpoints):
+    start, at most `max_snapshots` snapshots strictly between start and final (evenly thinned, the last kept),
+    final."""
     inf = inf or spec.influence
-    final = files.run_dir(run) / "final"
-    meta = read_metadata(final) if is_checkpoint(final) else {}
-    if "steps" not in meta:
-        raise LdpipeError(f"run {spec.run_id(run)}: final checkpoint {final} is missing: "
-                          f"materialize {spec.name}/run_{run.name} first")
-    out: list[Checkpoint] = []
-    if "start" in inf.checkpoints:
-        out.append(Checkpoint("start", 0, start_point(spec, run, files).path))
-    if "snapshots" in inf.checkpoints and inf.max_snapshots:
-        snaps = []
-        for d in sorted((files.run_dir(run) / "checkpoints").glob("step-*")):
-            tail = d.name[len("step-"):]
-            if tail.isdigit() and is_checkpoint(d) and 0 < int(tail) < int(meta["steps"]):
-                snaps.append(Checkpoint(d.name, int(tail), d))
-        if len(snaps) > inf.max_snapshots:  # evenly thinned, always keeping the last
-            idx = np.linspace(len(snaps) - 1, 0, inf.max_snapshots).round().astype(int)
-            snaps = [snaps[i] for i in sorted(set(idx.tolist()))]
-        out.extend(snaps)
-    if "final" in inf.checkpoints:
-        out.append(Checkpoint("final", int(meta["steps"]), final))
-    return out
+    every = all_checkpoints(spec, run, files, snapshots="snapshots" in inf.checkpoints and inf.max_snapshots > 0)
+    final = every[-1]
+    snaps = [c for c in every[1:-1] if 0 < c.step < final.step]
+    if len(snaps) > inf.max_snapshots:  # evenly thinned, always keeping the last
+        idx = np.linspace(len(snaps) - 1, 0, inf.max_snapshots).round().astype(int)
+        snaps = [snaps[i] for i in sorted(set(idx.tolist()))]
+    return ([every[0]] if "start" in inf.checkpoints else []) + snaps + ([final] if "final" in inf.checkpoints else [])
 
 
 def step_scales(spec: ExperimentSpec, run: RunSpec, files, steps: list[int]) -> dict[int, float]:

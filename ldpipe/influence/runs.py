@@ -38,7 +38,8 @@ from ldpipe.influence.akg import akg_factors, naive_optimizer_step, optimizer_dr
 from ldpipe.training.optim_state import load_into, load_optimizer_state, preconditioner, untouched
 from ldpipe.schema import AKG_SCHEMA, INFLUENCE_AGREEMENT_SCHEMA, INFLUENCE_SCHEMA
 from ldpipe.spec import ExperimentSpec, RunSpec
-from ldpipe.influence.inputs import Checkpoint, Unit, observed_probes, run_checkpoints, select_units, step_factors, training_units
+from ldpipe.influence.inputs import Unit, observed_probes, run_checkpoints, select_units, step_factors, training_units
+from ldpipe.analysis.checkpoints import Checkpoint
 
 Log = Callable[[str], None]
 Pair = tuple[list[int], list[int]]
@@ -180,7 +181,7 @@ class _RunContext:
     def optimizer_state(self, ckpt: Checkpoint, model, log: Log, updates=None) -> tuple[dict | None, dict | None, str]:
         """(saved state, preconditioner, label) of the run's optimizer at `ckpt`; None with a logged reason (also
         when the training `updates` move coordinates the state has never updated: no linearisation there)."""
-        if ckpt.name == "start":  # the run's own optimizer is fresh there (a parent's final state is not it)
+        if ckpt.label == "start":  # the run's own optimizer is fresh there (a parent's final state is not it)
             st, why = None, "the run starts with a fresh optimizer"
         else:
             st = load_optimizer_state(ckpt.path)
@@ -197,7 +198,7 @@ class _RunContext:
                                     "embedding rows of tokens in no batch so far): the first-order preconditioner "
                                     "is undefined there (Adam's first update is ~lr·sign(g)), SGD direction used")
         if pre is None:
-            log(f"[{self.run_id}] {ckpt.name}: SGD direction only, no preconditioned influence: {label}")
+            log(f"[{self.run_id}] {ckpt.label}: SGD direction only, no preconditioned influence: {label}")
             return st, None, "fresh" if st is None else f"{st['optimizer']}@{st['step']}"
         return st, pre, f"{st['optimizer']}@{st['step']}"
 
@@ -237,7 +238,7 @@ def _compute_influence(spec, run, files, *, device, log):
         def emit(method: str, i: int, values, entk=None, precond=None):
             u = ctx.units[i]
             for j, (eid, typ) in enumerate(labels):
-                rows.append({"run_id": ctx.run_id, "checkpoint": ckpt.name, "checkpoint_step": ckpt.step,
+                rows.append({"run_id": ctx.run_id, "checkpoint": ckpt.label, "checkpoint_step": ckpt.step,
                              "method": method, "train_example_id": u.example_id,
                              "train_response_type": u.response_type, "observed_example_id": eid,
                              "observed_response_type": typ, "entk": None if entk is None else float(entk[j]),
@@ -269,7 +270,7 @@ def _compute_influence(spec, run, files, *, device, log):
                                                         drift=drift, optimizer_factory=factory)
                         emit(method, i, delta, precond=label)
                 seconds[name] = seconds.get(name, 0.0) + time.perf_counter() - t0
-        log(f"[{ctx.run_id}] influence at {ckpt.name} (step {ckpt.step}, lr_eff {eta:.3g}, optimizer {label}): "
+        log(f"[{ctx.run_id}] influence at {ckpt.label} (step {ckpt.step}, lr_eff {eta:.3g}, optimizer {label}): "
             f"{len(updates)} updates x {len(obs_pairs)} probes")
         del model
     return pl.DataFrame(rows, schema=INFLUENCE_SCHEMA), {k: round(v, 3) for k, v in seconds.items()}
@@ -347,7 +348,7 @@ def _compute_akg(spec, run, files, *, device, log):
             for eid, typ, pair in targets:
                 f = akg_factors(model, upd, pair, lr=eta)
                 for t in range(len(pair[1])):
-                    rows.append({"run_id": ctx.run_id, "checkpoint": ckpt.name, "checkpoint_step": ckpt.step,
+                    rows.append({"run_id": ctx.run_id, "checkpoint": ckpt.label, "checkpoint_step": ckpt.step,
                                  "train_example_id": u.example_id, "train_response_type": u.response_type,
                                  "observed_example_id": eid, "observed_response_type": typ, "position": t,
                                  "observed_token": int(f["observed_token"][t]), "lr_eff": eta,
@@ -355,6 +356,6 @@ def _compute_akg(spec, run, files, *, device, log):
                                  "kg_expect": float(f["kg_expect"][t]), "kg_norm": float(f["kg_norm"][t]),
                                  "g_norm": float(f["g_norm"]), "predicted_delta": float(f["predicted"][t]),
                                  "realised_delta": float(f["realised"][t])})
-        log(f"[{ctx.run_id}] A-K-G at {ckpt.name}: {len(units)} updates")
+        log(f"[{ctx.run_id}] A-K-G at {ckpt.label}: {len(units)} updates")
         del model
     return pl.DataFrame(rows, schema=AKG_SCHEMA)

@@ -22,6 +22,7 @@ from typing import Any, Callable, Sequence
 import polars as pl
 from transformers import TrainerCallback
 
+from ldpipe.layout import step_name
 from ldpipe.training import resume
 from ldpipe.schema import TRAIN_METRICS_SCHEMA, TRAJECTORY_SCHEMA
 from ldpipe.model.scoring import EncodedProbe, encode_probes, score_probes
@@ -87,7 +88,7 @@ class ProbeTrackingCallback(TrainerCallback):
             pl.lit(self.phase).alias("phase"), pl.lit(step, dtype=pl.Int64).alias("step"),
             pl.lit(float(epoch), dtype=pl.Float64).alias("epoch")).select(list(TRAJECTORY_SCHEMA))
         self.store.write_shard("trajectories", frame, partition={"run_id": self.run_id},
-                               name=resume.step_name(step), schema=TRAJECTORY_SCHEMA)
+                               name=step_name(step), schema=TRAJECTORY_SCHEMA)
         self.scored.append(step)
         means = frame.group_by("response_type").agg(pl.col("logp_sum").mean()).sort("response_type")
         self.log(f"[{self.run_id}] eval step {step} ({time.perf_counter() - t0:.1f}s): "

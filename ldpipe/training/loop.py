@@ -35,6 +35,7 @@ import torch
 
 from ldpipe.training import distributed
 
+from ldpipe.layout import FINAL_DIR, snapshot_path, step_name
 from ldpipe.training import resume
 from ldpipe.model.lm import resolve_device, use_bf16
 from ldpipe.model.checkpoints import load_model_and_tokenizer, save_checkpoint
@@ -205,7 +206,7 @@ def run_training(
     def snapshot(step: int) -> None:
         # with the optimizer state inside (the influence analyses' preconditioner, optim_state.py), published
         # together: a crash never leaves a snapshot without it
-        save_checkpoint(model, tokenizer, resume.snapshot_path(out_dir, step),
+        save_checkpoint(model, tokenizer, snapshot_path(out_dir, step),
                         metadata={"step": step, "run_id": run_id, "config_hash": config_hash,
                                   "algo": run.algo, "step_offset": step_offset},
                         extra=lambda d: save_optimizer_state(model, opt, d))
@@ -241,7 +242,7 @@ def run_training(
         sched.load_state_dict(state["scheduler"])
         resume.set_rng_state(state["rng"])
         rec.flushed_step = start
-        first = last = pl.read_parquet(store.shard_path("trajectories", {"run_id": run_id}, resume.step_name(0)))
+        first = last = pl.read_parquet(store.shard_path("trajectories", {"run_id": run_id}, step_name(0)))
         evals = int(ckpt.meta["evals"])
     if dp:
         distributed.barrier()   # every rank has read the resume checkpoint before rank 0 may replace it
@@ -276,16 +277,16 @@ def run_training(
     meta = {**(checkpoint_metadata or {}), "run_id": run_id, "config_hash": config_hash, "algo": run.algo,
             "steps": total_steps, "step_offset": step_offset, "precision": precision}
     if main:
-        final = save_checkpoint(model, tokenizer, out_dir / "final", metadata=meta,
+        final = save_checkpoint(model, tokenizer, out_dir / FINAL_DIR, metadata=meta,
                                 extra=lambda d: save_optimizer_state(model, opt, d))
         store.write_manifest("run_id", run_id, RUN_TABLES)   # lets `ldpipe check --store` spot lost shards
         resume.clear(out_dir)   # finished: a rerun trains from scratch (and rewrites every shard)
     if dp:   # the other ranks return what rank 0 wrote
         distributed.barrier()
-        final = out_dir / "final"
+        final = out_dir / FINAL_DIR
         if not main:
             traj = lambda s: pl.read_parquet(store.shard_path("trajectories", {"run_id": run_id},  # noqa: E731
-                                                              resume.step_name(s)))
+                                                              step_name(s)))
             first, last = traj(0), traj(total_steps)
     return TrainResult(run_id=run_id, checkpoint=final, steps=total_steps, step_offset=step_offset, evals=evals,
                        wall_s=time.perf_counter() - t0, device=str(dev), final_loss=rec.last_row["loss"],

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 import polars as pl
 import torch
-from ldpipe.training import resume
+from ldpipe.layout import ARCHIVE_DIR, FINAL_DIR, SNAPSHOT_DIR, step_name
 from ldpipe.training.losses import REWARD_COLUMNS
 from ldpipe.model.checkpoints import read_metadata
 from ldpipe.schema import ONPOLICY_PAIRS_TABLE_SCHEMA, TRAIN_METRICS_SCHEMA, TRAJECTORY_SCHEMA
@@ -20,7 +20,6 @@ Log = Callable[[str], None]
 
 
 RUN_TABLES = ("trajectories", "train_metrics", "onpolicy_pairs")   # store tables partitioned by run_id
-ARCHIVE = "archive"   # <run dir>/archive/config_hash=<hash>/: an earlier configuration's checkpoints
 
 
 def keep_other_config(store: Store, out_dir: Path, run_id: str, config_hash: str, log: Log) -> list[str]:
@@ -34,14 +33,14 @@ def keep_other_config(store: Store, out_dir: Path, run_id: str, config_hash: str
     others = sorted(h for h in stored if h is not None and h != config_hash)
     if others:
         moved += map(str, store.archive_partitions(RUN_TABLES, "run_id", run_id, {"config_hash": "+".join(others)}))
-    final = Path(out_dir) / "final"
+    final = Path(out_dir) / FINAL_DIR
     old = read_metadata(final).get("config_hash") if final.is_dir() else None
     if old is not None and old != config_hash:
-        dst = Path(out_dir) / ARCHIVE / f"config_hash={old}"
+        dst = Path(out_dir) / ARCHIVE_DIR / f"config_hash={old}"
         if dst.exists():   # an earlier copy of the same configuration: replaced, as its store rows are
             shutil.rmtree(dst)
         dst.mkdir(parents=True)
-        for name in ("final", resume.SNAPSHOT_DIR):
+        for name in (FINAL_DIR, SNAPSHOT_DIR):
             if (Path(out_dir) / name).exists():
                 os.replace(Path(out_dir) / name, dst / name)
         moved.append(str(dst))
@@ -86,7 +85,7 @@ class _Recorder:
                             config_hash=self.config_hash, phase=self.phase, step=step,
                             epoch=step / self.steps_per_epoch)
         self.store.write_shard("trajectories", frame, partition={"run_id": self.run_id},
-                               name=resume.step_name(step), schema=TRAJECTORY_SCHEMA)
+                               name=step_name(step), schema=TRAJECTORY_SCHEMA)
         means = frame.group_by("response_type").agg(pl.col("logp_sum").mean()).sort("response_type")
         brief = ", ".join(f"{t}={v:.1f}" for t, v in means.iter_rows())
         self.log(f"[{self.run_id}] eval step {step}/{self.total_steps} ({time.perf_counter() - te:.1f}s): {brief}")

@@ -27,23 +27,14 @@ import torch
 
 from ldpipe.atomic import free_space, fsync_dir, is_disk_full
 from ldpipe.errors import LdpipeError
+from ldpipe.layout import RESUME_DIR, SNAPSHOT_DIR, step_name
 from ldpipe.store.shards import Store
 
-RESUME_DIR = "resume"
-SNAPSHOT_DIR = "checkpoints"
 STATE_FILE = "state.pt"
 META_FILE = "resume.json"
 _STEP_DIR = re.compile(r"^step-(\d{7,})$")
 _TRAJ_SHARD = re.compile(r"^step-(\d+)\.parquet$")
 _METRICS_SHARD = re.compile(r"^steps-(\d+)-(\d+)\.parquet$")
-
-
-def step_name(step: int) -> str:
-    return f"step-{step:07d}"
-
-
-def snapshot_path(run_dir: Path, step: int) -> Path:
-    return Path(run_dir) / SNAPSHOT_DIR / step_name(step)
 
 
 # ------------------------------------------------------------------ RNG

@@ -94,7 +94,7 @@ def start_point(spec: ExperimentSpec, run: RunSpec, files: ExperimentFiles) -> S
     parent = spec.parent(run)
     if parent is None:
         return StartPoint(base_model_path(spec, files))
-    ckpt = files.run_dir(parent) / "final"
+    ckpt = files.final_dir(parent)
     meta = read_metadata(ckpt) if is_checkpoint(ckpt) else {}
     if "steps" not in meta or "config_hash" not in meta:
         raise LdpipeError(f"run {run.name!r} starts from run {parent.name!r}, but its final checkpoint {ckpt} is "

@@ -22,6 +22,7 @@ import polars as pl
 
 from ldpipe.training.callback import ProbeTrackingCallback
 from ldpipe.errors import LdpipeError
+from ldpipe.layout import FINAL_DIR
 from ldpipe.spec import RunSpec
 from ldpipe.store.shards import Store
 
@@ -118,7 +119,7 @@ def run_trl(run: RunSpec, *, run_id: str, config_hash: str, model_path: Path | s
     log(f"[{run_id}] TRL {type(trainer).__name__}: {total_steps} steps, {len(examples)} examples, batch "
         f"{run.batch_size} over {_world_size()} process(es){'; resuming from ' + str(resume_from) if resume_from else ''}")
     trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
-    final = out_dir / "final"
+    final = out_dir / FINAL_DIR
     if _is_main():
         _write_identity(out_dir / "trl", config_hash)
         meta = {**(checkpoint_metadata or {}), "run_id": run_id, "config_hash": config_hash, "algo": run.algo,
@@ -195,7 +196,7 @@ def _resume_point(trl_dir: Path, config_hash: str) -> Path | None:
 
     ident = trl_dir / _IDENTITY
     ckpts = sorted(trl_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1])) if trl_dir.is_dir() else []
-    if ckpts and ident.is_file() and ident.read_text() == config_hash and not (trl_dir.parent / "final").exists():
+    if ckpts and ident.is_file() and ident.read_text() == config_hash and not (trl_dir.parent / FINAL_DIR).exists():
         return ckpts[-1]
     if trl_dir.is_dir() and _is_main():
         shutil.rmtree(trl_dir)
