@@ -16,11 +16,11 @@ import duckdb
 from datasets import Dataset
 from trl import SFTConfig, SFTTrainer
 
-from ldpipe.training.callback import ProbeTrackingCallback
 from ldpipe.data.loaders import load_local
-from ldpipe.model.lm import TinyModelConfig, build_model, train_tokenizer
 from ldpipe.model.checkpoints import load_model_and_tokenizer
+from ldpipe.model.lm import TinyModelConfig, build_model, train_tokenizer
 from ldpipe.probes.build import ProbeRecipe, build_probe_set
+from ldpipe.training.callback import ProbeTrackingCallback
 
 HERE = Path(__file__).resolve().parent
 

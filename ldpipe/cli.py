@@ -204,8 +204,8 @@ def _cmd_check(args: argparse.Namespace) -> int:
 
 def _check_store() -> int:
     """Every shard fits its table's schema, and every finished run's shards are all there, unchanged, alone."""
-    from ldpipe.store.catalog import check_store
     from ldpipe.paths import Paths
+    from ldpipe.store.catalog import check_store
     from ldpipe.store.shards import Store
 
     store = Store(Paths.default().store)

@@ -1,5 +1,6 @@
 """Where one experiment's files live (the one layout object every stage and analysis uses) and the readers of
 its inputs: the preference table and the probe set."""
+
 from __future__ import annotations
 
 import json
@@ -13,7 +14,6 @@ from ldpipe.errors import LdpipeError
 from ldpipe.paths import Paths
 from ldpipe.schema import PROBE_SCHEMA
 from ldpipe.spec import ExperimentSpec, RunSpec
-
 
 Log = Callable[[str], None]
 

@@ -7,12 +7,12 @@ ldpipe.training.runs; the catalog refresh in ldpipe.store.catalog; the curves in
 reads its inputs from and writes its outputs to files under the experiment's layout and needs no Dagster. This
 module only names them.
 """
-from ldpipe.layout import ExperimentFiles, files_for, load_preferences_file, load_probes_file  # noqa: F401
-from ldpipe.data.stage import load_dataset, build_dataset  # noqa: F401
-from ldpipe.probes.stage import build_probes  # noqa: F401
-from ldpipe.probes.model_stage import build_model_probes, model_fingerprint, _cut  # noqa: F401
-from ldpipe.model.base import build_base_model, base_model_path  # noqa: F401
-from ldpipe.training.runs import train_run, start_point, _training_examples  # noqa: F401
-from ldpipe.data.selection import training_rows  # noqa: F401
-from ldpipe.store.catalog import refresh  # noqa: F401
 from ldpipe.analysis.curves import learning_curves  # noqa: F401
+from ldpipe.data.selection import training_rows  # noqa: F401
+from ldpipe.data.stage import build_dataset, load_dataset  # noqa: F401
+from ldpipe.layout import ExperimentFiles, files_for, load_preferences_file, load_probes_file  # noqa: F401
+from ldpipe.model.base import base_model_path, build_base_model  # noqa: F401
+from ldpipe.probes.model_stage import _cut, build_model_probes, model_fingerprint  # noqa: F401
+from ldpipe.probes.stage import build_probes  # noqa: F401
+from ldpipe.store.catalog import refresh  # noqa: F401
+from ldpipe.training.runs import _training_examples, start_point, train_run  # noqa: F401

@@ -82,8 +82,8 @@ def _model(spec: ExperimentSpec, rep: Report) -> None:
         return
     from transformers import AutoConfig
 
-    from ldpipe.model.checkpoints import load_tokenizer
     from ldpipe.model.base import _pretrained_source
+    from ldpipe.model.checkpoints import load_tokenizer
 
     src = _pretrained_source(spec)
     where = f"experiment {spec.name!r}, model.name_or_path {m.name_or_path!r}"   # as the base-model step says

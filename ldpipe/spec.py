@@ -13,8 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import (BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer,
-                      model_validator)
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer, model_validator
 
 from ldpipe.errors import SpecError
 from ldpipe.schema import CORE_RESPONSE_TYPES
@@ -563,7 +562,7 @@ class ExperimentSpec(_Strict):
         """What decides a builtin model's corpus beyond dataset and model (hash parts; empty for the synthetic
         world's own corpus, so those hashes are as before this key existed)."""
         if self.model.corpus is not None:
-            from ldpipe.data.corpus import file_digest   # a changed corpus file is a new base model
+            from ldpipe.data.corpus import file_digest  # a changed corpus file is a new base model
 
             return {"corpus_file": file_digest(self.model.corpus)}
         if self.dataset.kind == "synthetic":

@@ -66,7 +66,7 @@ def _tiny_probe(prompt_len: int, response_lens: list[int]):
 
 
 def test_flop_accounting_by_hand():
-    from ldpipe.bench.flops import (full_sequence_flops, model_shape, shared_prefix_flops, training_flops)
+    from ldpipe.bench.flops import full_sequence_flops, model_shape, shared_prefix_flops, training_flops
     from ldpipe.model.lm import TinyModelConfig, build_model
 
     V = 50

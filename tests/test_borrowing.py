@@ -3,14 +3,13 @@ from __future__ import annotations
 
 import polars as pl
 import pytest
+from conftest import REPO
 
 from ldpipe.analysis.borrowing import AnswerIndex, FactIndex, score_generations, summarize
-from ldpipe.store.catalog import query, refresh_catalog
-from ldpipe.schema import TRAJECTORY_SCHEMA
-from ldpipe.store.shards import Store
 from ldpipe.data.synthetic import SyntheticConfig, generate
-
-from conftest import REPO
+from ldpipe.schema import TRAJECTORY_SCHEMA
+from ldpipe.store.catalog import query, refresh_catalog
+from ldpipe.store.shards import Store
 
 ANSWERS = {"u": "the red fox jumps over the lazy dog", "j": "a green frog sits on a wet log",
            "k": "my blue bird sings in the early morning"}

@@ -14,12 +14,12 @@ from datasets import Dataset  # noqa: E402
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments  # noqa: E402
 from trl import SFTConfig, SFTTrainer  # noqa: E402
 
-from ldpipe.training.callback import ProbeTrackingCallback  # noqa: E402
 from ldpipe.model.lm import TinyModelConfig, build_model, train_tokenizer  # noqa: E402
+from ldpipe.model.scoring import encode_probes, score_probes  # noqa: E402
 from ldpipe.probes.build import ProbeRecipe, build_probe_set  # noqa: E402
 from ldpipe.schema import TRAJECTORY_SCHEMA  # noqa: E402
-from ldpipe.model.scoring import encode_probes, score_probes  # noqa: E402
 from ldpipe.store.shards import Store  # noqa: E402
+from ldpipe.training.callback import ProbeTrackingCallback  # noqa: E402
 from ldpipe.training.trl_run import fix_resume_weights  # noqa: E402
 
 ROWS = [(f"q{i}", "train" if i < 12 else "test", f"Question {i}: what is item {i}?",

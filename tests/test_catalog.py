@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 import argparse
-import os
 import io
+import os
 import subprocess
 import sys
 import textwrap
@@ -12,11 +12,11 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from ldpipe.store.catalog import KNOWN_TABLES, check_readonly_statement, connect_readonly, query, refresh_catalog
 from ldpipe.errors import DataValidationError, LdpipeError
 from ldpipe.schema import TRAJECTORY_SCHEMA
-from ldpipe.store.sqlcli import add_sql_arguments, run_sql
+from ldpipe.store.catalog import KNOWN_TABLES, check_readonly_statement, connect_readonly, query, refresh_catalog
 from ldpipe.store.shards import Store
+from ldpipe.store.sqlcli import add_sql_arguments, run_sql
 
 LEARNING_CURVE = """\
 -- mean log-probability per run, step and response type (the paper's learning curves)

@@ -5,8 +5,8 @@ import sys
 from pathlib import Path
 
 import dagster as dg
-import pytest
 import polars as pl
+import pytest
 
 from ldpipe.defs.experiments import build_defs
 from ldpipe.defs.resources import Compute, LdpipeHome

@@ -4,11 +4,11 @@ import duckdb
 import polars as pl
 import pytest
 
-from ldpipe.store.catalog import query
 from ldpipe.defs.experiments import build_defs
 from ldpipe.defs.resources import Compute, LdpipeHome
 from ldpipe.paths import Paths
 from ldpipe.spec import load_experiments
+from ldpipe.store.catalog import query
 
 
 def test_repo_definitions_load():

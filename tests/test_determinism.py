@@ -11,7 +11,6 @@ import sys
 from pathlib import Path
 
 import polars as pl
-
 from conftest import TINY_YAML
 
 REPO = Path(__file__).resolve().parents[1]

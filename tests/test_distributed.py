@@ -18,12 +18,11 @@ from conftest import TINY_YAML
 from safetensors.torch import load_file
 
 from ldpipe import pipeline
-
-from ldpipe.training import distributed
 from ldpipe.defs.training import worker_command
 from ldpipe.paths import Paths
 from ldpipe.spec import parse_experiment
 from ldpipe.store.shards import Store
+from ldpipe.training import distributed
 
 torch.set_num_threads(1)
 

@@ -9,9 +9,18 @@ import torch
 import torch.nn.functional as F
 
 from ldpipe.errors import LdpipeError
-from ldpipe.influence.entk import Update, agreement, dpo_update, ipo_update, exact_entk, naive_one_step, per_sequence_gradients, sft_update
-from ldpipe.influence.projected import projected_entk, projection_coverage
 from ldpipe.influence.akg import akg_decomposition, akg_factors, naive_optimizer_step
+from ldpipe.influence.entk import (
+    Update,
+    agreement,
+    dpo_update,
+    exact_entk,
+    ipo_update,
+    naive_one_step,
+    per_sequence_gradients,
+    sft_update,
+)
+from ldpipe.influence.projected import projected_entk, projection_coverage
 from ldpipe.model.lm import TinyModelConfig, build_model
 from ldpipe.model.scoring import batch_logps
 
@@ -439,9 +448,10 @@ def test_preconditioned_entk_predicts_a_loaded_optimizer_step(kind, data, tmp_pa
 
 def test_projected_rank1_preconditioner_against_exact(data):
     """projected_precond with a projection of full rank isolates the rank-1 (Adafactor-style) factorisation of P."""
-    from ldpipe.training.optim_state import preconditioner, save_optimizer_state, load_optimizer_state
     import tempfile
     from pathlib import Path
+
+    from ldpipe.training.optim_state import load_optimizer_state, preconditioner, save_optimizer_state
 
     train, probes = data
     m, opt = _trained_with("adamw", data)

@@ -5,12 +5,12 @@ import polars as pl
 import pytest
 import yaml
 
-from ldpipe.store.catalog import query
 from ldpipe.defs.experiments import build_defs
 from ldpipe.defs.resources import Compute, LdpipeHome
 from ldpipe.errors import SpecError
 from ldpipe.paths import Paths
 from ldpipe.spec import load_experiments, parse_experiment
+from ldpipe.store.catalog import query
 
 INFLUENCE_YAML = """  - {name: dpo, algo: dpo, start_from: sft, epochs: 0.5, batch_size: 8, lr: 1.0e-3, eval_every: 2}
 influence: {n_train: 3, n_probe_prompts: 2, n_naive: 2, n_akg: 1, seed: 0,
@@ -161,8 +161,8 @@ def test_influence_uses_saved_optimizer_state_and_falls_back(tiny_project, tmp_p
     matrix adds exact_precond / projected_precond there, compares exact and exact_precond with the real loaded-Adam
     step, and falls back to SGD with a logged reason at start and where the state file is gone."""
     import yaml
-
     from conftest import TINY_YAML, build_inputs
+
     from ldpipe import pipeline
     from ldpipe.influence import runs as ir
     from ldpipe.training.optim_state import STATE_FILE, load_optimizer_state

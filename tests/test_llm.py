@@ -11,17 +11,24 @@ import httpx2
 import openai
 import polars as pl
 import pytest
+from fake_openai import FakeOpenAI, Fault  # tests/ is on sys.path (pytest's default "prepend" import mode)
 
+from ldpipe.data.synthetic import SyntheticConfig, generate
 from ldpipe.errors import DataValidationError, LdpipeError, SpecError
-from ldpipe.llm import (ChatRequest, LLMClient, LLMConfig, LLMError, batch_requests_jsonl, cache_key,
-                        parse_batch_output, retry_after_s)
-from ldpipe.probes.llm_types import LLM_TYPES, build_llm_types, strip_preamble
+from ldpipe.llm import (
+    ChatRequest,
+    LLMClient,
+    LLMConfig,
+    LLMError,
+    batch_requests_jsonl,
+    cache_key,
+    parse_batch_output,
+    retry_after_s,
+)
 from ldpipe.probes.build import REPHRASE_TYPES, ProbeRecipe, build_probe_set
 from ldpipe.probes.checks import check_probe_set
+from ldpipe.probes.llm_types import LLM_TYPES, build_llm_types, strip_preamble
 from ldpipe.schema import PROBE_SCHEMA
-from ldpipe.data.synthetic import SyntheticConfig, generate
-
-from fake_openai import Fault, FakeOpenAI  # tests/ is on sys.path (pytest's default "prepend" import mode)
 
 SECRET = "sk-test-SECRET-0123456789abcdef"
 KEY_ENV = "LDPIPE_TEST_LLM_KEY"

@@ -8,6 +8,7 @@ import polars as pl
 import pytest
 import torch
 import yaml
+from conftest import TINY_YAML
 
 from ldpipe import pipeline
 from ldpipe.errors import LdpipeError, SpecError
@@ -15,8 +16,6 @@ from ldpipe.paths import Paths
 from ldpipe.probes.build import build_custom_type
 from ldpipe.schema import PROBE_SCHEMA
 from ldpipe.spec import parse_experiment
-
-from conftest import TINY_YAML
 
 REFERENCE_FILE = Path(__file__).resolve().parents[2] / "shared" / "data" / "hh_helpful_base_probe_test.jsonl"
 CUSTOM = [{"name": "chosen_half", "from": "chosen", "transform": "truncate", "fraction": 0.5},
@@ -68,8 +67,8 @@ def test_model_types_for_every_prompt_and_joined(built):
     assert all(p.startswith("base_model:") and p.endswith(":greedy") for p in init["provenance"])
     assert all(y.startswith(" ") for y in init["response"])   # y+'s leading space, as the scorer sees y+
     # y_init is the model's own greedy continuation of the probe prompt, cut at the stop markers
-    from ldpipe.model.generate import GenerationConfig, generate
     from ldpipe.model.checkpoints import load_model_and_tokenizer
+    from ldpipe.model.generate import GenerationConfig, generate
 
     model, tok = load_model_and_tokenizer(pipeline.base_model_path(spec, files))
     ids = sorted(chosen)

@@ -8,8 +8,19 @@ import pytest
 import torch
 
 from ldpipe.errors import LdpipeError
-from ldpipe.model.lm import EOS_TOKEN, PretrainConfig, TinyModelConfig, build_model, configure_threads, count_parameters, lm_loss, pretrain, resolve_device, train_tokenizer
 from ldpipe.model.checkpoints import load_model_and_tokenizer, read_metadata, save_checkpoint
+from ldpipe.model.lm import (
+    EOS_TOKEN,
+    PretrainConfig,
+    TinyModelConfig,
+    build_model,
+    configure_threads,
+    count_parameters,
+    lm_loss,
+    pretrain,
+    resolve_device,
+    train_tokenizer,
+)
 
 torch.set_num_threads(1)
 

@@ -13,14 +13,14 @@ from fake_openai import FakeOpenAI
 
 import ldpipe.training.loop
 from ldpipe import pipeline
+from ldpipe.data.synthetic import SyntheticConfig, generate
 from ldpipe.errors import SpecError
 from ldpipe.llm import LLMConfig
 from ldpipe.model.checkpoints import load_model_and_tokenizer
-from ldpipe.training.onpolicy import JudgeScorer, parse_score, parse_verdict, select_pair
-from ldpipe.training.rewards import SyntheticFactReward, distinct_ngrams, make_reward
 from ldpipe.spec import parse_experiment
 from ldpipe.store.shards import Store
-from ldpipe.data.synthetic import SyntheticConfig, generate
+from ldpipe.training.onpolicy import JudgeScorer, parse_score, parse_verdict, select_pair
+from ldpipe.training.rewards import SyntheticFactReward, distinct_ngrams, make_reward
 
 torch.set_num_threads(1)
 

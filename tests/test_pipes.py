@@ -13,6 +13,7 @@ from pathlib import Path
 import dagster as dg
 import polars as pl
 import pytest
+from conftest import wait_until
 
 from ldpipe import pipeline
 from ldpipe.analysis.directions import run_checks
@@ -21,8 +22,6 @@ from ldpipe.defs.resources import Compute, LdpipeHome
 from ldpipe.defs.training import RunOverrides
 from ldpipe.paths import Paths
 from ldpipe.spec import load_experiments
-
-from conftest import wait_until
 
 RESOURCES = {"ldpipe_home": LdpipeHome(), "compute": Compute(device="cpu")}
 RUN_KEYS = {"run_id", "config_hash", "algo", "checkpoint", "steps", "evals", "wall_s", "device", "final_loss",

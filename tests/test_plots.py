@@ -11,7 +11,6 @@ from matplotlib.legend import Legend
 from matplotlib.text import Annotation
 
 from ldpipe.analysis import borrowing, curves, squeeze_toy
-
 from ldpipe.influence import heatmap as influence_heatmap
 from ldpipe.schema import CORE_RESPONSE_TYPES, INFLUENCE_HEATMAP_SCHEMA
 

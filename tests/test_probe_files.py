@@ -16,13 +16,12 @@ import dagster as dg
 import polars as pl
 import pytest
 import yaml
+from conftest import REPO
 
 from ldpipe import pipeline
 from ldpipe.paths import Paths, project_dir
 from ldpipe.probes.checks import check_probe_set
 from ldpipe.spec import load_experiments, parse_experiment
-
-from conftest import REPO
 
 N_ROWS = 24
 WORDS = ("river stone lamp garden window copper violet morning harbor quiet paper candle orchard silver "
@@ -91,8 +90,8 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
 
 def _checkpoint(path: Path, texts: list[str]) -> None:
     """A small untrained GPT-NeoX with a BPE tokenizer of the data's words (a local `pretrained` model)."""
-    from ldpipe.model.lm import TinyModelConfig, build_model, train_tokenizer
     from ldpipe.model.checkpoints import save_checkpoint
+    from ldpipe.model.lm import TinyModelConfig, build_model, train_tokenizer
 
     tok = train_tokenizer(texts, vocab_size=300)
     model = build_model(TinyModelConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64,
@@ -221,8 +220,8 @@ def test_generation_prompts_take_the_first_rows_of_the_file():
 # ----------------------------------------------------------------------------- truncation per response type
 
 def test_truncation_counted_per_type_in_metadata_store_and_warnings(project):
-    from ldpipe.store.catalog import query
     from ldpipe.model.checkpoints import load_tokenizer
+    from ldpipe.store.catalog import query
 
     proj, result, instance = project
     spec = _spec("local")

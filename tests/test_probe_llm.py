@@ -1,7 +1,7 @@
 """LLM-made probe types inside the probe-set stage, against a real local OpenAI-compatible server."""
 import polars as pl
-
 from fake_openai import FakeOpenAI
+
 from ldpipe import pipeline
 from ldpipe.paths import Paths
 from ldpipe.spec import parse_experiment

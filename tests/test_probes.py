@@ -4,11 +4,11 @@ from __future__ import annotations
 import polars as pl
 import pytest
 
+from ldpipe.data.synthetic import SyntheticConfig, SyntheticWorld, generate
 from ldpipe.errors import DataValidationError, SpecError
 from ldpipe.probes.build import MODEL_TYPES, OFFLINE_TYPES, REPHRASE_TYPES, ProbeRecipe, build_probe_set, shuffle_words
 from ldpipe.probes.checks import check_probe_set
 from ldpipe.schema import PROBE_SCHEMA
-from ldpipe.data.synthetic import SyntheticConfig, SyntheticWorld, generate
 
 BUILT_WITHOUT_TOKENIZER = tuple(t for t in OFFLINE_TYPES if t != "random_tokens")
 

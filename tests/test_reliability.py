@@ -19,9 +19,9 @@ import duckdb
 import polars as pl
 import pytest
 
-from ldpipe.store.catalog import connect_readonly, query, refresh_catalog
 from ldpipe.errors import LdpipeError
 from ldpipe.schema import TRAJECTORY_SCHEMA
+from ldpipe.store.catalog import connect_readonly, query, refresh_catalog
 from ldpipe.store.shards import Store, writer_alive
 
 REPO = Path(__file__).resolve().parents[1]
@@ -372,7 +372,7 @@ def test_the_reader_connection_itself_is_read_only(home_with_catalog):
 
 @pytest.mark.parametrize("fault_kind", ["429", "500", "timeout", "reset", "bad_json", "empty_choices"])
 def test_a_persistent_llm_fault_fails_clearly_after_bounded_attempts(tmp_path, fault_kind):
-    from fake_openai import Fault, FakeOpenAI
+    from fake_openai import FakeOpenAI, Fault
 
     from ldpipe.llm import ChatRequest, LLMClient, LLMConfig, LLMError
 

@@ -16,12 +16,11 @@ from conftest import TINY_YAML, build_inputs
 from safetensors.torch import load_file
 
 from ldpipe import pipeline
-
 from ldpipe.layout import step_name
-from ldpipe.training import resume
 from ldpipe.model.checkpoints import read_metadata
 from ldpipe.spec import load_experiment, parse_experiment
 from ldpipe.store.shards import Store
+from ldpipe.training import resume
 
 torch.set_num_threads(1)
 

@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO, wait_until
 
 LDPIPE = str(Path(sys.executable).parent / "ldpipe")

@@ -11,7 +11,6 @@ import torch
 
 from ldpipe.errors import DataValidationError, LdpipeError
 from ldpipe.model.lm import TinyModelConfig, build_model, train_tokenizer
-from ldpipe.schema import PROBE_SCHEMA
 from ldpipe.model.scoring import (
     METRIC_SCHEMA,
     SCORE_SCHEMA,
@@ -22,6 +21,7 @@ from ldpipe.model.scoring import (
     score_naive,
     score_probes,
 )
+from ldpipe.schema import PROBE_SCHEMA
 
 torch.set_num_threads(1)
 

@@ -13,9 +13,8 @@ from pathlib import Path
 import dagster as dg
 import polars as pl
 import pytest
-
 from conftest import TINY_YAML
-from fake_openai import Fault, FakeOpenAI
+from fake_openai import FakeOpenAI, Fault
 
 LDPIPE = str(Path(sys.executable).parent / "ldpipe")
 REPO = Path(__file__).resolve().parents[1]

@@ -9,16 +9,15 @@ import dagster as dg
 import polars as pl
 import pytest
 import torch
+from conftest import REPO
+from fake_openai import FakeOpenAI
 
 from ldpipe.analysis.squeeze_stats import squeeze_diagnostics, start_end
 from ldpipe.analysis.squeezing import generation_prompts, has_repeat, peakiness, repeater_stats
-from ldpipe.store.catalog import query, refresh_catalog
 from ldpipe.model.lm import TinyModelConfig, build_model, train_tokenizer
 from ldpipe.schema import TRAJECTORY_SCHEMA
+from ldpipe.store.catalog import query, refresh_catalog
 from ldpipe.store.shards import Store
-
-from conftest import REPO
-from fake_openai import FakeOpenAI
 
 
 def test_repeat_definition():

@@ -6,18 +6,17 @@ import dagster as dg
 import polars as pl
 import pytest
 import yaml
-
 from conftest import REPO, TINY_YAML
 
 
 @pytest.mark.slow
 def test_squeezing_study_at_smoke_size(tiny_project):
-    from ldpipe.store.catalog import query
     from ldpipe.defs.experiments import build_defs
     from ldpipe.defs.resources import Compute, LdpipeHome
     from ldpipe.defs.training import preset_run_config
     from ldpipe.paths import Paths
     from ldpipe.spec import load_experiment
+    from ldpipe.store.catalog import query
 
     study = yaml.safe_load((REPO / "assets" / "squeezing_study.yaml").read_text())
     tiny = yaml.safe_load(TINY_YAML)

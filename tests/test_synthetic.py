@@ -9,12 +9,28 @@ from collections import Counter
 import polars as pl
 import pytest
 
+from ldpipe.data.synthetic import (
+    ANSWERS,
+    ATTRIBUTES,
+    CORPUS_STATEMENTS,
+    FACTS_SCHEMA,
+    MEANING_ANSWERS,
+    MEANING_REFUSALS,
+    MEANING_SUPPORTS,
+    REFUSALS,
+    REJECTED_KINDS,
+    REPHRASE_SCHEMA,
+    REPHRASE_TYPES,
+    SUPPORTS,
+    VALUES,
+    SyntheticConfig,
+    SyntheticWorld,
+    generate,
+    human_sentence,
+    sentences,
+)
 from ldpipe.errors import DataValidationError
 from ldpipe.schema import PREFERENCE_SCHEMA
-from ldpipe.data.synthetic import (ANSWERS, ATTRIBUTES, CORPUS_STATEMENTS, FACTS_SCHEMA, MEANING_ANSWERS,
-                              MEANING_REFUSALS, MEANING_SUPPORTS, REFUSALS, REPHRASE_SCHEMA, REPHRASE_TYPES,
-                              SUPPORTS, VALUES, SyntheticConfig, SyntheticWorld, generate, human_sentence,
-                              REJECTED_KINDS, sentences)
 
 
 def _has_word(text: str, phrase: str, *, ignore_case: bool = False) -> bool:

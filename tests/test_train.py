@@ -10,8 +10,8 @@ from conftest import TINY_YAML, build_inputs
 from ldpipe import pipeline
 from ldpipe.errors import LdpipeError, SpecError
 from ldpipe.model.checkpoints import load_model_and_tokenizer, read_metadata
-from ldpipe.paths import Paths
 from ldpipe.model.scoring import batch_logps, encode_pair
+from ldpipe.paths import Paths
 from ldpipe.spec import parse_experiment
 from ldpipe.store.shards import Store
 

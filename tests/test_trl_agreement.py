@@ -53,9 +53,9 @@ from datasets import Dataset  # noqa: E402
 from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer  # noqa: E402
 from trl.trainer.dpo_trainer import DataCollatorForPreference  # noqa: E402
 
-from ldpipe.training.losses import dpo_loss, ipo_loss, reward_stats, sft_loss  # noqa: E402
 from ldpipe.model.lm import TinyModelConfig, build_model, train_tokenizer  # noqa: E402
 from ldpipe.model.scoring import EncodedProbe, batch_logps, encode_pair, score_probes  # noqa: E402
+from ldpipe.training.losses import dpo_loss, ipo_loss, reward_stats, sft_loss  # noqa: E402
 
 torch.set_num_threads(1)
 # transformers 5 renames gradient_checkpointing (set here, and read by TRL) and score_probes' past_key_values

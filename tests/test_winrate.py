@@ -5,16 +5,15 @@ import re
 
 import polars as pl
 import pytest
+from conftest import REPO
+from fake_openai import FakeOpenAI  # tests/ is on sys.path (pytest's default "prepend" import mode)
 
 from ldpipe.analysis.winrate import JUDGE_PROMPT, judge_pairs, parse_verdict, run_win_rate, summarize
-from ldpipe.store.catalog import query, refresh_catalog
 from ldpipe.llm import LLMClient, LLMConfig
 from ldpipe.schema import WIN_RATE_JUDGMENT_SCHEMA
 from ldpipe.spec import parse_experiment
+from ldpipe.store.catalog import query, refresh_catalog
 from ldpipe.store.shards import Store
-
-from conftest import REPO
-from fake_openai import FakeOpenAI  # tests/ is on sys.path (pytest's default "prepend" import mode)
 
 ITEMS = [(f"ex{i}", f"\n\nHuman: question {i}?\n\nAssistant:", f"answer a{i}", f"answer b{i}") for i in range(4)]
 

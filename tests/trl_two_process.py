@@ -11,9 +11,9 @@ import polars as pl
 from datasets import Dataset
 from trl import SFTConfig, SFTTrainer
 
-from ldpipe.training.callback import ProbeTrackingCallback
 from ldpipe.model.lm import TinyModelConfig, build_model, train_tokenizer
 from ldpipe.probes.build import ProbeRecipe, build_probe_set
+from ldpipe.training.callback import ProbeTrackingCallback
 
 ROWS = [(f"q{i}", "train" if i < 12 else "test", f"Question {i}: what is item {i}?",
          f" Item {i} is a thing of colour {['red', 'blue', 'green'][i % 3]}.", f" No idea about {i}.")

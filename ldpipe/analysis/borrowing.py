@@ -25,8 +25,8 @@ import polars as pl
 
 from ldpipe.analysis.plots import figure_png, run_colours, subplots
 from ldpipe.analysis.squeezing import has_repeat, ngram_list
-from ldpipe.probes.checks import word_list
 from ldpipe.errors import DataValidationError
+from ldpipe.probes.checks import word_list
 from ldpipe.schema import GENERATION_BORROWING_SCHEMA
 
 Log = Callable[[str], None]
@@ -122,12 +122,12 @@ def run_borrowing(spec, files, store, *, device: str = "auto", log: Log = print,
     """generation_borrowing rows for every run and checkpoint; one shard per run (rewritten on rerun).
     Without a test split there are no held-out rows: `warn` (default `log`) gets held_out_note's line."""
     from ldpipe.analysis.checkpoints import run_checkpoints
-    from ldpipe.analysis.squeezing import generation_prompts, held_out_note
     from ldpipe.analysis.generations import greedy_generations
+    from ldpipe.analysis.squeezing import generation_prompts, held_out_note
+    from ldpipe.layout import load_preferences_file, load_probes_file
+    from ldpipe.model.checkpoints import load_model_and_tokenizer
     from ldpipe.model.generate import GenerationConfig
     from ldpipe.model.lm import resolve_device
-    from ldpipe.model.checkpoints import load_model_and_tokenizer
-    from ldpipe.layout import load_preferences_file, load_probes_file
 
     g = spec.generation_analysis
     dev = resolve_device(device)

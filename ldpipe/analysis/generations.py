@@ -19,9 +19,9 @@ def greedy_generations(ckpt_path: Path | str, prompts: Sequence[str], config, ca
     same checkpoint content, prompts and config were decoded before; `load()` gives (model, tokenizer) and is
     called only on a miss."""
     from ldpipe.atomic import write_parquet
+    from ldpipe.hashing import content_hash
     from ldpipe.model.generate import generate
     from ldpipe.probes.model_stage import model_fingerprint
-    from ldpipe.hashing import content_hash
 
     prompts = list(prompts)
     key = content_hash({"model": model_fingerprint(ckpt_path), "prompts": prompts, "config": asdict(config)})

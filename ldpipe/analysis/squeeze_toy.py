@@ -12,7 +12,6 @@ Random draws follow the reference notebook's order from one legacy numpy stream 
 """
 from __future__ import annotations
 
-
 import numpy as np
 
 from ldpipe.analysis.plots import figure_png, subplots

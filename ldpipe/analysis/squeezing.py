@@ -115,10 +115,10 @@ def run_squeezing(spec, files, store, *, device: str = "auto", log: Log = print,
     Without a test split, `warn` (default `log`) gets held_out_note's line."""
     from ldpipe.analysis.checkpoints import run_checkpoints
     from ldpipe.analysis.generations import greedy_generations
+    from ldpipe.layout import load_preferences_file, load_probes_file
+    from ldpipe.model.checkpoints import load_model_and_tokenizer
     from ldpipe.model.generate import GenerationConfig
     from ldpipe.model.lm import resolve_device
-    from ldpipe.model.checkpoints import load_model_and_tokenizer
-    from ldpipe.layout import load_preferences_file, load_probes_file
     from ldpipe.model.scoring import encode_pair
 
     g = spec.generation_analysis

@@ -99,11 +99,11 @@ def run_win_rate(spec, files, store, *, device: str = "auto", log: Log = print,
     """Judge every declared pair; {"skipped": reason} when no judge or no pair is declared. Writes one
     win_rate_judgments shard per pair (partition experiment, name "<a>__vs__<b>")."""
     from ldpipe.analysis.checkpoints import resolve_ref
-    from ldpipe.model.generate import GenerationConfig, generate
-    from ldpipe.llm import LLMClient, LLMConfig
-    from ldpipe.model.lm import resolve_device
-    from ldpipe.model.checkpoints import load_model_and_tokenizer
     from ldpipe.layout import load_preferences_file
+    from ldpipe.llm import LLMClient, LLMConfig
+    from ldpipe.model.checkpoints import load_model_and_tokenizer
+    from ldpipe.model.generate import GenerationConfig, generate
+    from ldpipe.model.lm import resolve_device
 
     wr = spec.generation_analysis.win_rate
     if wr.judge is None:

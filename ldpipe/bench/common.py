@@ -62,8 +62,8 @@ def bench_device(device: str | None):
 
 
 def probe_frame(n_prompts: int):
-    from ldpipe.probes.build import ProbeRecipe, build_probe_set
     from ldpipe.data.synthetic import human_sentence
+    from ldpipe.probes.build import ProbeRecipe, build_probe_set
 
     w = world()
     return build_probe_set(w.preferences, ProbeRecipe(n_examples=n_prompts, seed=0), rephrases=w.rephrases,

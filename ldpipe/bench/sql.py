@@ -63,8 +63,8 @@ def _polars_curves(root: Path) -> pl.DataFrame:
 
 def bench_sql(*, quick: bool = False, threads: int | None = None, rows: int | None = None,
               repeats: int = 3) -> dict:
-    from ldpipe.store.catalog import connect_readonly, refresh_catalog
     from ldpipe.paths import project_dir
+    from ldpipe.store.catalog import connect_readonly, refresh_catalog
 
     target = rows or (1_000_000 if quick else 10_000_000)
     with tempfile.TemporaryDirectory(prefix="ldpipe-bench-sql-") as tmp:

@@ -1,5 +1,8 @@
-"""Reading preference files: local JSONL/JSON/CSV/Parquet files and folders (pre-scanned line by line so a bad row is named with its line and field before datasets reads it), and hub splits with an up-front reachability check."""
+"""Reading preference files: local JSONL/JSON/CSV/Parquet files and folders (pre-scanned line by line so a bad row is
+named with its line and field before datasets reads it), and hub splits with an up-front reachability check."""
+
 from __future__ import annotations
+
 import csv
 import gzip
 import io
@@ -11,7 +14,9 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import IO
 from urllib.parse import urlparse
+
 import polars as pl
+
 from ldpipe.errors import DataValidationError, LdpipeError
 
 ROW = "_row"  # internal column: the 1-based row number used in error messages

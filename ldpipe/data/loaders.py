@@ -24,9 +24,9 @@ from typing import Literal
 
 import polars as pl
 
+from ldpipe.data.files import ROW, _files, _raw_split, _read_file, _text
 from ldpipe.errors import DataValidationError, LdpipeError, SpecError
 from ldpipe.schema import CORE_RESPONSE_TYPES, PREFERENCE_SCHEMA, PROBE_SCHEMA, conform
-from ldpipe.data.files import ROW, _text, _files, _raw_split, _read_file
 
 log = logging.getLogger(__name__)
 

@@ -1,18 +1,17 @@
 """The dataset stage: the declared preference data loaded (any kind) and written as the experiment's
 preferences.parquet (plus the synthetic world's files)."""
+
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Callable
 
-
 from ldpipe.atomic import write_parquet
 from ldpipe.errors import LdpipeError
+from ldpipe.layout import ExperimentFiles
 from ldpipe.paths import project_dir
 from ldpipe.schema import PREFERENCE_SCHEMA
 from ldpipe.spec import ExperimentSpec
-
-from ldpipe.layout import ExperimentFiles
 
 Log = Callable[[str], None]
 

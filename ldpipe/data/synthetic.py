@@ -50,8 +50,8 @@ from pathlib import Path
 
 import polars as pl
 
-from ldpipe.data import synthetic_remarks as R
 from ldpipe.atomic import write_bytes, write_json, write_parquet
+from ldpipe.data import synthetic_remarks as R
 from ldpipe.errors import DataValidationError
 from ldpipe.schema import PREFERENCE_SCHEMA, conform
 

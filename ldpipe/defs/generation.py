@@ -6,10 +6,10 @@ import polars as pl
 
 from ldpipe import pipeline
 from ldpipe.analysis.curves import save_plot
-from ldpipe.store.catalog import query
 from ldpipe.defs.common import CATALOG_KEY, md_table, png_markdown
 from ldpipe.defs.resources import Compute, LdpipeHome
 from ldpipe.spec import ExperimentSpec
+from ldpipe.store.catalog import query
 from ldpipe.store.shards import Store
 
 TOY_CHECK = "negative_gradient_on_valley_squeezes_into_argmax"

@@ -17,9 +17,18 @@ import dagster as dg
 from dagster._core.errors import DagsterPipesExecutionError  # not re-exported at the top level in 1.13
 
 from ldpipe import pipeline
-from ldpipe.analysis.directions import (SQUEEZE_COMPARISONS, collateral_pairs, compare_collateral, compare_squeeze,
-                                        evaluate_run, run_checks, run_trajectory, sft_length_pairs, squeeze_summary,
-                                        type_deltas)
+from ldpipe.analysis.directions import (
+    SQUEEZE_COMPARISONS,
+    collateral_pairs,
+    compare_collateral,
+    compare_squeeze,
+    evaluate_run,
+    run_checks,
+    run_trajectory,
+    sft_length_pairs,
+    squeeze_summary,
+    type_deltas,
+)
 from ldpipe.defs.common import md_table
 from ldpipe.defs.probes import probe_keys
 from ldpipe.defs.resources import Compute, LdpipeHome

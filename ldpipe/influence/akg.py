@@ -1,11 +1,16 @@
-"""The paper's one-step decomposition Delta log pi = -eta A K G at observed positions (akg_decomposition: exact, tiny models; akg_factors: summaries from one Jacobian-vector product, any size), and the validator with the run's real optimizer (naive_optimizer_step, optimizer_drift)."""
+"""The paper's one-step decomposition Delta log pi = -eta A K G at observed positions (akg_decomposition: exact, tiny
+models; akg_factors: summaries from one Jacobian-vector product, any size), and the validator with the run's real
+optimizer (naive_optimizer_step, optimizer_drift)."""
+
 from __future__ import annotations
+
 from contextlib import contextmanager
 from typing import Callable, Sequence, Union
+
 import torch
 import torch.nn as nn
+
 from ldpipe.errors import LdpipeError
-from ldpipe.model.lm import eval_mode
 from ldpipe.influence.entk import (
     Pair,
     Update,
@@ -16,7 +21,7 @@ from ldpipe.influence.entk import (
     _select,
     _weights_restored,
 )
-
+from ldpipe.model.lm import eval_mode
 
 # --------------------------------------------------------------------------- A·K·G at one position
 

@@ -42,9 +42,9 @@ import torch
 import torch.nn as nn
 
 from ldpipe.errors import LdpipeError
-from ldpipe.training.losses import preference_coefficient
 from ldpipe.model.lm import eval_mode
 from ldpipe.model.scoring import batch_logps
+from ldpipe.training.losses import preference_coefficient
 
 Pair = tuple[list[int], list[int]]
 Precond = dict[str, torch.Tensor]

@@ -1,17 +1,21 @@
-"""The influence heat map: mean influence of an update on each trained-on response type (and the run's own preference step, 'dpo') on every observed type, same prompt and other prompts, per checkpoint and accumulated; and its plot (each block on its own colour scale)."""
+"""The influence heat map: mean influence of an update on each trained-on response type (and the run's own preference
+step, 'dpo') on every observed type, same prompt and other prompts, per checkpoint and accumulated; and its plot
+(each block on its own colour scale)."""
+
 from __future__ import annotations
+
 import numpy as np
 import polars as pl
 import torch
+
+from ldpipe.analysis.checkpoints import Checkpoint
 from ldpipe.analysis.plots import figure_png, subplots
 from ldpipe.errors import LdpipeError
 from ldpipe.influence.entk import per_sequence_gradients
+from ldpipe.influence.inputs import observed_probes
+from ldpipe.influence.runs import Log, _encode_observed, _RunContext, _threads
 from ldpipe.schema import INFLUENCE_HEATMAP_SCHEMA
 from ldpipe.spec import ExperimentSpec, RunSpec
-from ldpipe.influence.runs import Log, _RunContext, _encode_observed, _threads
-from ldpipe.influence.inputs import observed_probes
-from ldpipe.analysis.checkpoints import Checkpoint
-
 
 # --------------------------------------------------------------------------- heat map
 
@@ -28,8 +32,8 @@ def compute_heatmap(spec: ExperimentSpec, run: RunSpec, files, *, device: str = 
 
 
 def _compute_heatmap(spec, run, files, *, device, log):
-    from ldpipe.training.losses import preference_coefficient
     from ldpipe.model.scoring import batch_logps
+    from ldpipe.training.losses import preference_coefficient
 
     ctx = _RunContext(spec, run, files, device)
     inf = ctx.inf

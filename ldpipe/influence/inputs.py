@@ -1,14 +1,18 @@
-"""What an influence analysis looks at: the runs and their checkpoints (start, snapshots, final), the step sizes (lr x clip factor), the training examples (units) and the observed probes."""
+"""What an influence analysis looks at: the runs and their checkpoints (start, snapshots, final), the step sizes (lr x
+clip factor), the training examples (units) and the observed probes."""
+
 from __future__ import annotations
+
 import random
 from dataclasses import dataclass
+
 import numpy as np
 import polars as pl
-from ldpipe.analysis.checkpoints import Checkpoint, run_checkpoints as all_checkpoints
+
+from ldpipe.analysis.checkpoints import Checkpoint
+from ldpipe.analysis.checkpoints import run_checkpoints as all_checkpoints
 from ldpipe.errors import LdpipeError
 from ldpipe.spec import EXTEND_SUPERVISE, ExperimentSpec, InfluenceSpec, RunSpec
-
-
 
 # --------------------------------------------------------------------------- what to analyse
 
@@ -68,8 +72,8 @@ class Unit:
 
 def training_units(spec: ExperimentSpec, run: RunSpec, files) -> list[Unit]:
     """The run's training examples with ids, as pipeline._training_examples forms them."""
-    from ldpipe.layout import load_preferences_file, load_probes_file
     from ldpipe.data.selection import training_rows
+    from ldpipe.layout import load_preferences_file, load_probes_file
 
     train = training_rows(load_preferences_file(files), run)
     rows = train.select("example_id", "prompt", "chosen", "rejected").rows()

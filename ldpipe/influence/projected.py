@@ -1,13 +1,16 @@
-"""Projected eNTK: a LoGra-style factored random projection of each layer's gradient computed inside the backward hooks (never a dense projection of materialised gradients); projection_coverage says which parameters it covers."""
+"""Projected eNTK: a LoGra-style factored random projection of each layer's gradient computed inside the backward
+hooks (never a dense projection of materialised gradients); projection_coverage says which parameters it covers."""
+
 from __future__ import annotations
+
 import hashlib
 from dataclasses import dataclass
 from typing import Sequence, Union
+
 import torch
 import torch.nn as nn
+
 from ldpipe.errors import LdpipeError
-from ldpipe.model.lm import eval_mode
-from ldpipe.model.scoring import batch_logps
 from ldpipe.influence.entk import (
     Pair,
     Precond,
@@ -19,7 +22,8 @@ from ldpipe.influence.entk import (
     _select,
     _unique_pairs,
 )
-
+from ldpipe.model.lm import eval_mode
+from ldpipe.model.scoring import batch_logps
 
 # --------------------------------------------------------------------------- factored projection
 

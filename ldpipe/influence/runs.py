@@ -31,15 +31,15 @@ from typing import Callable
 import polars as pl
 import torch
 
+from ldpipe.analysis.checkpoints import Checkpoint
 from ldpipe.errors import LdpipeError
-from ldpipe.influence.entk import Update, agreement, exact_entk, naive_one_step, untouched_moved
-from ldpipe.influence.projected import projected_entk
 from ldpipe.influence.akg import akg_factors, naive_optimizer_step, optimizer_drift
-from ldpipe.training.optim_state import load_into, load_optimizer_state, preconditioner, untouched
+from ldpipe.influence.entk import Update, agreement, exact_entk, naive_one_step, untouched_moved
+from ldpipe.influence.inputs import Unit, observed_probes, run_checkpoints, select_units, step_factors, training_units
+from ldpipe.influence.projected import projected_entk
 from ldpipe.schema import AKG_SCHEMA, INFLUENCE_AGREEMENT_SCHEMA, INFLUENCE_SCHEMA
 from ldpipe.spec import ExperimentSpec, RunSpec
-from ldpipe.influence.inputs import Unit, observed_probes, run_checkpoints, select_units, step_factors, training_units
-from ldpipe.analysis.checkpoints import Checkpoint
+from ldpipe.training.optim_state import load_into, load_optimizer_state, preconditioner, untouched
 
 Log = Callable[[str], None]
 Pair = tuple[list[int], list[int]]
@@ -84,8 +84,8 @@ class _RunLoss:
         return out
 
     def loss_fn(self, i: int):
-        from ldpipe.training.losses import dpo_loss, ipo_loss
         from ldpipe.model.scoring import batch_logps
+        from ldpipe.training.losses import dpo_loss, ipo_loss
 
         c, r = self.pairs[i]
         B = self.run.batch_size  # one example's share of a batch-mean loss
@@ -150,8 +150,8 @@ class _RunContext:
     """Everything shared by a run's analyses: checkpoints, step sizes, units, observed probes, reference."""
 
     def __init__(self, spec: ExperimentSpec, run: RunSpec, files, device: str):
-        from ldpipe.model.lm import resolve_device
         from ldpipe.model.checkpoints import load_model_and_tokenizer
+        from ldpipe.model.lm import resolve_device
 
         self.spec, self.run, self.files, self.inf = spec, run, files, spec.influence
         self.dev = resolve_device(device)

@@ -1,1 +1,2 @@
-"""Models: tokenizer, GPT-NeoX factory, pretraining, checkpoints (lm), LoRA adapters (lora), generation, probe scoring, and the base-model stage (base)."""
+"""Models: tokenizer, GPT-NeoX factory, pretraining, checkpoints (lm), LoRA adapters (lora), generation, probe
+scoring, and the base-model stage (base)."""

@@ -1,5 +1,6 @@
 """The base-model stage: a builtin model trained offline once per config hash (ldpipe.data.corpus says on
 what), or a pretrained one located; and where a run's starting weights are."""
+
 from __future__ import annotations
 
 import json
@@ -7,12 +8,10 @@ import time
 from pathlib import Path
 from typing import Callable
 
-
 from ldpipe.errors import LdpipeError
+from ldpipe.layout import ExperimentFiles
 from ldpipe.paths import project_dir
 from ldpipe.spec import ExperimentSpec
-
-from ldpipe.layout import ExperimentFiles
 
 Log = Callable[[str], None]
 
@@ -21,8 +20,16 @@ Log = Callable[[str], None]
 
 def build_base_model(spec: ExperimentSpec, files: ExperimentFiles, *, device: str = "auto",
                      log: Log = print, warn: Log | None = None) -> dict:
-    from ldpipe.model.lm import PretrainConfig, TinyModelConfig, build_model, count_parameters, pretrain, resolve_device, train_tokenizer
     from ldpipe.model.checkpoints import load_model_and_tokenizer, save_checkpoint
+    from ldpipe.model.lm import (
+        PretrainConfig,
+        TinyModelConfig,
+        build_model,
+        count_parameters,
+        pretrain,
+        resolve_device,
+        train_tokenizer,
+    )
 
     m = spec.model
     if m.kind == "pretrained":

@@ -1,5 +1,6 @@
 """Checkpoints: save (atomic, with ldpipe.json metadata; a LoRA model saves its adapter and names its base) and
 load (a local folder or, opt-in, a hub id; a LoRA folder as base + adapter)."""
+
 from __future__ import annotations
 
 import json
@@ -16,7 +17,6 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 from ldpipe.atomic import free_space, is_disk_full, remove_dead_owners
 from ldpipe.errors import LdpipeError
 from ldpipe.model.lm import METADATA_FILE, resolve_device
-
 
 # --------------------------------------------------------------------------- checkpoints
 

@@ -1,12 +1,16 @@
-"""Probe-set quality: word lists and overlaps (y-/y+ similarity), and the checks of a probe set (every type for every prompt, valid perturbations, lengths)."""
+"""Probe-set quality: word lists and overlaps (y-/y+ similarity), and the checks of a probe set (every type for every
+prompt, valid perturbations, lengths)."""
+
 from __future__ import annotations
+
 import re
 from collections.abc import Sequence
-import polars as pl
-from ldpipe.errors import DataValidationError
-from ldpipe.schema import PROBE_SCHEMA
-from ldpipe.probes.build import REPHRASE_TYPES, _is_permutation
 
+import polars as pl
+
+from ldpipe.errors import DataValidationError
+from ldpipe.probes.build import REPHRASE_TYPES, _is_permutation
+from ldpipe.schema import PROBE_SCHEMA
 
 # ----------------------------------------------------------------------------- checks
 

@@ -1,5 +1,6 @@
 """The model-probe stage: y_init, y_selfr, random tokens and the custom types made from them (they need the base
 model), written to model_probes.parquet; also the truncation counts of the whole probe set."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -9,12 +10,19 @@ import polars as pl
 
 from ldpipe.atomic import write_json
 from ldpipe.errors import LdpipeError
-from ldpipe.schema import PROBE_SCHEMA
-from ldpipe.spec import ExperimentSpec
-
 from ldpipe.layout import ExperimentFiles, _finish_stage
 from ldpipe.model.base import base_model_path
-from ldpipe.probes.stage import PROBE_BUILDER_VERSION, _core_types, _custom_stages, _fetch, _fetch_custom, _probe_cache, _write_if_changed
+from ldpipe.probes.stage import (
+    PROBE_BUILDER_VERSION,
+    _core_types,
+    _custom_stages,
+    _fetch,
+    _fetch_custom,
+    _probe_cache,
+    _write_if_changed,
+)
+from ldpipe.schema import PROBE_SCHEMA
+from ldpipe.spec import ExperimentSpec
 
 Log = Callable[[str], None]
 
@@ -49,8 +57,8 @@ def build_model_probes(spec: ExperimentSpec, files: ExperimentFiles, *, device: 
     vocabulary (`random_tokens`) and custom types made from these; written to `files.model_probes`. Also counts,
     with the base model's tokenizer, what scoring cuts from the whole probe set (`_probe_truncation`); `warn`
     (default `log`) gets a line per type of which more than a quarter of the prompts or responses are cut."""
-    from ldpipe.probes.build import random_token_rows
     from ldpipe.hashing import content_hash, file_hash, frame_hash
+    from ldpipe.probes.build import random_token_rows
     from ldpipe.probes.checks import check_probe_set
 
     ps, gen = spec.probes, spec.probes.generation
@@ -142,8 +150,8 @@ def _probe_truncation(spec: ExperimentSpec, files: ExperimentFiles,
     tokens it drops; one shard per experiment. Returns ({type: counts}, warnings for the types of which more
     than TRUNCATION_WARN_SHARE of the prompts or responses are cut)."""
     from ldpipe.model.checkpoints import load_tokenizer
-    from ldpipe.schema import PROBE_TRUNCATION_SCHEMA
     from ldpipe.model.scoring import truncation_counts
+    from ldpipe.schema import PROBE_TRUNCATION_SCHEMA
     from ldpipe.store.shards import Store
 
     ps = spec.probes
@@ -175,8 +183,8 @@ def _probe_truncation(spec: ExperimentSpec, files: ExperimentFiles,
 
 def _generate_model_types(types: list[str], chosen: pl.DataFrame, model_ref, fp: dict, gen, decoding: dict, ps,
                           seed: int, device: str, log: Log) -> tuple[pl.DataFrame, dict, dict]:
-    from ldpipe.model.generate import GenerationConfig, generate
     from ldpipe.model.checkpoints import load_model_and_tokenizer, load_tokenizer
+    from ldpipe.model.generate import GenerationConfig, generate
     from ldpipe.probes.build import random_token_rows
 
     ids, prompts, ys = (chosen[c].to_list() for c in ("example_id", "prompt", "response"))

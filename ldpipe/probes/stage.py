@@ -1,5 +1,6 @@
 """The probe-set stage: every probe type that needs no model (dataset, templates, LLM endpoint, user-declared
 types), written to probes.parquet, with a per-type cache."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -8,11 +9,10 @@ from typing import Callable
 import polars as pl
 
 from ldpipe.atomic import write_json
-from ldpipe.schema import PROBE_SCHEMA
-from ldpipe.spec import ExperimentSpec
-
 from ldpipe.data.stage import _resolve
 from ldpipe.layout import ExperimentFiles, _finish_stage, load_preferences_file
+from ldpipe.schema import PROBE_SCHEMA
+from ldpipe.spec import ExperimentSpec
 
 Log = Callable[[str], None]
 
@@ -82,8 +82,8 @@ def _fetch(cache, keys: dict[str, str], make: Callable[[list[str]], tuple[pl.Dat
 
 def _fetch_custom(cache, ps, names: list[str], keys: dict[str, str], pool, status, skipped, info) -> list[str]:
     """Build/reuse the user-declared types `names` (in declaration order) from the rows in `pool`."""
-    from ldpipe.probes.build import build_custom_type, custom_type_inputs
     from ldpipe.hashing import content_hash
+    from ldpipe.probes.build import build_custom_type, custom_type_inputs
 
     done = []
     for ct in ps.custom_types:
@@ -124,8 +124,8 @@ def _write_if_changed(df: pl.DataFrame, path: Path) -> bool:
 
 def build_probes(spec: ExperimentSpec, files: ExperimentFiles, log: Log = print) -> dict:
     """Stage 1 of the probe set: every type that needs no model, written to `files.probes`."""
-    from ldpipe.probes.build import REPHRASE_TYPES, ProbeRecipe, build_probe_set, custom_type_inputs
     from ldpipe.hashing import content_hash, file_hash
+    from ldpipe.probes.build import REPHRASE_TYPES, ProbeRecipe, build_probe_set, custom_type_inputs
     from ldpipe.probes.checks import check_probe_set
 
     ps, ds = spec.probes, spec.dataset

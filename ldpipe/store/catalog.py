@@ -19,10 +19,20 @@ import duckdb
 import polars as pl
 
 from ldpipe.errors import DataValidationError, LdpipeError
-from ldpipe.schema import ONPOLICY_PAIRS_TABLE_SCHEMA, TRAIN_METRICS_SCHEMA, TRAJECTORY_SCHEMA
-from ldpipe.schema import GENERATION_BORROWING_SCHEMA, GENERATION_STATS_SCHEMA, WIN_RATE_JUDGMENT_SCHEMA
-from ldpipe.schema import AKG_SCHEMA, INFLUENCE_AGREEMENT_SCHEMA, INFLUENCE_HEATMAP_SCHEMA, INFLUENCE_SCHEMA
-from ldpipe.schema import PROBE_PAIRS_SCHEMA, PROBE_TRUNCATION_SCHEMA
+from ldpipe.schema import (
+    AKG_SCHEMA,
+    GENERATION_BORROWING_SCHEMA,
+    GENERATION_STATS_SCHEMA,
+    INFLUENCE_AGREEMENT_SCHEMA,
+    INFLUENCE_HEATMAP_SCHEMA,
+    INFLUENCE_SCHEMA,
+    ONPOLICY_PAIRS_TABLE_SCHEMA,
+    PROBE_PAIRS_SCHEMA,
+    PROBE_TRUNCATION_SCHEMA,
+    TRAIN_METRICS_SCHEMA,
+    TRAJECTORY_SCHEMA,
+    WIN_RATE_JUDGMENT_SCHEMA,
+)
 from ldpipe.store.shards import Store, remove_stale_temps
 
 KNOWN_TABLES: dict[str, dict[str, pl.DataType]] = {

@@ -12,9 +12,9 @@ from rich.markup import escape
 from rich.table import Table
 
 from ldpipe.atomic import write_with
-from ldpipe.store.catalog import query, relocate_if_moved, store_roots
 from ldpipe.errors import LdpipeError
 from ldpipe.paths import Paths
+from ldpipe.store.catalog import query, relocate_if_moved, store_roots
 
 _EXPORTERS = {".csv": pl.DataFrame.write_csv, ".parquet": pl.DataFrame.write_parquet}
 

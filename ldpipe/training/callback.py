@@ -23,11 +23,11 @@ import polars as pl
 from transformers import TrainerCallback
 
 from ldpipe.layout import step_name
-from ldpipe.training import resume
-from ldpipe.schema import TRAIN_METRICS_SCHEMA, TRAJECTORY_SCHEMA
 from ldpipe.model.scoring import EncodedProbe, encode_probes, score_probes
-from ldpipe.training.losses import STAT_COLUMNS
+from ldpipe.schema import TRAIN_METRICS_SCHEMA, TRAJECTORY_SCHEMA
 from ldpipe.store.shards import Store
+from ldpipe.training import resume
+from ldpipe.training.losses import STAT_COLUMNS
 
 RUN_TABLES = ("trajectories", "train_metrics")
 # trainer log keys -> train_metrics columns (TRL's DPO logs rewards/*; `loss` and `grad_norm` every trainer logs)

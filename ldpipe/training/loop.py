@@ -33,17 +33,15 @@ import numpy as np
 import polars as pl
 import torch
 
-from ldpipe.training import distributed
-
 from ldpipe.layout import FINAL_DIR, snapshot_path, step_name
-from ldpipe.training import resume
-from ldpipe.model.lm import resolve_device, use_bf16
 from ldpipe.model.checkpoints import load_model_and_tokenizer, save_checkpoint
-from ldpipe.training.optim_state import save_optimizer_state
+from ldpipe.model.lm import resolve_device, use_bf16
 from ldpipe.model.scoring import EncodedProbe
 from ldpipe.spec import RunSpec
 from ldpipe.store.shards import Store
+from ldpipe.training import distributed, resume
 from ldpipe.training.objectives import Objective, _LogpsModule, make_objective
+from ldpipe.training.optim_state import save_optimizer_state
 from ldpipe.training.record import RUN_TABLES, _Recorder, keep_other_config
 
 Log = Callable[[str], None]

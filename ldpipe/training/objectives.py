@@ -1,12 +1,18 @@
-"""What a run's optimizer steps on: the SFT and preference (DPO/IPO/cDPO) objectives over encoded examples, and make_objective, which picks the declared one (on-policy pairs: ldpipe.training.onpolicy)."""
+"""What a run's optimizer steps on: the SFT and preference (DPO/IPO/cDPO) objectives over encoded examples, and
+make_objective, which picks the declared one (on-policy pairs: ldpipe.training.onpolicy)."""
+
 from __future__ import annotations
+
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, Sequence
+
 import torch
-from ldpipe.training.losses import STAT_COLUMNS as _STAT_COLUMNS, dpo_loss, ipo_loss, sft_loss
+
 from ldpipe.model.scoring import batch_logps, encode_pair
 from ldpipe.spec import RunSpec
+from ldpipe.training.losses import STAT_COLUMNS as _STAT_COLUMNS
+from ldpipe.training.losses import dpo_loss, ipo_loss, sft_loss
 
 Ids = list[int]
 

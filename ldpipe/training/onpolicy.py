@@ -22,10 +22,10 @@ import polars as pl
 import torch
 
 from ldpipe.model.generate import GenerationConfig, generate
-from ldpipe.training.losses import dpo_loss, ipo_loss
-from ldpipe.training.rewards import Reward, RewardContext, make_reward
 from ldpipe.model.scoring import batch_logps, encode_pair
 from ldpipe.spec import OnPolicySpec, RunSpec, ScorerSpec
+from ldpipe.training.losses import dpo_loss, ipo_loss
+from ldpipe.training.rewards import Reward, RewardContext, make_reward
 
 Ids = list[int]
 Scores = list[list[float | None]]   # per prompt, per sample; None: no usable score

@@ -1,5 +1,8 @@
-"""What a run writes to the store: trajectory shards per evaluation, train_metrics shards closed at checkpoints, and an earlier configuration's record moved aside (keep_other_config)."""
+"""What a run writes to the store: trajectory shards per evaluation, train_metrics shards closed at checkpoints, and
+an earlier configuration's record moved aside (keep_other_config)."""
+
 from __future__ import annotations
+
 import contextlib
 import os
 import shutil
@@ -7,14 +10,16 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
+
 import polars as pl
 import torch
+
 from ldpipe.layout import ARCHIVE_DIR, FINAL_DIR, SNAPSHOT_DIR, step_name
-from ldpipe.training.losses import REWARD_COLUMNS
 from ldpipe.model.checkpoints import read_metadata
-from ldpipe.schema import ONPOLICY_PAIRS_TABLE_SCHEMA, TRAIN_METRICS_SCHEMA, TRAJECTORY_SCHEMA
 from ldpipe.model.scoring import EncodedProbe, score_probes
+from ldpipe.schema import ONPOLICY_PAIRS_TABLE_SCHEMA, TRAIN_METRICS_SCHEMA, TRAJECTORY_SCHEMA
 from ldpipe.store.shards import Store
+from ldpipe.training.losses import REWARD_COLUMNS
 
 Log = Callable[[str], None]
 

@@ -21,8 +21,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Protocol, Sequence
 
-from ldpipe.errors import LdpipeError
 from ldpipe.data.synthetic import ANSWERS, ATTRIBUTES, QUESTIONS, SUPPORTS, VALUES
+from ldpipe.errors import LdpipeError
 
 
 class Reward(Protocol):

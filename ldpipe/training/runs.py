@@ -1,5 +1,6 @@
 """The run stage: one declared run trained from its start point (the base model or its parent run's final
 checkpoint) by ldpipe's loop or TRL, with its training rows taken in file order."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -8,12 +9,11 @@ from typing import Callable
 
 import polars as pl
 
-from ldpipe.errors import LdpipeError
-from ldpipe.spec import EXTEND_SUPERVISE, ExperimentSpec, RunSpec
-
 from ldpipe.data.selection import training_rows
+from ldpipe.errors import LdpipeError
 from ldpipe.layout import ExperimentFiles, load_preferences_file, load_probes_file
 from ldpipe.model.base import base_model_path
+from ldpipe.spec import EXTEND_SUPERVISE, ExperimentSpec, RunSpec
 
 Log = Callable[[str], None]
 
@@ -26,8 +26,8 @@ def train_run(spec: ExperimentSpec, run: RunSpec, files: ExperimentFiles, *, sto
 
     Resumes from the run's resume checkpoint when one with the same config hash exists
     (`resumed_from` in the result: its step, else None)."""
-    from ldpipe.model.lm import configure_threads
     from ldpipe.model.checkpoints import load_tokenizer
+    from ldpipe.model.lm import configure_threads
     from ldpipe.model.scoring import encode_probes
     from ldpipe.store.shards import Store
     from ldpipe.training.loop import run_training

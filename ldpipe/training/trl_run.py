@@ -20,11 +20,11 @@ from typing import Any, Sequence
 
 import polars as pl
 
-from ldpipe.training.callback import ProbeTrackingCallback
 from ldpipe.errors import LdpipeError
 from ldpipe.layout import FINAL_DIR
 from ldpipe.spec import RunSpec
 from ldpipe.store.shards import Store
+from ldpipe.training.callback import ProbeTrackingCallback
 
 
 def _world_size() -> int:
@@ -75,11 +75,11 @@ def run_trl(run: RunSpec, *, run_id: str, config_hash: str, model_path: Path | s
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
 
-    from ldpipe.model.lora import apply_lora, is_peft
-    from ldpipe.model.lm import resolve_device
     from ldpipe.model.checkpoints import load_model_and_tokenizer, save_checkpoint
-    from ldpipe.training.optim_state import save_optimizer_state
+    from ldpipe.model.lm import resolve_device
+    from ldpipe.model.lora import apply_lora, is_peft
     from ldpipe.training.loop import TrainResult, seed_everything
+    from ldpipe.training.optim_state import save_optimizer_state
     from ldpipe.training.record import keep_other_config
 
     if not examples:

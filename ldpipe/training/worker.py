@@ -45,11 +45,11 @@ def train_and_measure(spec, run_name: str, overrides: dict | None, *, home: str 
     """Train one declared run (with launch-time overrides) and measure its checks from the stored trajectories.
     Returns (materialization metadata as (value, pipes type) pairs, list of CheckOutcome)."""
     from ldpipe import pipeline
-    from ldpipe.training import distributed
     from ldpipe.analysis.directions import evaluate_run, run_trajectory
     from ldpipe.paths import Paths
     from ldpipe.spec import apply_run_overrides
     from ldpipe.store.shards import Store
+    from ldpipe.training import distributed
 
     run = apply_run_overrides(spec.run(run_name), overrides)
     if run != spec.run(run_name):
@@ -135,8 +135,8 @@ def _write_error(exc: BaseException) -> None:
 def _train_pipes() -> int:
     from dagster_pipes import open_dagster_pipes
 
-    from ldpipe.training import distributed
     from ldpipe.spec import ExperimentSpec
+    from ldpipe.training import distributed
 
     if not distributed.is_main():
         return _train_pipes_follower()
@@ -162,8 +162,8 @@ def _train_pipes_follower() -> int:
     channel per step: rank 0's)."""
     from dagster_pipes import PipesDefaultContextLoader, PipesEnvVarParamsLoader
 
-    from ldpipe.training import distributed
     from ldpipe.spec import ExperimentSpec
+    from ldpipe.training import distributed
 
     with PipesDefaultContextLoader().load_context(PipesEnvVarParamsLoader().load_context_params()) as data:
         x = data["extras"]
@@ -174,8 +174,8 @@ def _train_pipes_follower() -> int:
 
 
 def _train_cli(args: argparse.Namespace) -> int:
-    from ldpipe.training import distributed
     from ldpipe.spec import load_experiment
+    from ldpipe.training import distributed
 
     spec = load_experiment(Path(args.experiment_file))
     overrides = json.loads(args.overrides) if args.overrides else {}
