@@ -19,41 +19,6 @@ def _tmp(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
 
 
-def write_parquet(df: pl.DataFrame, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp(path)
-    try:
-        df.write_parquet(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
-
-
-def write_json(obj: Any, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp(path)
-    try:
-        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
-
-
-def write_bytes(data: bytes, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp(path)
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
-
-
 def write_with(write, path: Path) -> Path:
     """Atomically create `path` with `write(tmp_path)` (any writer that takes a path)."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -64,6 +29,23 @@ def write_with(write, path: Path) -> Path:
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+def write_parquet(df: pl.DataFrame, path: Path) -> Path:
+    def write(tmp: Path) -> None:
+        df.write_parquet(tmp)
+        with open(tmp, "rb") as f:   # on disk before the rename makes it visible
+            os.fsync(f.fileno())
+
+    return write_with(write, path)
+
+
+def write_json(obj: Any, path: Path) -> Path:
+    return write_with(lambda tmp: tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str)), path)
+
+
+def write_bytes(data: bytes, path: Path) -> Path:
+    return write_with(lambda tmp: tmp.write_bytes(data), path)
 
 
 def fsync_dir(d: Path) -> None:

@@ -19,6 +19,8 @@ value of another entity and none of the prompt entity's facts has it.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
 import polars as pl
@@ -121,12 +123,10 @@ def run_borrowing(spec, files, store, *, device: str = "auto", log: Log = print,
                   warn: Log | None = None) -> pl.DataFrame:
     """generation_borrowing rows for every run and checkpoint; one shard per run (rewritten on rerun).
     Without a test split there are no held-out rows: `warn` (default `log`) gets held_out_note's line."""
-    from ldpipe.analysis.checkpoints import run_checkpoints
-    from ldpipe.analysis.generations import greedy_generations
+    from ldpipe.analysis.generations import generation_config, greedy_generations, per_checkpoint
     from ldpipe.analysis.squeezing import generation_prompts, held_out_note
     from ldpipe.layout import load_preferences_file, load_probes_file
     from ldpipe.model.checkpoints import load_model_and_tokenizer
-    from ldpipe.model.generate import GenerationConfig
     from ldpipe.model.lm import resolve_device
 
     g = spec.generation_analysis
@@ -144,27 +144,16 @@ def run_borrowing(spec, files, store, *, device: str = "auto", log: Log = print,
 
         world = SyntheticWorld.load(files.world)
         facts = FactIndex(world.facts, world.example_facts())
-    cfg = GenerationConfig(max_new_tokens=g.max_new_tokens, batch_size=g.batch_size,
-                           max_prompt_tokens=spec.probes.max_prompt_tokens)
-    memo: dict[str, list[dict]] = {}
-    frames = []
-    for run in spec.runs:
-        rows = []
-        for ck in run_checkpoints(spec, run, files, snapshots=g.snapshots):
-            key = str(ck.path)
-            if key not in memo:
-                gens = greedy_generations(
-                    ck.path, prompts["prompt"].to_list(), cfg, files.data_dir / "generation_cache", device=dev,
-                    load=lambda: load_model_and_tokenizer(ck.path, device=dev,
-                                                          local_files_only=not spec.model.allow_download))
-                memo[key] = score_generations(prompts, gens, answers, facts, g.repeat_ngram)
-            rows += [{"run_id": ck.run_id, "checkpoint": ck.label, "step": ck.step, **r} for r in memo[key]]
-        df = pl.DataFrame(rows, schema_overrides=GENERATION_BORROWING_SCHEMA, infer_schema_length=None)
-        df = df.select(list(GENERATION_BORROWING_SCHEMA)).cast(GENERATION_BORROWING_SCHEMA)
-        store.write_shard("generation_borrowing", df, partition={"run_id": spec.run_id(run)},
-                          name="generation_borrowing", schema=GENERATION_BORROWING_SCHEMA)
-        frames.append(df)
-    out = pl.concat(frames) if frames else pl.DataFrame(schema=GENERATION_BORROWING_SCHEMA)
+    cfg = generation_config(spec)
+
+    def measure(ck) -> list[dict]:
+        gens = greedy_generations(ck.path, prompts["prompt"].to_list(), cfg, files.data_dir / "generation_cache",
+                                  device=dev, load=lambda: load_model_and_tokenizer(
+                                      ck.path, device=dev, local_files_only=not spec.model.allow_download))
+        return score_generations(prompts, gens, answers, facts, g.repeat_ngram)
+
+    out = per_checkpoint(spec, files, store, "generation_borrowing", GENERATION_BORROWING_SCHEMA, measure,
+                         snapshots=g.snapshots)
     log(f"[{spec.name}] borrowing: {out.height} generations scored")
     return out
 
@@ -201,3 +190,32 @@ def plot_borrowing(curves: pl.DataFrame, summary: pl.DataFrame, *, title: str) -
         ax.legend(fontsize=6)
     fig.suptitle(title, fontsize=10)
     return figure_png(fig)
+
+
+@dataclass(frozen=True)
+class BorrowingResult:
+    rows: pl.DataFrame           # generation_borrowing rows (per run, checkpoint and prompt)
+    summary: pl.DataFrame        # mean shares per run, checkpoint and split
+    curves: pl.DataFrame         # the borrowing view's rows of the experiment's runs
+    plot: Path                   # the saved borrowing plot
+    held_out: str                # how many held-out prompts were generated from, or why none were
+
+
+def borrowing_step(spec, files, store, *, sql_dir: Path | None = None, device: str = "auto", log: Log = print,
+                   warn: Log | None = None) -> BorrowingResult:
+    """The borrowing analysis end to end: generation_borrowing rows written, the catalog refreshed, the
+    experiment's borrowing curves read back and plotted to <plots>/<exp>.borrowing.png."""
+    from ldpipe.analysis.curves import save_plot
+    from ldpipe.analysis.squeezing import held_out_summary
+    from ldpipe.layout import load_preferences_file
+    from ldpipe.store.catalog import query, refresh
+
+    rows = run_borrowing(spec, files, store, device=device, log=log, warn=warn)
+    refresh(files, sql_dir)
+    ids = ", ".join(f"'{spec.run_id(r)}'" for r in spec.runs) or "''"
+    curves = query(files.paths.catalog, f"select * from borrowing where run_id in ({ids})")
+    summary = summarize(rows)
+    png = save_plot(plot_borrowing(curves, summary, title=f"{spec.name}: hallucination borrowing"),
+                    files.paths.plots / f"{spec.name}.borrowing.png")
+    return BorrowingResult(rows, summary, curves, Path(png), held_out_summary(spec, load_preferences_file(files),
+                                                                              BORROWING_HELD_OUT))

@@ -13,6 +13,8 @@ adds what needs the model itself, per checkpoint (start, snapshots, final; see a
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Sequence
 
 import polars as pl
@@ -113,11 +115,9 @@ def run_squeezing(spec, files, store, *, device: str = "auto", log: Log = print,
                   warn: Log | None = None) -> pl.DataFrame:
     """generation_stats rows for every run and checkpoint of `spec`; one shard per run (rewritten on rerun).
     Without a test split, `warn` (default `log`) gets held_out_note's line."""
-    from ldpipe.analysis.checkpoints import run_checkpoints
-    from ldpipe.analysis.generations import greedy_generations
+    from ldpipe.analysis.generations import generation_config, greedy_generations, per_checkpoint
     from ldpipe.layout import load_preferences_file, load_probes_file
     from ldpipe.model.checkpoints import load_model_and_tokenizer
-    from ldpipe.model.generate import GenerationConfig
     from ldpipe.model.lm import resolve_device
     from ldpipe.model.scoring import encode_pair
 
@@ -129,32 +129,22 @@ def run_squeezing(spec, files, store, *, device: str = "auto", log: Log = print,
     note = held_out_note(spec, prefs, SQUEEZING_HELD_OUT)
     if note:
         (warn or log)(note)
-    cfg = GenerationConfig(max_new_tokens=g.max_new_tokens, batch_size=g.batch_size,
-                           max_prompt_tokens=spec.probes.max_prompt_tokens)
-    memo: dict[str, dict] = {}   # a chained run's start is its parent's final: compute once
-    frames = []
-    for run in spec.runs:
-        rows = []
-        for ck in run_checkpoints(spec, run, files, snapshots=g.snapshots):
-            key = str(ck.path)
-            if key not in memo:
-                model, tok = load_model_and_tokenizer(ck.path, device=dev,
-                                                      local_files_only=not spec.model.allow_download)
-                pairs = [encode_pair(tok, p, r, max_prompt_tokens=spec.probes.max_prompt_tokens,
-                                     max_response_tokens=spec.probes.max_response_tokens)
-                         for p, r in chosen.select("prompt", "response").iter_rows()]
-                gens = greedy_generations(ck.path, prompts, cfg, files.data_dir / "generation_cache",
-                                          load=lambda: (model, tok), device=dev)
-                memo[key] = checkpoint_stats(model, pairs, gens, repeat_ngram=g.repeat_ngram, device=dev)
-                memo[key]["n_prompts"] = len(pairs)
-                log(f"[{ck.run_id}] {ck.label}: max-prob {memo[key]['mean_max_prob']}, "
-                    f"repeater rate {memo[key]['repeater_rate']}")
-            rows.append({"run_id": ck.run_id, "checkpoint": ck.label, "step": ck.step, **memo[key]})
-        df = pl.DataFrame(rows).select(list(GENERATION_STATS_SCHEMA)).cast(GENERATION_STATS_SCHEMA)
-        store.write_shard("generation_stats", df, partition={"run_id": spec.run_id(run)}, name="generation_stats",
-                          schema=GENERATION_STATS_SCHEMA)
-        frames.append(df)
-    return pl.concat(frames) if frames else pl.DataFrame(schema=GENERATION_STATS_SCHEMA)
+    cfg = generation_config(spec)
+
+    def measure(ck) -> dict:
+        model, tok = load_model_and_tokenizer(ck.path, device=dev, local_files_only=not spec.model.allow_download)
+        pairs = [encode_pair(tok, p, r, max_prompt_tokens=spec.probes.max_prompt_tokens,
+                             max_response_tokens=spec.probes.max_response_tokens)
+                 for p, r in chosen.select("prompt", "response").iter_rows()]
+        gens = greedy_generations(ck.path, prompts, cfg, files.data_dir / "generation_cache",
+                                  load=lambda: (model, tok), device=dev)
+        stats = {**checkpoint_stats(model, pairs, gens, repeat_ngram=g.repeat_ngram, device=dev),
+                 "n_prompts": len(pairs)}
+        log(f"[{ck.run_id}] {ck.label}: max-prob {stats['mean_max_prob']}, repeater rate {stats['repeater_rate']}")
+        return stats
+
+    return per_checkpoint(spec, files, store, "generation_stats", GENERATION_STATS_SCHEMA, measure,
+                          snapshots=g.snapshots)
 
 
 def plot_squeezing(curves: pl.DataFrame, stats: pl.DataFrame, *, title: str) -> bytes:
@@ -193,3 +183,36 @@ def plot_squeezing(curves: pl.DataFrame, stats: pl.DataFrame, *, title: str) -> 
         a.legend(fontsize=6)
     fig.suptitle(title, fontsize=10)
     return figure_png(fig)
+
+
+@dataclass(frozen=True)
+class SqueezingResult:
+    stats: pl.DataFrame          # generation_stats rows (per run and checkpoint)
+    curves: pl.DataFrame         # the squeezing view's rows of the experiment's runs
+    plot: Path                   # the saved 2x3 squeezing plot
+    held_out: str                # how many held-out prompts were generated from, or why none were
+
+
+def squeezing_step(spec, files, store, *, sql_dir: Path | None = None, device: str = "auto", log: Log = print,
+                   warn: Log | None = None) -> SqueezingResult:
+    """The squeezing analysis end to end: generation_stats rows written, the catalog refreshed so the views
+    see them, the experiment's squeezing curves read back and plotted to <plots>/<exp>.squeezing.png."""
+    from ldpipe.analysis.curves import save_plot
+    from ldpipe.layout import load_preferences_file
+    from ldpipe.store.catalog import query, refresh
+
+    stats = run_squeezing(spec, files, store, device=device, log=log, warn=warn)
+    refresh(files, sql_dir)
+    ids = ", ".join(f"'{spec.run_id(r)}'" for r in spec.runs) or "''"
+    curves = query(files.paths.catalog, f"select * from squeezing where run_id in ({ids})")
+    png = save_plot(plot_squeezing(curves, stats, title=f"{spec.name}: squeezing"),
+                    files.paths.plots / f"{spec.name}.squeezing.png")
+    return SqueezingResult(stats, curves, Path(png), held_out_summary(spec, load_preferences_file(files),
+                                                                       SQUEEZING_HELD_OUT))
+
+
+def held_out_summary(spec, prefs: pl.DataFrame, what: str) -> str:
+    """Asset metadata `held_out`: how many held-out (test) prompts were generated from, or the line saying that
+    part was skipped because the dataset has no test split."""
+    n = min(prefs.filter(pl.col("split") == "test").height, spec.generation_analysis.n_prompts)
+    return held_out_note(spec, prefs, what) or f"{n} held-out (test) prompts generated from"

@@ -19,16 +19,6 @@ def _runs_sql(spec: ExperimentSpec) -> str:
     return ", ".join(f"'{spec.run_id(r)}'" for r in spec.runs) or "''"
 
 
-def _held_out(spec: ExperimentSpec, files, what: str) -> dict:
-    """Metadata `held_out`: how many held-out (test) prompts were generated from, or the line saying that part
-    was skipped because the dataset has no test split."""
-    from ldpipe.analysis.squeezing import held_out_note
-
-    prefs = pipeline.load_preferences_file(files)
-    n = min(prefs.filter(pl.col("split") == "test").height, spec.generation_analysis.n_prompts)
-    return {"held_out": held_out_note(spec, prefs, what) or f"{n} held-out (test) prompts generated from"}
-
-
 def generation_assets(spec: ExperimentSpec) -> list:
     exp = spec.name
     k = lambda *parts: dg.AssetKey([exp, *parts])  # noqa: E731
@@ -41,20 +31,17 @@ def generation_assets(spec: ExperimentSpec) -> list:
                           "generations (table generation_stats).")
     def squeezing(context: dg.AssetExecutionContext, ldpipe_home: LdpipeHome,
                   compute: Compute) -> dg.MaterializeResult:
-        from ldpipe.analysis.squeezing import SQUEEZING_HELD_OUT, plot_squeezing, run_squeezing
+        from ldpipe.analysis.squeezing import squeezing_step
 
         files = pipeline.files_for(spec, ldpipe_home.paths())
-        stats = run_squeezing(spec, files, Store(files.paths.store), device=compute.device, log=context.log.info,
-                              warn=context.log.warning)
-        pipeline.refresh(files, ldpipe_home.sql_path())
-        curves = query(files.paths.catalog, f"select * from squeezing where run_id in ({_runs_sql(spec)})")
-        png = save_plot(plot_squeezing(curves, stats, title=f"{exp}: squeezing"), files.paths.plots /
-                        f"{exp}.squeezing.png")
-        meta = {"dagster/row_count": stats.height, "plot": png_markdown(str(png), "squeezing"),
-                "plot_path": dg.MetadataValue.path(str(png)),
+        res = squeezing_step(spec, files, Store(files.paths.store), sql_dir=ldpipe_home.sql_path(),
+                             device=compute.device, log=context.log.info, warn=context.log.warning)
+        stats, curves = res.stats, res.curves
+        meta = {"dagster/row_count": stats.height, "plot": png_markdown(str(res.plot), "squeezing"),
+                "plot_path": dg.MetadataValue.path(str(res.plot)),
                 "checkpoints": dg.MetadataValue.md(md_table(stats.select(
                     "run_id", "checkpoint", "step", "mean_max_prob", "mean_entropy", "repeater_rate",
-                    "mean_gen_words"), 60)), **_held_out(spec, files, SQUEEZING_HELD_OUT)}
+                    "mean_gen_words"), 60)), "held_out": res.held_out}
         if not curves.is_empty():
             last = curves.filter(pl.col("step") == pl.col("step").max().over("run_id"))
             meta["final_change"] = dg.MetadataValue.md(md_table(
@@ -71,22 +58,17 @@ def generation_assets(spec: ExperimentSpec) -> list:
                           "(table generation_borrowing).")
     def borrowing(context: dg.AssetExecutionContext, ldpipe_home: LdpipeHome,
                   compute: Compute) -> dg.MaterializeResult:
-        from ldpipe.analysis.borrowing import BORROWING_HELD_OUT, plot_borrowing, run_borrowing, summarize
+        from ldpipe.analysis.borrowing import borrowing_step
 
         files = pipeline.files_for(spec, ldpipe_home.paths())
-        rows = run_borrowing(spec, files, Store(files.paths.store), device=compute.device, log=context.log.info,
-                             warn=context.log.warning)
-        pipeline.refresh(files, ldpipe_home.sql_path())
-        curves = query(files.paths.catalog, f"select * from borrowing where run_id in ({_runs_sql(spec)})")
-        summary = summarize(rows)
-        png = save_plot(plot_borrowing(curves, summary, title=f"{exp}: hallucination borrowing"),
-                        files.paths.plots / f"{exp}.borrowing.png")
-        meta = {"dagster/row_count": rows.height, "plot": png_markdown(str(png), "borrowing"),
-                "plot_path": dg.MetadataValue.path(str(png)),
-                "by_checkpoint": dg.MetadataValue.md(md_table(summary, 80)),
-                "examples": dg.MetadataValue.md(md_table(rows.filter(pl.col("checkpoint") == "final").select(
+        res = borrowing_step(spec, files, Store(files.paths.store), sql_dir=ldpipe_home.sql_path(),
+                             device=compute.device, log=context.log.info, warn=context.log.warning)
+        meta = {"dagster/row_count": res.rows.height, "plot": png_markdown(str(res.plot), "borrowing"),
+                "plot_path": dg.MetadataValue.path(str(res.plot)),
+                "by_checkpoint": dg.MetadataValue.md(md_table(res.summary, 80)),
+                "examples": dg.MetadataValue.md(md_table(res.rows.filter(pl.col("checkpoint") == "final").select(
                     "run_id", "example_id", "split", "generation", "borrow_share", "fact_borrow_share"), 12)),
-                **_held_out(spec, files, BORROWING_HELD_OUT)}
+                "held_out": res.held_out}
         return dg.MaterializeResult(metadata=meta)
 
     @dg.asset(key=k("win_rate"), group_name=exp, deps=[CATALOG_KEY], pool="gpu", kinds={"pytorch", "openai"},

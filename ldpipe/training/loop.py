@@ -69,6 +69,16 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def begin_run(run: RunSpec, run_id: str, examples: Sequence, out_dir: Path | str,
+              device: str) -> tuple[float, Path, torch.device]:
+    """What every trainer does first (ldpipe's loop, TRL runs): refuse an empty run, seed, pick the device."""
+    if not examples:
+        raise ValueError(f"run {run_id}: no training examples")
+    t0 = time.perf_counter()
+    seed_everything(run.seed)
+    return t0, Path(out_dir), resolve_device(device)
+
+
 def make_optimizer(run: RunSpec, params) -> torch.optim.Optimizer:
     if run.optimizer == "adamw":
         return torch.optim.AdamW(params, lr=run.lr, betas=(0.9, 0.95), weight_decay=0.0)
@@ -158,12 +168,7 @@ def run_training(
     resume checkpoints to `out_dir/resume/`, model snapshots (`run.snapshot_every`) to
     `out_dir/checkpoints/step-NNNNNNN`. A resume checkpoint with the same `config_hash` is continued.
     """
-    if not examples:
-        raise ValueError(f"run {run_id}: no training examples")
-    t0 = time.perf_counter()
-    out_dir = Path(out_dir)
-    seed_everything(run.seed)
-    dev = resolve_device(device)
+    t0, out_dir, dev = begin_run(run, run_id, examples, out_dir, device)
     # Data-parallel under torchrun (WORLD_SIZE > 1): same global batches, each rank trains on its slice;
     # rank 0 alone scores probes and writes shards and checkpoints.
     dp, main = distributed.enabled(), distributed.is_main()

@@ -76,18 +76,12 @@ def run_trl(run: RunSpec, *, run_id: str, config_hash: str, model_path: Path | s
     from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
 
     from ldpipe.model.checkpoints import load_model_and_tokenizer, save_checkpoint
-    from ldpipe.model.lm import resolve_device
     from ldpipe.model.lora import apply_lora, is_peft
-    from ldpipe.training.loop import TrainResult, seed_everything
+    from ldpipe.training.loop import TrainResult, begin_run
     from ldpipe.training.optim_state import save_optimizer_state
     from ldpipe.training.record import keep_other_config
 
-    if not examples:
-        raise LdpipeError(f"run {run_id}: no training examples")
-    t0 = time.perf_counter()
-    out_dir = Path(out_dir)
-    seed_everything(run.seed)
-    dev = resolve_device(device)
+    t0, out_dir, dev = begin_run(run, run_id, examples, out_dir, device)
     model, tok = load_model_and_tokenizer(model_path, device=dev)
     if run.lora is not None:
         model = apply_lora(model, run.lora, model_path, seed=run.seed)
