@@ -297,3 +297,47 @@ def compare_collateral(pairs: list[tuple[str, dict[str, float], str, dict[str, f
     if len(rows) == 1:
         meta.update({k: v for k, v in rows[0].items() if isinstance(v, float) and not math.isnan(v)})
     return CheckOutcome("extend_sft_reduces_collateral_decline", ok, meta)
+
+
+@dataclass(frozen=True)
+class DirectionsResult:
+    verdicts: pl.DataFrame                      # one row per run check: run, check, passed, measured (JSON)
+    deltas: dict[str, dict[str, float]]         # run -> response type -> mean change of log π over the run
+    squeeze: dict[str, dict[str, float]]        # run -> squeeze summary (empty for a run without rows)
+    comparisons: list[CheckOutcome]             # the across-run checks (extend-SFT, SFT length)
+
+
+def paper_directions(spec: ExperimentSpec, store: Store) -> DirectionsResult:
+    """The paper's directions measured on the stored trajectories: each run's own checks, and the comparisons
+    between runs (extend-SFT against plain SFT before DPO; longer against shorter SFT) where the declaration has
+    such pairs. Only each run's latest configuration's rows count (a rerun with another hash replaces them)."""
+    import json
+
+    rows, deltas, squeeze = [], {}, {}
+    for run in spec.runs:
+        traj = run_trajectory(store, spec.run_id(run))
+        if not traj.is_empty():
+            traj = traj.filter(traj["config_hash"] == traj.sort("step")["config_hash"][-1])
+        d = type_deltas(traj)
+        deltas[run.name] = {t: float(v) for t, v in d.select("response_type", "delta").iter_rows()}
+        squeeze[run.name] = squeeze_summary(d)
+        for c in evaluate_run(run, traj):
+            rows.append({"run": run.name, "check": c.name, "passed": c.passed,
+                         "measured": json.dumps({k: v for k, v in c.metadata.items() if isinstance(v, (int, float, str))})})
+    comparisons = []
+    pairs = collateral_pairs(spec)
+    if pairs:
+        comparisons.append(compare_collateral([(p.name, deltas[p.name], e.name, deltas[e.name]) for p, e in pairs
+                                               if deltas[p.name] and deltas[e.name]]))
+    for name, run_pairs in squeeze_comparisons(spec).items():
+        if run_pairs:
+            comparisons.append(compare_squeeze(name, [(a.name, squeeze[a.name], b.name, squeeze[b.name])
+                                                      for a, b in run_pairs if squeeze[a.name] and squeeze[b.name]]))
+    verdicts = pl.DataFrame(rows, schema={"run": pl.String, "check": pl.String, "passed": pl.Boolean,
+                                          "measured": pl.String})
+    return DirectionsResult(verdicts, deltas, squeeze, comparisons)
+
+
+def squeeze_comparisons(spec: ExperimentSpec) -> dict[str, list[tuple[RunSpec, RunSpec]]]:
+    """The squeeze comparisons the declaration supports: check name -> run pairs (empty when none)."""
+    return {"longer_sft_squeezes_more": sft_length_pairs(spec), "extend_sft_squeezes_less": collateral_pairs(spec)}

@@ -17,18 +17,8 @@ import dagster as dg
 from dagster._core.errors import DagsterPipesExecutionError  # not re-exported at the top level in 1.13
 
 from ldpipe import pipeline
-from ldpipe.analysis.directions import (
-    SQUEEZE_COMPARISONS,
-    collateral_pairs,
-    compare_collateral,
-    compare_squeeze,
-    evaluate_run,
-    run_checks,
-    run_trajectory,
-    sft_length_pairs,
-    squeeze_summary,
-    type_deltas,
-)
+from ldpipe.analysis.directions import SQUEEZE_COMPARISONS, collateral_pairs, run_checks, squeeze_comparisons
+from ldpipe.analysis.directions import paper_directions as measure_directions
 from ldpipe.defs.common import md_table
 from ldpipe.defs.probes import probe_keys
 from ldpipe.defs.resources import Compute, LdpipeHome
@@ -169,8 +159,7 @@ def _paper_directions_asset(spec: ExperimentSpec):
                 + ", ".join(f"{p.name} vs {e.name}" for p, e in pairs))
         checks.append(dg.AssetCheckSpec("extend_sft_reduces_collateral_decline",
                                         asset=dg.AssetKey([exp, "paper_directions"]), description=desc))
-    squeeze_pairs = {"longer_sft_squeezes_more": sft_length_pairs(spec), "extend_sft_squeezes_less": pairs}
-    for name, run_pairs in squeeze_pairs.items():
+    for name, run_pairs in squeeze_comparisons(spec).items():
         if run_pairs:
             desc = SQUEEZE_COMPARISONS[name][1] + " Pairs: " + ", ".join(f"{a.name} vs {b.name}" for a, b in run_pairs)
             checks.append(dg.AssetCheckSpec(name, asset=dg.AssetKey([exp, "paper_directions"]), description=desc))
@@ -180,36 +169,14 @@ def _paper_directions_asset(spec: ExperimentSpec):
               description="The paper's directions per run (SFT borrowing, DPO decline, squeezing) and plain- vs "
                           "extend-SFT before DPO, measured on the stored trajectories; WARN checks, never tuned.")
     def paper_directions(context: dg.AssetExecutionContext, ldpipe_home: LdpipeHome) -> dg.MaterializeResult:
-        store = Store(ldpipe_home.paths().store)
-        rows, deltas, squeeze = [], {}, {}
-        for run in spec.runs:
-            traj = run_trajectory(store, spec.run_id(run))
-            if not traj.is_empty():  # only the latest config's rows: a rerun with another hash replaces them
-                traj = traj.filter(traj["config_hash"] == traj.sort("step")["config_hash"][-1])
-            d = type_deltas(traj)
-            deltas[run.name] = {t: float(v) for t, v in d.select("response_type", "delta").iter_rows()}
-            squeeze[run.name] = squeeze_summary(d)
-            for c in evaluate_run(run, traj):
-                rows.append({"run": run.name, "check": c.name, "passed": c.passed,
-                             "measured": json.dumps({k: v for k, v in c.metadata.items()
-                                                     if isinstance(v, (int, float, str))})})
-        meta: dict = {"runs_measured": sum(1 for v in deltas.values() if v)}
-        if rows:
-            import polars as pl
-
-            meta["verdicts"] = dg.MetadataValue.md(md_table(pl.DataFrame(rows), 100))
-        meta["delta_by_run"] = dg.MetadataValue.json(deltas)
-        meta["squeeze_by_run"] = dg.MetadataValue.json({k: v for k, v in squeeze.items() if v})
-        outcomes = []
-        if pairs:
-            outcomes.append(compare_collateral([(p.name, deltas[p.name], e.name, deltas[e.name]) for p, e in pairs
-                                                if deltas[p.name] and deltas[e.name]]))
-        for name, run_pairs in squeeze_pairs.items():
-            if run_pairs:
-                outcomes.append(compare_squeeze(name, [(a.name, squeeze[a.name], b.name, squeeze[b.name])
-                                                       for a, b in run_pairs if squeeze[a.name] and squeeze[b.name]]))
+        res = measure_directions(spec, Store(ldpipe_home.paths().store))
+        meta: dict = {"runs_measured": sum(1 for v in res.deltas.values() if v)}
+        if not res.verdicts.is_empty():
+            meta["verdicts"] = dg.MetadataValue.md(md_table(res.verdicts, 100))
+        meta["delta_by_run"] = dg.MetadataValue.json(res.deltas)
+        meta["squeeze_by_run"] = dg.MetadataValue.json({k: v for k, v in res.squeeze.items() if v})
         results = []
-        for outcome in outcomes:
+        for outcome in res.comparisons:
             context.log.info(f"{outcome.name}: passed={outcome.passed} {outcome.metadata}")
             results.append(dg.AssetCheckResult(
                 check_name=outcome.name, passed=outcome.passed, severity=dg.AssetCheckSeverity.WARN,
