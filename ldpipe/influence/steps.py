@@ -1,0 +1,136 @@
+"""The influence analyses as pipeline steps: each computes over the selected runs, writes its rows (one shard per
+run) and its plots, refreshes the catalog so the views see them, and returns a typed result the Dagster assets
+only turn into metadata and check results."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import polars as pl
+
+from ldpipe.schema import AKG_SCHEMA, INFLUENCE_AGREEMENT_SCHEMA, INFLUENCE_HEATMAP_SCHEMA, INFLUENCE_SCHEMA
+from ldpipe.spec import ExperimentSpec, RunSpec
+from ldpipe.store.shards import Store
+
+Log = Callable[[str], None]
+
+
+def _write(files, table: str, df: pl.DataFrame, run_id: str, schema: dict) -> None:
+    Store(files.paths.store).write_shard(table, df, partition={"run_id": run_id}, name=table, schema=schema)
+
+
+@dataclass(frozen=True)
+class InfluenceResult:
+    rows: int
+    seconds_by_method: dict[str, dict[str, float]]   # run -> method -> seconds
+    parameters: dict[str, str]                        # run -> which parameters the eNTK is over, in words
+
+
+def influence_step(spec: ExperimentSpec, runs: list[RunSpec], files, *, sql_dir: Path | None = None,
+                   device: str = "cpu", log: Log = print) -> InfluenceResult:
+    """The influence matrix of every selected run (store table `influence`)."""
+    from ldpipe.influence.runs import compute_influence, influence_parameters
+    from ldpipe.store.catalog import refresh
+
+    timings, total = {}, 0
+    for run in runs:
+        df, secs = compute_influence(spec, run, files, device=device, log=log)
+        _write(files, "influence", df, spec.run_id(run), INFLUENCE_SCHEMA)
+        timings[run.name] = secs
+        total += df.height
+    refresh(files, sql_dir)
+    return InfluenceResult(total, timings, {r.name: influence_parameters(r) for r in runs})
+
+
+@dataclass(frozen=True)
+class Verdict:
+    name: str
+    passed: bool
+    metadata: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class AgreementResult:
+    table: pl.DataFrame            # influence_agreement rows of every selected run
+    checks: list[Verdict]          # projected vs exact, and the linearisation (exact vs naive)
+
+
+AGREEMENT_CHECKS = (("projected_agrees_with_exact", "projected"), ("linearisation_agrees_with_naive", "naive"))
+
+
+def agreement_step(spec: ExperimentSpec, runs: list[RunSpec], files, *, sql_dir: Path | None = None) -> AgreementResult:
+    """Agreement between the estimates of each run's stored influence (store table `influence_agreement`), and the
+    two checks: the lowest Spearman of each estimate against exact must reach influence.min_spearman."""
+    from ldpipe.influence.runs import agreement_table
+    from ldpipe.store.catalog import refresh
+
+    store = Store(files.paths.store)
+    frames = []
+    for run in runs:
+        inf_rows = store.read("influence", run_id=spec.run_id(run))
+        df = agreement_table(inf_rows) if not inf_rows.is_empty() else pl.DataFrame(schema=INFLUENCE_AGREEMENT_SCHEMA)
+        _write(files, "influence_agreement", df, spec.run_id(run), INFLUENCE_AGREEMENT_SCHEMA)
+        frames.append(df)
+    refresh(files, sql_dir)
+    table = pl.concat(frames) if frames else pl.DataFrame(schema=INFLUENCE_AGREEMENT_SCHEMA)
+    threshold = spec.influence.min_spearman
+    checks = []
+    for name, estimate in AGREEMENT_CHECKS:
+        part = table.filter(pl.col("estimate") == estimate)
+        low = part["spearman"].min() if not part.is_empty() else None
+        checks.append(Verdict(name, low is not None and low >= threshold, {
+            "min_spearman": float(low) if low is not None else float("nan"), "threshold": threshold,
+            "max_relative_error": float(part["relative_error"].max()) if low is not None else float("nan"),
+            "entries_compared": int(part["n"].sum()) if low is not None else 0}))
+    return AgreementResult(table, checks)
+
+
+@dataclass(frozen=True)
+class AkgResult:
+    table: pl.DataFrame            # akg rows: per observed token, predicted vs realised
+    pairs: pl.DataFrame            # per (checkpoint, training example, observed probe): the sums
+
+
+def akg_step(spec: ExperimentSpec, runs: list[RunSpec], files, *, sql_dir: Path | None = None, device: str = "cpu",
+             log: Log = print) -> AkgResult:
+    """The A-K-G decomposition of every selected run (store table `akg`)."""
+    from ldpipe.influence.runs import compute_akg
+    from ldpipe.store.catalog import refresh
+
+    frames = []
+    for run in runs:
+        df = compute_akg(spec, run, files, device=device, log=log)
+        _write(files, "akg", df, spec.run_id(run), AKG_SCHEMA)
+        frames.append(df)
+    refresh(files, sql_dir)
+    table = pl.concat(frames) if frames else pl.DataFrame(schema=AKG_SCHEMA)
+    pairs = (table.group_by("run_id", "checkpoint", "train_example_id", "observed_example_id",
+                            "observed_response_type", maintain_order=True)
+             .agg(pl.col("predicted_delta").sum().alias("predicted"), pl.col("realised_delta").sum()
+                  .alias("realised"), pl.col("pi_token").mean().alias("mean_pi"), pl.col("g_norm").first()))
+    return AkgResult(table, pairs)
+
+
+@dataclass(frozen=True)
+class HeatmapResult:
+    rows: int
+    plots: dict[str, Path]          # run -> its accumulated heat map PNG
+
+
+def heatmap_step(spec: ExperimentSpec, runs: list[RunSpec], files, *, sql_dir: Path | None = None,
+                 device: str = "cpu", log: Log = print) -> HeatmapResult:
+    """The influence heat map of every selected run (store table `influence_heatmap`, a PNG per run)."""
+    from ldpipe.analysis.curves import save_plot
+    from ldpipe.influence.heatmap import compute_heatmap, plot_heatmap
+    from ldpipe.store.catalog import refresh
+
+    total, plots = 0, {}
+    for run in runs:
+        df = compute_heatmap(spec, run, files, device=device, log=log)
+        _write(files, "influence_heatmap", df, spec.run_id(run), INFLUENCE_HEATMAP_SCHEMA)
+        total += df.height
+        png = plot_heatmap(df, title=f"{spec.run_id(run)}: accumulated eNTK influence")
+        plots[run.name] = Path(save_plot(png, files.paths.plots / f"{spec.name}.{run.name}.influence_heatmap.png"))
+    refresh(files, sql_dir)
+    return HeatmapResult(total, plots)
