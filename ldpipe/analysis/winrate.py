@@ -14,6 +14,8 @@ reply if it is just "A", "B" or "tie". Per judgment, winner = the model in the n
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
 import polars as pl
@@ -144,3 +146,25 @@ def run_win_rate(spec, files, store, *, device: str = "auto", log: Log = print,
             summaries.append(s)
         calls = client.stats.as_dict()
     return {"pairs": summaries, "judge_model": j.model, "calls": calls}
+
+
+@dataclass(frozen=True)
+class WinRateResult:
+    skipped: str | None = None                  # why nothing was judged (no judge, no pair, no held-out prompt)
+    judge_model: str | None = None
+    calls: dict = field(default_factory=dict)   # the judge client's call statistics
+    table: pl.DataFrame | None = None           # the win_rate view's rows of the experiment
+
+
+def win_rate_step(spec, files, store, *, sql_dir: Path | None = None, device: str = "auto", log: Log = print,
+                  environ: Mapping[str, str] | None = None) -> WinRateResult:
+    """The win-rate analysis end to end: judgments written (run_win_rate), the catalog refreshed, the
+    experiment's win rates read back; or the reason it was skipped."""
+    from ldpipe.store.catalog import query, refresh
+
+    info = run_win_rate(spec, files, store, device=device, log=log, environ=environ)
+    if "skipped" in info:
+        return WinRateResult(skipped=info["skipped"])
+    refresh(files, sql_dir)
+    table = query(files.paths.catalog, f"select * from win_rate where experiment = '{spec.name}'")
+    return WinRateResult(judge_model=info["judge_model"], calls=info["calls"], table=table)

@@ -9,7 +9,6 @@ from ldpipe.analysis.curves import save_plot
 from ldpipe.defs.common import CATALOG_KEY, md_table, png_markdown
 from ldpipe.defs.resources import Compute, LdpipeHome
 from ldpipe.spec import ExperimentSpec
-from ldpipe.store.catalog import query
 from ldpipe.store.shards import Store
 
 TOY_CHECK = "negative_gradient_on_valley_squeezes_into_argmax"
@@ -77,19 +76,17 @@ def generation_assets(spec: ExperimentSpec) -> list:
                           "generation_analysis.win_rate.judge is not declared.")
     def win_rate(context: dg.AssetExecutionContext, ldpipe_home: LdpipeHome,
                  compute: Compute) -> dg.MaterializeResult:
-        from ldpipe.analysis.winrate import run_win_rate
+        from ldpipe.analysis.winrate import win_rate_step
 
         files = pipeline.files_for(spec, ldpipe_home.paths())
-        info = run_win_rate(spec, files, Store(files.paths.store), device=compute.device, log=context.log.info)
-        if "skipped" in info:
-            (context.log.warning if "held-out" in info["skipped"] else context.log.info)(
-                f"win rate skipped: {info['skipped']}")
-            return dg.MaterializeResult(metadata={"skipped": info["skipped"]})
-        pipeline.refresh(files, ldpipe_home.sql_path())
-        table = query(files.paths.catalog, f"select * from win_rate where experiment = '{exp}'")
+        res = win_rate_step(spec, files, Store(files.paths.store), sql_dir=ldpipe_home.sql_path(),
+                            device=compute.device, log=context.log.info)
+        if res.skipped is not None:
+            (context.log.warning if "held-out" in res.skipped else context.log.info)(f"win rate skipped: {res.skipped}")
+            return dg.MaterializeResult(metadata={"skipped": res.skipped})
         return dg.MaterializeResult(metadata={
-            "judge_model": info["judge_model"], "calls": dg.MetadataValue.json(info["calls"]),
-            "win_rates": dg.MetadataValue.md(md_table(table, 40)), "dagster/row_count": table.height})
+            "judge_model": res.judge_model, "calls": dg.MetadataValue.json(res.calls),
+            "win_rates": dg.MetadataValue.md(md_table(res.table, 40)), "dagster/row_count": res.table.height})
 
     @dg.asset(key=k("squeeze_toy"), group_name=exp, kinds={"numpy"},
               check_specs=[dg.AssetCheckSpec(TOY_CHECK, asset=k("squeeze_toy"),
