@@ -28,7 +28,8 @@ HERE = Path(__file__).resolve().parent
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", help="a local Hugging Face model folder (default: a tiny model built here)")
-    ap.add_argument("--store", default="trl_example_store", help="the ldpipe store to write (a folder)")
+    ap.add_argument("--store", default=".ldpipe/trl_example/store",
+                    help="the ldpipe store to write (a folder; default under the ignored .ldpipe/)")
     ap.add_argument("--lora", action="store_true", help="train a LoRA adapter (r=8) through peft")
     args = ap.parse_args()
 

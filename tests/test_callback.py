@@ -135,3 +135,19 @@ def test_only_the_main_process_writes(tmp_path):
     main = TrainerState(is_world_process_zero=True)
     cb.on_train_begin(args, main, TrainerControl(), model=model)
     assert store.read("trajectories", run_id="w").height == probes.height
+
+
+def test_the_documented_example_runs(tmp_path):
+    """examples/trl_callback.py as the README runs it: TRL's SFTTrainer + the callback, no Dagster, store under
+    ./.ldpipe; it prints each type's mean log-probability at steps 0 and 6."""
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, str(repo / "examples" / "trl_callback.py")], capture_output=True, text=True,
+                       cwd=tmp_path, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    store = Store(tmp_path / ".ldpipe" / "trl_example" / "store")
+    traj = store.read("trajectories", run_id="example.sft")
+    assert sorted(traj["step"].unique().to_list()) == [0, 2, 4, 6]
+    assert "chosen" in r.stdout and "random_permute" in r.stdout and "mean_logp" in r.stdout
