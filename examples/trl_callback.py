@@ -5,10 +5,12 @@ every probe's log-probability recorded every 2 steps into an ldpipe store, then 
     .venv/bin/python examples/trl_callback.py --model ./my-hf-model # or any local Hugging Face checkpoint
     .venv/bin/python examples/trl_callback.py --lora                 # train a LoRA adapter (peft) instead
 
-Multi-process: `accelerate launch --num_processes 2 --cpu examples/trl_callback.py` (the main process alone
-scores and writes).
+Multi-process: `python -m torch.distributed.run --standalone --nproc-per-node 2 examples/trl_callback.py` on CPUs
+(`accelerate launch --cpu` starts one process), `accelerate launch --multi_gpu ...` on GPUs; the main process alone
+scores and writes.
 """
 import argparse
+import os
 import tempfile
 from pathlib import Path
 
@@ -61,7 +63,9 @@ def main() -> None:
                              args=SFTConfig(output_dir=out, max_steps=6, per_device_train_batch_size=4,
                                             learning_rate=5e-3, logging_steps=1, save_strategy="no",
                                             report_to="none", bf16=False, gradient_checkpointing=False,
-                                            use_cpu=True, disable_tqdm=True))
+                                            use_cpu=True, disable_tqdm=True,
+                                            # several CPU processes (torchrun): gloo joins them
+                                            ddp_backend="gloo" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None))
         trainer.train()
 
     if trainer.is_world_process_zero():

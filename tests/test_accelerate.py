@@ -1,5 +1,7 @@
-"""`accelerate launch` of a TRL run with ldpipe's tracking callback: 2 gloo processes on the CPU record the same
-trajectories as one process (each process takes half of every batch of 4), up to float rounding."""
+"""A TRL run with ldpipe's tracking callback on 2 processes: the Trainer's accelerate backend under torchrun, gloo on
+the CPU, records the same trajectories as one process (each process takes half of every batch of 4), up to float
+rounding. (On a CPU machine `accelerate launch --cpu` starts ONE process; several CPU processes need torchrun or
+mpirun, so the test launches torchrun, as accelerate itself does for GPUs.)"""
 from __future__ import annotations
 
 import os
@@ -17,7 +19,6 @@ pytest.importorskip("trl")
 pytest.importorskip("accelerate")
 
 HERE = Path(__file__).resolve().parent
-BIN = Path(sys.executable).parent
 
 
 def _env() -> dict[str, str]:
@@ -43,9 +44,11 @@ def test_two_processes_match_one_process(tmp_path):
     script = str(HERE / "trl_two_process.py")
     rc, out = _run([sys.executable, script, str(tmp_path / "one")])
     assert rc == 0, out[-3000:]
-    rc, out = _run([str(BIN / "accelerate"), "launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
-                    "--mixed_precision", "no", "--dynamo_backend", "no", script, str(tmp_path / "two")])
+    rc, out = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", script,
+                    str(tmp_path / "two")])
     assert rc == 0, out[-3000:]
+    # the Trainer really trained on 2 processes (and on 1 in the first run)
+    assert (tmp_path / "one.world_size").read_text() == "1" and (tmp_path / "two.world_size").read_text() == "2"
     key = ["step", "example_id", "response_type"]
     a = Store(tmp_path / "one").read("trajectories", run_id="dp.sft").sort(key)
     b = Store(tmp_path / "two").read("trajectories", run_id="dp.sft").sort(key)

@@ -1,7 +1,9 @@
 """Trains TRL's SFTTrainer with ldpipe's tracking callback on a tiny seeded model (used by test_accelerate.py).
 
-    python tests/trl_two_process.py STORE                                   # one process, batch 4
-    accelerate launch --cpu --num_processes 2 tests/trl_two_process.py STORE  # two gloo processes, 2 each
+    python tests/trl_two_process.py STORE                                                   # one process, batch 4
+    python -m torch.distributed.run --standalone --nproc-per-node 2 tests/trl_two_process.py STORE  # two, 2 each
+
+The main process writes STORE.world_size: the number of processes the Trainer (through accelerate) trained with.
 """
 import os
 import sys
@@ -33,12 +35,17 @@ def main(store: str) -> None:
     train = prefs.filter(pl.col("split") == "train")
     data = Dataset.from_dict({"prompt": train["prompt"].to_list(), "completion": train["chosen"].to_list()})
     with tempfile.TemporaryDirectory() as out:
-        SFTTrainer(model=model, processing_class=tok, train_dataset=data,
-                   callbacks=[ProbeTrackingCallback(probes, store, run_id="dp.sft", eval_every=2)],
-                   args=SFTConfig(output_dir=out, max_steps=6, per_device_train_batch_size=BATCH // world,
-                                  learning_rate=5e-3, logging_steps=1, save_strategy="no", report_to="none",
-                                  bf16=False, gradient_checkpointing=False, use_cpu=True, disable_tqdm=True,
-                                  seed=0, data_seed=0, ddp_backend="gloo" if world > 1 else None)).train()
+        trainer = SFTTrainer(model=model, processing_class=tok, train_dataset=data,
+                             callbacks=[ProbeTrackingCallback(probes, store, run_id="dp.sft", eval_every=2)],
+                             args=SFTConfig(output_dir=out, max_steps=6, per_device_train_batch_size=BATCH // world,
+                                            learning_rate=5e-3, logging_steps=1, save_strategy="no",
+                                            report_to="none", bf16=False, gradient_checkpointing=False,
+                                            use_cpu=True, disable_tqdm=True, seed=0, data_seed=0,
+                                            ddp_backend="gloo" if world > 1 else None))
+        trainer.train()
+        if trainer.is_world_process_zero():
+            with open(f"{store}.world_size", "w") as f:
+                f.write(str(trainer.accelerator.num_processes))
 
 
 if __name__ == "__main__":
