@@ -208,12 +208,11 @@ def borrowing_step(spec, files, store, *, sql_dir: Path | None = None, device: s
     from ldpipe.analysis.curves import save_plot
     from ldpipe.analysis.squeezing import held_out_summary
     from ldpipe.layout import load_preferences_file
-    from ldpipe.store.catalog import query, refresh
+    from ldpipe.store.catalog import query_runs, refresh
 
     rows = run_borrowing(spec, files, store, device=device, log=log, warn=warn)
     refresh(files, sql_dir)
-    ids = ", ".join(f"'{spec.run_id(r)}'" for r in spec.runs) or "''"
-    curves = query(files.paths.catalog, f"select * from borrowing where run_id in ({ids})")
+    curves = query_runs(files.paths.catalog, "borrowing", [spec.run_id(r) for r in spec.runs])
     summary = summarize(rows)
     png = save_plot(plot_borrowing(curves, summary, title=f"{spec.name}: hallucination borrowing"),
                     files.paths.plots / f"{spec.name}.borrowing.png")

@@ -118,11 +118,9 @@ def chain_curves(curves: pl.DataFrame, chain: list[tuple[str, str]]) -> tuple[pl
 
 def learning_curves(spec, files, log=print) -> dict:
     """The learning-curves step: each run's curves (and each chain's, on one axis) from the catalog, plotted."""
-    from ldpipe.store.catalog import query
+    from ldpipe.store.catalog import query_runs
 
-    ids = [spec.run_id(r) for r in spec.runs]
-    in_list = ", ".join(f"'{i}'" for i in ids) or "''"
-    curves = query(files.paths.catalog, f"select * from learning_curves where run_id in ({in_list})")
+    curves = query_runs(files.paths.catalog, "learning_curves", [spec.run_id(r) for r in spec.runs])
     pngs, chains = {}, {}
     smooth = spec.curves.ema
     note = f" (EMA {smooth})" if smooth else ""

@@ -199,12 +199,11 @@ def squeezing_step(spec, files, store, *, sql_dir: Path | None = None, device: s
     see them, the experiment's squeezing curves read back and plotted to <plots>/<exp>.squeezing.png."""
     from ldpipe.analysis.curves import save_plot
     from ldpipe.layout import load_preferences_file
-    from ldpipe.store.catalog import query, refresh
+    from ldpipe.store.catalog import query_runs, refresh
 
     stats = run_squeezing(spec, files, store, device=device, log=log, warn=warn)
     refresh(files, sql_dir)
-    ids = ", ".join(f"'{spec.run_id(r)}'" for r in spec.runs) or "''"
-    curves = query(files.paths.catalog, f"select * from squeezing where run_id in ({ids})")
+    curves = query_runs(files.paths.catalog, "squeezing", [spec.run_id(r) for r in spec.runs])
     png = save_plot(plot_squeezing(curves, stats, title=f"{spec.name}: squeezing"),
                     files.paths.plots / f"{spec.name}.squeezing.png")
     return SqueezingResult(stats, curves, Path(png), held_out_summary(spec, load_preferences_file(files),

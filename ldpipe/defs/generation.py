@@ -14,10 +14,6 @@ from ldpipe.store.shards import Store
 TOY_CHECK = "negative_gradient_on_valley_squeezes_into_argmax"
 
 
-def _runs_sql(spec: ExperimentSpec) -> str:
-    return ", ".join(f"'{spec.run_id(r)}'" for r in spec.runs) or "''"
-
-
 def generation_assets(spec: ExperimentSpec) -> list:
     exp = spec.name
     k = lambda *parts: dg.AssetKey([exp, *parts])  # noqa: E731

@@ -355,6 +355,12 @@ def relocate_if_moved(catalog_path: Path) -> tuple[Path, Path] | None:
 _AS_TEXT = ("INTERVAL", "UNION")
 
 
+def query_runs(catalog_path: Path, view: str, run_ids: list[str]) -> pl.DataFrame:
+    """Every row of `view` whose run_id is one of `run_ids` (none: an empty frame with the view's columns)."""
+    ids = ", ".join("'" + r.replace("'", "''") + "'" for r in run_ids) or "''"
+    return query(catalog_path, f"select * from {_q(view)} where run_id in ({ids})")
+
+
 def query(catalog_path: Path, sql: str) -> pl.DataFrame:
     check_readonly_statement(sql)
     con = connect_readonly(catalog_path)
