@@ -26,6 +26,12 @@ def project_dir() -> Path:
     return cwd
 
 
+def project_path(path: str) -> Path:
+    """A path as declared in an experiment YAML: absolute (~ expanded), or relative to the project directory."""
+    p = Path(path).expanduser()
+    return p if p.is_absolute() else project_dir() / p
+
+
 # The analyses that ship with ldpipe (learning_curves, squeezing, ...): the sql/ folder of the checkout ldpipe is
 # installed from (`pip install -e .`). Every catalog has them; a project's own sql/ adds views or redefines one.
 BUILTIN_SQL = Path(__file__).resolve().parent.parent / "sql"

@@ -71,10 +71,11 @@ def _model(spec: ExperimentSpec, rep: Report) -> None:
     m = spec.model
     if m.kind == "builtin":
         if m.corpus is not None:
-            from ldpipe.data.corpus import read_corpus_file, resolve
+            from ldpipe.data.corpus import read_corpus_file
+            from ldpipe.paths import project_path
 
-            docs = read_corpus_file(resolve(m.corpus))
-            rep.lines.append(f"model builtin: corpus {resolve(m.corpus)}: {len(docs)} documents")
+            docs = read_corpus_file(project_path(m.corpus))
+            rep.lines.append(f"model builtin: corpus {project_path(m.corpus)}: {len(docs)} documents")
         else:
             rep.lines.append("model builtin: pretrained at run time on "
                              + ("the synthetic world's corpus" if spec.dataset.kind == "synthetic"

@@ -19,6 +19,7 @@ from pathlib import Path
 import polars as pl
 
 from ldpipe.errors import DataValidationError, LdpipeError
+from ldpipe.paths import project_path
 
 SMALL_CORPUS_TOKENS = 20_000   # below this a builtin model learns little of the data's language: say so
 
@@ -30,19 +31,11 @@ class Corpus:
     counts: dict[str, int] = field(default_factory=dict)
 
 
-def resolve(path: str) -> Path:
-    """A corpus path as declared: absolute, or relative to the project directory."""
-    from ldpipe.paths import project_dir
-
-    p = Path(path).expanduser()
-    return p if p.is_absolute() else project_dir() / p
-
-
 def file_digest(path: str) -> str:
     """The declared path and a content hash (part of the base model's config hash); 'missing' if absent."""
     from ldpipe.hashing import file_hash
 
-    p = resolve(path)
+    p = project_path(path)
     return f"{path}:{file_hash(p)}" if p.is_file() else f"{path}:missing"
 
 
@@ -115,7 +108,7 @@ def base_corpus(spec, prefs_path: Path, probes_path: Path, world_path: Path) -> 
     """The corpus of `spec`'s builtin base model (module docstring)."""
     m = spec.model
     if m.corpus is not None:
-        p = resolve(m.corpus)
+        p = project_path(m.corpus)
         docs = read_corpus_file(p)
         return Corpus(docs, f"file {p} ({len(docs)} documents)", {"documents": len(docs)})
     if spec.dataset.kind == "synthetic":

@@ -9,7 +9,7 @@ from typing import Callable
 from ldpipe.atomic import write_parquet
 from ldpipe.errors import LdpipeError
 from ldpipe.layout import ExperimentFiles
-from ldpipe.paths import project_dir
+from ldpipe.paths import project_path
 from ldpipe.schema import PREFERENCE_SCHEMA
 from ldpipe.spec import ExperimentSpec
 
@@ -61,5 +61,4 @@ def build_dataset(spec: ExperimentSpec, files: ExperimentFiles, log: Log = print
 def _resolve(path: str | None) -> Path:
     if path is None:
         raise LdpipeError("a path is required")
-    p = Path(path).expanduser()
-    return p if p.is_absolute() else project_dir() / p
+    return project_path(path)

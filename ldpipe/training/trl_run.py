@@ -13,7 +13,6 @@ Resume: TRL's own checkpoints every `checkpoint_every` steps under `<run dir>/tr
 from __future__ import annotations
 
 import math
-import os
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -24,20 +23,13 @@ from ldpipe.errors import LdpipeError
 from ldpipe.layout import FINAL_DIR
 from ldpipe.spec import RunSpec
 from ldpipe.store.shards import Store
+from ldpipe.training import distributed
 from ldpipe.training.callback import ProbeTrackingCallback
-
-
-def _world_size() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def _is_main() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0
 
 
 def trl_args(run: RunSpec, out_dir: Path, total_steps: int, max_length: int, device: Any) -> dict:
     """The TrainingArguments shared by TRL's SFT and DPO configs, from the run's declaration."""
-    world = _world_size()
+    world = distributed.world_size()
     if run.batch_size % world:
         raise LdpipeError(f"run {run.name!r}: batch_size {run.batch_size} is not divisible by the {world} "
                           "processes (each takes an equal share of every batch)")
@@ -91,7 +83,7 @@ def run_trl(run: RunSpec, *, run_id: str, config_hash: str, model_path: Path | s
                                      eval_every=run.eval_every, tokenizer=tok, max_prompt_tokens=max_prompt_tokens,
                                      max_response_tokens=max_response_tokens, log=log)
     resume_from = _resume_point(out_dir / "trl", config_hash)
-    if resume_from is None and _is_main():
+    if resume_from is None and distributed.is_main():
         keep_other_config(store, out_dir, run_id, config_hash, log)
     if run.algo == "sft":
         data = Dataset.from_dict({"prompt": [e[0] for e in examples], "completion": [e[1] for e in examples]})
@@ -111,10 +103,10 @@ def run_trl(run: RunSpec, *, run_id: str, config_hash: str, model_path: Path | s
     _ldpipe_warmup(trainer, run.warmup_steps)
     fix_resume_weights(trainer)
     log(f"[{run_id}] TRL {type(trainer).__name__}: {total_steps} steps, {len(examples)} examples, batch "
-        f"{run.batch_size} over {_world_size()} process(es){'; resuming from ' + str(resume_from) if resume_from else ''}")
+        f"{run.batch_size} over {distributed.world_size()} process(es){'; resuming from ' + str(resume_from) if resume_from else ''}")
     trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     final = out_dir / FINAL_DIR
-    if _is_main():
+    if distributed.is_main():
         _write_identity(out_dir / "trl", config_hash)
         meta = {**(checkpoint_metadata or {}), "run_id": run_id, "config_hash": config_hash, "algo": run.algo,
                 "steps": total_steps, "step_offset": step_offset, "precision": "bf16-autocast" if args["bf16"]
@@ -131,7 +123,7 @@ def run_trl(run: RunSpec, *, run_id: str, config_hash: str, model_path: Path | s
                        final_loss=float(last_row["loss"]), first_eval=traj.filter(pl.col("step") == 0),
                        last_eval=traj.filter(pl.col("step") == traj["step"].max()), final_metrics=dict(last_row),
                        resumed_from=int(resume_from.name.split("-")[-1]) if resume_from else None,
-                       precision=meta["precision"] if _is_main() else "fp32")
+                       precision=meta["precision"] if distributed.is_main() else "fp32")
 
 
 def fix_resume_weights(trainer: Any) -> None:
@@ -192,7 +184,7 @@ def _resume_point(trl_dir: Path, config_hash: str) -> Path | None:
     ckpts = sorted(trl_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1])) if trl_dir.is_dir() else []
     if ckpts and ident.is_file() and ident.read_text() == config_hash and not (trl_dir.parent / FINAL_DIR).exists():
         return ckpts[-1]
-    if trl_dir.is_dir() and _is_main():
+    if trl_dir.is_dir() and distributed.is_main():
         shutil.rmtree(trl_dir)
-    _write_identity(trl_dir, config_hash) if _is_main() else None
+    _write_identity(trl_dir, config_hash) if distributed.is_main() else None
     return None
