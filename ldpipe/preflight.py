@@ -11,7 +11,6 @@ and config loaders, the probe builder), so it fails with the same message (file,
 """
 from __future__ import annotations
 
-import math
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -116,7 +115,7 @@ def _runs(spec: ExperimentSpec, prefs: pl.DataFrame, rep: Report) -> None:
             rep.errors.append(f"run {r.name!r}: no training rows (the dataset's train split is empty), so the run "
                               "would have zero steps")
             continue
-        steps = max(1, round(r.epochs * math.ceil(n / r.batch_size)))
+        steps = r.total_steps(n)
         rep.lines.append(f"run {r.name} ({r.algo}): {n} training examples -> {steps} optimizer steps")
 
 

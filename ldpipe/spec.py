@@ -8,6 +8,7 @@ looking for what a YAML key does, its default and its validation finds every key
 """
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -359,6 +360,14 @@ class RunSpec(_Strict):
                                  f"({'on-policy pairs' if key == 'pairs' else 'model snapshots'}); "
                                  "use trainer 'ldpipe' for it")
         return self
+
+    def steps_per_epoch(self, n_examples: int) -> int:
+        """Optimizer steps of one pass over `n_examples` (the last batch may be short)."""
+        return math.ceil(n_examples / self.batch_size)
+
+    def total_steps(self, n_examples: int) -> int:
+        """Optimizer steps of the whole run over `n_examples` training examples (at least one)."""
+        return max(1, round(self.epochs * self.steps_per_epoch(n_examples)))
 
     @property
     def on_policy_settings(self) -> OnPolicySpec:

@@ -188,8 +188,7 @@ def run_training(
     model.eval()
     objective = make_objective(run, tokenizer, examples, max_prompt_tokens=max_prompt_tokens,
                                max_response_tokens=max_response_tokens, llm_cache=llm_cache)
-    steps_per_epoch = math.ceil(objective.n / run.batch_size)
-    total_steps = max(1, round(run.epochs * steps_per_epoch))
+    steps_per_epoch, total_steps = run.steps_per_epoch(objective.n), run.total_steps(objective.n)
     checkpoint_every = run.eval_every if run.checkpoint_every is None else run.checkpoint_every
     opt = make_optimizer(run, model.parameters())
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / (run.warmup_steps + 1)))

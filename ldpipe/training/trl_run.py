@@ -12,7 +12,6 @@ Resume: TRL's own checkpoints every `checkpoint_every` steps under `<run dir>/tr
 """
 from __future__ import annotations
 
-import math
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -77,7 +76,7 @@ def run_trl(run: RunSpec, *, run_id: str, config_hash: str, model_path: Path | s
     model, tok = load_model_and_tokenizer(model_path, device=dev)
     if run.lora is not None:
         model = apply_lora(model, run.lora, model_path, seed=run.seed)
-    total_steps = max(1, round(run.epochs * math.ceil(len(examples) / run.batch_size)))
+    total_steps = run.total_steps(len(examples))
     args = trl_args(run, out_dir, total_steps, max_prompt_tokens + max_response_tokens, dev)
     callback = ProbeTrackingCallback(probes, store, run_id=run_id, config_hash=config_hash, phase=run.algo,
                                      eval_every=run.eval_every, tokenizer=tok, max_prompt_tokens=max_prompt_tokens,
