@@ -7,6 +7,7 @@ this view reads the same events from the instance's event log, so nothing is los
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -51,6 +52,10 @@ def check_line(evaluation: Any) -> str:
             nums.append(f"{k}={raw}")
         elif isinstance(raw, str) and len(raw) <= 60 and "\n" not in raw:
             nums.append(f"{k}={raw}")
+        elif isinstance(raw, (dict, list)):   # e.g. a count per response type: often what failed
+            text = json.dumps(raw, sort_keys=True, separators=(",", ":"), default=str)
+            if len(text) <= 80:
+                nums.append(f"{k}={text}")
     verdict = "PASS" if evaluation.passed else "FAIL"
     head = f"{verdict} {evaluation.asset_key.to_user_string()}:{evaluation.check_name}"
     return head + (f"  ({', '.join(nums)})" if nums and not evaluation.passed else "")
