@@ -104,6 +104,37 @@ def test_empty_known_table_gives_an_empty_typed_view(project: dict[str, Path]) -
     assert traj_types["step"] == "BIGINT" and traj_types["logp_mean"] == "DOUBLE"
 
 
+def test_views_of_empty_tables_see_shards_written_after_the_refresh(project: dict[str, Path]) -> None:
+    """Only the catalog asset refreshes: an analysis that writes its first rows reads them through the views at
+    once, including a shard that lacks a newer column."""
+    store = Store(project["store"])
+    refresh(project)
+    assert query(project["catalog"], "select * from loss_curve").height == 0
+    old = pl.DataFrame({"run_id": ["r"], "config_hash": ["h"], "phase": ["sft"], "step": [1], "epoch": [0.1],
+                        "loss": [2.0], "grad_norm": [1.0], "clip_factor": [1.0], "lr": [1e-3]})
+    store.write_shard("train_metrics", old, partition={"run_id": "r"}, name="old")
+    assert query(project["catalog"], "select run_id, loss from loss_curve").rows() == [("r", 2.0)]
+    assert store.schema_file("train_metrics").is_file()
+    assert [p.name for p in store.shards("train_metrics")] == ["old.parquet"]   # the schema file is not a shard
+    out = query(project["catalog"], "select rewards_margin, step from train_metrics")
+    assert out.rows() == [(None, 1)] and out.schema["step"] == pl.Int64
+    assert refresh(project)["tables"]["train_metrics"] == 1
+
+
+def test_a_schema_file_of_an_older_schema_is_rewritten(project: dict[str, Path]) -> None:
+    store = Store(project["store"])
+    older = {k: v for k, v in KNOWN_TABLES["train_metrics"].items() if not k.startswith("rewards_")}
+    assert store.write_schema_file("train_metrics", older)
+    assert not store.write_schema_file("train_metrics", older)      # unchanged: left alone
+    refresh(project)
+    assert not store.write_schema_file("train_metrics", KNOWN_TABLES["train_metrics"])   # the refresh rewrote it
+    store.write_shard("train_metrics", pl.DataFrame({"run_id": ["r"], "step": [1], "loss": [1.5]}),
+                      partition={"run_id": "r"}, name="s")
+    assert query(project["catalog"], "select loss, rewards_margin from train_metrics").rows() == [(1.5, None)]
+    with pytest.raises(LdpipeError, match="reserved"):
+        store.shard_path("train_metrics", {}, "_schema")
+
+
 def test_unknown_store_table_gets_a_plain_view(project: dict[str, Path]) -> None:
     Store(project["store"]).write_shard("extra_notes", pl.DataFrame({"k": ["a", "b"], "v": [1, 2]}),
                                         partition={"run_id": "r1"}, name="x")

@@ -201,17 +201,16 @@ class BorrowingResult:
     held_out: str                # how many held-out prompts were generated from, or why none were
 
 
-def borrowing_step(spec, files, store, *, sql_dir: Path | None = None, device: str = "auto", log: Log = print,
+def borrowing_step(spec, files, store, *, device: str = "auto", log: Log = print,
                    warn: Log | None = None) -> BorrowingResult:
-    """The borrowing analysis end to end: generation_borrowing rows written, the catalog refreshed, the
+    """The borrowing analysis end to end: generation_borrowing rows written, the
     experiment's borrowing curves read back and plotted to <plots>/<exp>.borrowing.png."""
     from ldpipe.analysis.curves import save_plot
     from ldpipe.analysis.squeezing import held_out_summary
     from ldpipe.layout import load_preferences_file
-    from ldpipe.store.catalog import query_runs, refresh
+    from ldpipe.store.catalog import query_runs
 
     rows = run_borrowing(spec, files, store, device=device, log=log, warn=warn)
-    refresh(files, sql_dir)
     curves = query_runs(files.paths.catalog, "borrowing", [spec.run_id(r) for r in spec.runs])
     summary = summarize(rows)
     png = save_plot(plot_borrowing(curves, summary, title=f"{spec.name}: hallucination borrowing"),

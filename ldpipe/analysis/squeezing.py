@@ -193,16 +193,15 @@ class SqueezingResult:
     held_out: str                # how many held-out prompts were generated from, or why none were
 
 
-def squeezing_step(spec, files, store, *, sql_dir: Path | None = None, device: str = "auto", log: Log = print,
+def squeezing_step(spec, files, store, *, device: str = "auto", log: Log = print,
                    warn: Log | None = None) -> SqueezingResult:
-    """The squeezing analysis end to end: generation_stats rows written, the catalog refreshed so the views
-    see them, the experiment's squeezing curves read back and plotted to <plots>/<exp>.squeezing.png."""
+    """The squeezing analysis end to end: generation_stats rows written (the catalog's views read them at
+    query time), the experiment's squeezing curves read back and plotted to <plots>/<exp>.squeezing.png."""
     from ldpipe.analysis.curves import save_plot
     from ldpipe.layout import load_preferences_file
-    from ldpipe.store.catalog import query_runs, refresh
+    from ldpipe.store.catalog import query_runs
 
     stats = run_squeezing(spec, files, store, device=device, log=log, warn=warn)
-    refresh(files, sql_dir)
     curves = query_runs(files.paths.catalog, "squeezing", [spec.run_id(r) for r in spec.runs])
     png = save_plot(plot_squeezing(curves, stats, title=f"{spec.name}: squeezing"),
                     files.paths.plots / f"{spec.name}.squeezing.png")

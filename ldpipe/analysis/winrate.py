@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
 import polars as pl
@@ -156,15 +155,14 @@ class WinRateResult:
     table: pl.DataFrame | None = None           # the win_rate view's rows of the experiment
 
 
-def win_rate_step(spec, files, store, *, sql_dir: Path | None = None, device: str = "auto", log: Log = print,
+def win_rate_step(spec, files, store, *, device: str = "auto", log: Log = print,
                   environ: Mapping[str, str] | None = None) -> WinRateResult:
-    """The win-rate analysis end to end: judgments written (run_win_rate), the catalog refreshed, the
+    """The win-rate analysis end to end: judgments written (run_win_rate), the
     experiment's win rates read back; or the reason it was skipped."""
-    from ldpipe.store.catalog import query, refresh
+    from ldpipe.store.catalog import query
 
     info = run_win_rate(spec, files, store, device=device, log=log, environ=environ)
     if "skipped" in info:
         return WinRateResult(skipped=info["skipped"])
-    refresh(files, sql_dir)
     table = query(files.paths.catalog, f"select * from win_rate where experiment = '{spec.name}'")
     return WinRateResult(judge_model=info["judge_model"], calls=info["calls"], table=table)

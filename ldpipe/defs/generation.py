@@ -29,8 +29,8 @@ def generation_assets(spec: ExperimentSpec) -> list:
         from ldpipe.analysis.squeezing import squeezing_step
 
         files = pipeline.files_for(spec, ldpipe_home.paths())
-        res = squeezing_step(spec, files, Store(files.paths.store), sql_dir=ldpipe_home.sql_path(),
-                             device=compute.device, log=context.log.info, warn=context.log.warning)
+        res = squeezing_step(spec, files, Store(files.paths.store), device=compute.device,
+                             log=context.log.info, warn=context.log.warning)
         stats, curves = res.stats, res.curves
         meta = {"dagster/row_count": stats.height, "plot": png_markdown(str(res.plot), "squeezing"),
                 "plot_path": dg.MetadataValue.path(str(res.plot)),
@@ -56,8 +56,8 @@ def generation_assets(spec: ExperimentSpec) -> list:
         from ldpipe.analysis.borrowing import borrowing_step
 
         files = pipeline.files_for(spec, ldpipe_home.paths())
-        res = borrowing_step(spec, files, Store(files.paths.store), sql_dir=ldpipe_home.sql_path(),
-                             device=compute.device, log=context.log.info, warn=context.log.warning)
+        res = borrowing_step(spec, files, Store(files.paths.store), device=compute.device,
+                             log=context.log.info, warn=context.log.warning)
         meta = {"dagster/row_count": res.rows.height, "plot": png_markdown(str(res.plot), "borrowing"),
                 "plot_path": dg.MetadataValue.path(str(res.plot)),
                 "by_checkpoint": dg.MetadataValue.md(md_table(res.summary, 80)),
@@ -75,8 +75,7 @@ def generation_assets(spec: ExperimentSpec) -> list:
         from ldpipe.analysis.winrate import win_rate_step
 
         files = pipeline.files_for(spec, ldpipe_home.paths())
-        res = win_rate_step(spec, files, Store(files.paths.store), sql_dir=ldpipe_home.sql_path(),
-                            device=compute.device, log=context.log.info)
+        res = win_rate_step(spec, files, Store(files.paths.store), device=compute.device, log=context.log.info)
         if res.skipped is not None:
             (context.log.warning if "held-out" in res.skipped else context.log.info)(f"win rate skipped: {res.skipped}")
             return dg.MaterializeResult(metadata={"skipped": res.skipped})

@@ -34,8 +34,7 @@ def influence_assets(spec: ExperimentSpec) -> list:
     def influence_matrix(context: dg.AssetExecutionContext, ldpipe_home: LdpipeHome,
                          compute: Compute) -> dg.MaterializeResult:
         files = pipeline.files_for(spec, ldpipe_home.paths())
-        res = steps.influence_step(spec, runs, files, sql_dir=ldpipe_home.sql_path(), device=compute.device,
-                                   log=context.log.info)
+        res = steps.influence_step(spec, runs, files, device=compute.device, log=context.log.info)
         return dg.MaterializeResult(metadata={"dagster/row_count": res.rows, "seconds_by_method": dg.MetadataValue.json(
             res.seconds_by_method), "runs": dg.MetadataValue.json(names), "rank": inf.rank,
             "parameters": dg.MetadataValue.json(res.parameters)})
@@ -53,8 +52,7 @@ def influence_assets(spec: ExperimentSpec) -> list:
                           "loaded-optimizer step (Spearman, relative error, sign agreement): store table "
                           "`influence_agreement`.")
     def influence_agreement(context: dg.AssetExecutionContext, ldpipe_home: LdpipeHome) -> dg.MaterializeResult:
-        res = steps.agreement_step(spec, runs, pipeline.files_for(spec, ldpipe_home.paths()),
-                                   sql_dir=ldpipe_home.sql_path())
+        res = steps.agreement_step(spec, runs, pipeline.files_for(spec, ldpipe_home.paths()))
         table = res.table
         results = [dg.AssetCheckResult(check_name=v.name, passed=v.passed, severity=dg.AssetCheckSeverity.WARN,
                                        metadata=v.metadata) for v in res.checks]
@@ -68,7 +66,7 @@ def influence_assets(spec: ExperimentSpec) -> list:
                           "(store table `akg`, view `akg_pairs`).")
     def akg(context: dg.AssetExecutionContext, ldpipe_home: LdpipeHome, compute: Compute) -> dg.MaterializeResult:
         res = steps.akg_step(spec, runs, pipeline.files_for(spec, ldpipe_home.paths()),
-                             sql_dir=ldpipe_home.sql_path(), device=compute.device, log=context.log.info)
+                             device=compute.device, log=context.log.info)
         return dg.MaterializeResult(metadata={"dagster/row_count": res.table.height,
                                               "pairs": dg.MetadataValue.md(md_table(res.pairs, 40))})
 
@@ -78,7 +76,7 @@ def influence_assets(spec: ExperimentSpec) -> list:
     def influence_heatmap(context: dg.AssetExecutionContext, ldpipe_home: LdpipeHome,
                           compute: Compute) -> dg.MaterializeResult:
         res = steps.heatmap_step(spec, runs, pipeline.files_for(spec, ldpipe_home.paths()),
-                                 sql_dir=ldpipe_home.sql_path(), device=compute.device, log=context.log.info)
+                                 device=compute.device, log=context.log.info)
         meta: dict = {"dagster/row_count": res.rows}
         for run_name, path in res.plots.items():
             meta[f"heatmap_{run_name}"] = png_markdown(str(path), f"influence heat map {run_name}")

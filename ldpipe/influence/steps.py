@@ -1,6 +1,6 @@
 """The influence analyses as pipeline steps: each computes over the selected runs, writes its rows (one shard per
-run) and its plots, refreshes the catalog so the views see them, and returns a typed result the Dagster assets
-only turn into metadata and check results."""
+run) and its plots, and returns a typed result the Dagster assets only turn into metadata and check results. The
+catalog's views read the new rows with no refresh (ldpipe.store.catalog)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -27,11 +27,10 @@ class InfluenceResult:
     parameters: dict[str, str]                        # run -> which parameters the eNTK is over, in words
 
 
-def influence_step(spec: ExperimentSpec, runs: list[RunSpec], files, *, sql_dir: Path | None = None,
+def influence_step(spec: ExperimentSpec, runs: list[RunSpec], files, *,
                    device: str = "cpu", log: Log = print) -> InfluenceResult:
     """The influence matrix of every selected run (store table `influence`)."""
     from ldpipe.influence.runs import compute_influence, influence_parameters
-    from ldpipe.store.catalog import refresh
 
     timings, total = {}, 0
     for run in runs:
@@ -39,7 +38,6 @@ def influence_step(spec: ExperimentSpec, runs: list[RunSpec], files, *, sql_dir:
         _write(files, "influence", df, spec.run_id(run), INFLUENCE_SCHEMA)
         timings[run.name] = secs
         total += df.height
-    refresh(files, sql_dir)
     return InfluenceResult(total, timings, {r.name: influence_parameters(r) for r in runs})
 
 
@@ -59,11 +57,10 @@ class AgreementResult:
 AGREEMENT_CHECKS = (("projected_agrees_with_exact", "projected"), ("linearisation_agrees_with_naive", "naive"))
 
 
-def agreement_step(spec: ExperimentSpec, runs: list[RunSpec], files, *, sql_dir: Path | None = None) -> AgreementResult:
+def agreement_step(spec: ExperimentSpec, runs: list[RunSpec], files) -> AgreementResult:
     """Agreement between the estimates of each run's stored influence (store table `influence_agreement`), and the
     two checks: the lowest Spearman of each estimate against exact must reach influence.min_spearman."""
     from ldpipe.influence.runs import agreement_table
-    from ldpipe.store.catalog import refresh
 
     store = Store(files.paths.store)
     frames = []
@@ -72,7 +69,6 @@ def agreement_step(spec: ExperimentSpec, runs: list[RunSpec], files, *, sql_dir:
         df = agreement_table(inf_rows) if not inf_rows.is_empty() else pl.DataFrame(schema=INFLUENCE_AGREEMENT_SCHEMA)
         _write(files, "influence_agreement", df, spec.run_id(run), INFLUENCE_AGREEMENT_SCHEMA)
         frames.append(df)
-    refresh(files, sql_dir)
     table = pl.concat(frames) if frames else pl.DataFrame(schema=INFLUENCE_AGREEMENT_SCHEMA)
     threshold = spec.influence.min_spearman
     checks = []
@@ -92,18 +88,16 @@ class AkgResult:
     pairs: pl.DataFrame            # per (checkpoint, training example, observed probe): the sums
 
 
-def akg_step(spec: ExperimentSpec, runs: list[RunSpec], files, *, sql_dir: Path | None = None, device: str = "cpu",
+def akg_step(spec: ExperimentSpec, runs: list[RunSpec], files, *, device: str = "cpu",
              log: Log = print) -> AkgResult:
     """The A-K-G decomposition of every selected run (store table `akg`)."""
     from ldpipe.influence.runs import compute_akg
-    from ldpipe.store.catalog import refresh
 
     frames = []
     for run in runs:
         df = compute_akg(spec, run, files, device=device, log=log)
         _write(files, "akg", df, spec.run_id(run), AKG_SCHEMA)
         frames.append(df)
-    refresh(files, sql_dir)
     table = pl.concat(frames) if frames else pl.DataFrame(schema=AKG_SCHEMA)
     pairs = (table.group_by("run_id", "checkpoint", "train_example_id", "observed_example_id",
                             "observed_response_type", maintain_order=True)
@@ -118,12 +112,11 @@ class HeatmapResult:
     plots: dict[str, Path]          # run -> its accumulated heat map PNG
 
 
-def heatmap_step(spec: ExperimentSpec, runs: list[RunSpec], files, *, sql_dir: Path | None = None,
+def heatmap_step(spec: ExperimentSpec, runs: list[RunSpec], files, *,
                  device: str = "cpu", log: Log = print) -> HeatmapResult:
     """The influence heat map of every selected run (store table `influence_heatmap`, a PNG per run)."""
     from ldpipe.analysis.curves import save_plot
     from ldpipe.influence.heatmap import compute_heatmap, plot_heatmap
-    from ldpipe.store.catalog import refresh
 
     total, plots = 0, {}
     for run in runs:
@@ -132,5 +125,4 @@ def heatmap_step(spec: ExperimentSpec, runs: list[RunSpec], files, *, sql_dir: P
         total += df.height
         png = plot_heatmap(df, title=f"{spec.run_id(run)}: accumulated eNTK influence")
         plots[run.name] = Path(save_plot(png, files.paths.plots / f"{spec.name}.{run.name}.influence_heatmap.png"))
-    refresh(files, sql_dir)
     return HeatmapResult(total, plots)

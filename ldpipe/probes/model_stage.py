@@ -58,7 +58,6 @@ def build_model_probes(spec: ExperimentSpec, files: ExperimentFiles, *, device: 
     with the base model's tokenizer, what scoring cuts from the whole probe set (`_probe_truncation`); `warn`
     (default `log`) gets a line per type of which more than a quarter of the prompts or responses are cut."""
     from ldpipe.hashing import content_hash, file_hash, frame_hash
-    from ldpipe.probes.build import random_token_rows
     from ldpipe.probes.checks import check_probe_set
 
     ps, gen = spec.probes, spec.probes.generation

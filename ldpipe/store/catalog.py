@@ -6,6 +6,10 @@ it builds a new file at a temp path and `os.replace`s it over the old one. Reade
 hold the old file keep their (old) views; the next connection sees the new ones. Caveat:
 within ONE process DuckDB reuses an open database instance for the same path, so a
 process that keeps an old connection open also gets the old views on reconnect.
+
+A table view reads its table's glob when a query runs, so shards written after a refresh are
+seen at once; only new sql/ files, new unknown tables or a changed schema need a refresh
+(the catalog asset's job; analyses never refresh).
 """
 from __future__ import annotations
 
@@ -140,7 +144,8 @@ def _build(con: duckdb.DuckDBPyConnection, store: Store, sql_dirs: list[Path]) -
             continue                # an unknown, empty table has no columns to show
         if schema is not None:
             validate_shards(store, table, schema)
-        con.execute(f"create view {_q(table)} as {_table_select(con, store, table, schema, n)}")
+            store.write_schema_file(table, schema)
+        con.execute(f"create view {_q(table)} as {_table_select(con, store, table, schema)}")
         views.append(table)
     files = {p.name: p for d in sql_dirs if d.is_dir() for p in sorted(d.glob("*.sql"))}
     for path in (files[k] for k in sorted(files)):
@@ -223,20 +228,18 @@ def check_store(store: Store) -> tuple[list[str], dict[str, int]]:
 
 
 def _table_select(con: duckdb.DuckDBPyConnection, store: Store, table: str,
-                  schema: dict[str, pl.DataType] | None, n_shards: int) -> str:
+                  schema: dict[str, pl.DataType] | None) -> str:
+    """A table view's SELECT. DuckDB expands the glob when a query runs, not when the view is made; for a known
+    table the glob always matches its schema file (Store.write_schema_file), which has every column. So the
+    view reads shards written after this refresh, an empty table gives zero typed rows, and shards written before
+    a column was added read it as null: only the catalog asset ever needs to rebuild the catalog."""
     src = f"read_parquet({_lit(store.glob(table))}, union_by_name = true, hive_partitioning = false)"
     if schema is None:
         return f"select * from {src}"
     # Known tables get fixed column types, so sql/*.sql binds the same way before and after the first shard.
     rel = con.from_arrow(pl.DataFrame(schema=schema).to_arrow())   # DuckDB's own mapping of the polars types
-    cols = [(c, str(t)) for c, t in zip(rel.columns, rel.types)]
-    if n_shards == 0:
-        return "select " + ", ".join(f"cast(null as {t}) as {_q(c)}" for c, t in cols) + " where false"
-    # Shards written before a column was added lack it: fill those columns with typed nulls.
-    present = {r[0] for r in con.execute(f"describe select * from {src}").fetchall()}
-    return "select " + ", ".join(
-        (f"cast({_q(c)} as {t})" if c in present else f"cast(null as {t})") + f" as {_q(c)}" for c, t in cols
-    ) + f" from {src}"
+    return "select " + ", ".join(f"cast({_q(c)} as {t}) as {_q(c)}" for c, t in zip(rel.columns, map(str, rel.types))
+                                 ) + f" from {src}"
 
 
 def _single_select(path: Path) -> str:
@@ -374,7 +377,9 @@ def query(catalog_path: Path, sql: str) -> pl.DataFrame:
                                         for c in rel.columns))
         return rel.pl()
     except duckdb.Error as e:
-        raise LdpipeError(f"query failed: {e}") from None
+        hint = (" (a store table's folder was removed after the catalog was built: rebuild it with "
+                "`ldpipe catalog refresh`)" if "No files found that match the pattern" in str(e) else "")
+        raise LdpipeError(f"query failed: {e}{hint}") from None
     except RuntimeError as e:
         if "interrupt" in str(e).lower():       # DuckDB turns Ctrl-C during a query into this
             raise KeyboardInterrupt from None

@@ -28,6 +28,8 @@ _TMP_MARK = ".tmp-"                        # "<name>.parquet.tmp-<pid>-<uuid>": 
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")   # table names become SQL view names
 ARCHIVE_DIR = "_archive"   # records of earlier configurations, moved out of the tables (Store.archive_partition)
 MANIFEST_DIR = "_manifests"   # per finished run: the shards it wrote (Store.write_manifest / verify_manifests)
+# Per known table: zero rows, the table's whole schema (Store.write_schema_file). Not a shard: never listed as one.
+SCHEMA_FILE = "_schema" + SHARD_SUFFIX
 # A temp file whose writer process is gone is removed once it is this old. The grace covers a writer in
 # another PID namespace (a container sharing the directory), whose live PID looks dead from here.
 DEAD_WRITER_GRACE_S = 60.0
@@ -69,7 +71,13 @@ class Store:
         d = self.table_dir(table)
         for k, v in partition.items():
             d = d / f"{_check_ident(k, 'partition key')}={_encode(v, f'value for partition key {k!r}')}"
-        return d / (_encode(name, "shard name") + SHARD_SUFFIX)
+        path = d / (_encode(name, "shard name") + SHARD_SUFFIX)
+        if path == self.schema_file(table):
+            raise LdpipeError(f"shard name {name!r} without a partition is reserved for the table's schema file")
+        return path
+
+    def schema_file(self, table: str) -> Path:
+        return self.table_dir(table) / SCHEMA_FILE
 
     def partition_dir(self, table: str, partition: dict[str, str]) -> Path:
         """The folder holding one partition's shards (e.g. trajectories/run_id=<run>)."""
@@ -77,7 +85,8 @@ class Store:
 
     def partition_shards(self, table: str, partition: dict[str, str]) -> list[Path]:
         d = self.partition_dir(table, partition)
-        return sorted(p for p in d.rglob(f"*{SHARD_SUFFIX}") if p.is_file()) if d.is_dir() else []
+        schema_file = self.schema_file(table)
+        return sorted(p for p in d.rglob(f"*{SHARD_SUFFIX}") if p.is_file() and p != schema_file) if d.is_dir() else []
 
     def glob(self, table: str) -> str:
         """The pattern readers (DuckDB views) use; temp files have another suffix so never match."""
@@ -102,6 +111,31 @@ class Store:
             raise
         fsync_dir(path.parent)                 # the rename itself survives a power loss
         return path
+
+    def write_schema_file(self, table: str, schema: dict[str, pl.DataType]) -> bool:
+        """Write <table>/_schema.parquet: zero rows with every column of `schema`, so the table's glob always
+        matches a file that has every column. A catalog view over the glob then reads an empty table as zero
+        typed rows and sees shards written after it was created, with no refresh. Rewritten (atomically) only
+        when the schema changed; returns whether it wrote."""
+        import pyarrow.parquet as pq
+
+        path = self.schema_file(table)
+        empty = pl.DataFrame(schema=schema)
+        if path.is_file():
+            try:
+                if pq.read_schema(path).remove_metadata().equals(empty.to_arrow().schema.remove_metadata()):
+                    return False
+            except Exception:  # noqa: BLE001 (an unreadable file is simply replaced)
+                pass
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}{_TMP_MARK}{os.getpid()}-{uuid.uuid4().hex}")
+        try:
+            empty.write_parquet(tmp)
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        return True
 
     def _conform(self, table: str, path: Path, df: pl.DataFrame, schema: dict[str, pl.DataType]) -> pl.DataFrame:
         source = f"store table '{table}', shard {path.relative_to(self.root)}"
@@ -132,7 +166,7 @@ class Store:
         d = self.table_dir(table)
         if not d.is_dir():
             return []
-        return sorted(p for p in d.rglob(f"*{SHARD_SUFFIX}") if p.is_file())
+        return sorted(p for p in d.rglob(f"*{SHARD_SUFFIX}") if p.is_file() and p != d / SCHEMA_FILE)
 
     def read(self, table: str, **filters: object) -> pl.DataFrame:
         """All rows of `table`; keyword filters are column equalities (a list/tuple/set means "is in")."""
