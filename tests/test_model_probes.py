@@ -51,15 +51,15 @@ def built(tmp_path_factory):
 
 def test_model_types_for_every_prompt_and_joined(built):
     spec, files, stage1, stage2 = built
-    assert set(stage2["types"]) == {"chosen_initial", "chosen_selfr", "random_tokens", "init_reversed"}
+    assert set(stage2.types) == {"chosen_initial", "chosen_selfr", "random_tokens", "init_reversed"}
     for t in ("chosen_initial", "chosen_selfr", "random_tokens"):
-        assert "model_probes" in stage1["skipped"][t]          # deferred, with the reason
+        assert "model_probes" in stage1.skipped[t]          # deferred, with the reason
     probes = pipeline.load_probes_file(files)
     own = pl.read_parquet(files.probes)
     model_rows = pl.read_parquet(files.model_probes)
     assert probes.height == own.height + model_rows.height and probes.schema == pl.Schema(PROBE_SCHEMA)
-    assert stage2["checks"]["n_missing"] == 0 and stage2["checks"]["duplicates"] == 0
-    assert stage2["checks"]["prompt_mismatch"] == 0
+    assert stage2.checks["n_missing"] == 0 and stage2.checks["duplicates"] == 0
+    assert stage2.checks["prompt_mismatch"] == 0
     chosen = _by_type(probes, "chosen")
     for t in ("chosen_initial", "chosen_selfr", "random_tokens", "init_reversed", "chosen_half", "polite"):
         assert _by_type(probes, t).keys() == chosen.keys(), t
@@ -96,13 +96,13 @@ def test_rerun_is_a_no_op_and_a_rebuild_gives_the_same_set(built):
     s1 = pipeline.build_probes(spec, files, log=quiet)
     s2 = pipeline.build_model_probes(spec, files, device="cpu", log=quiet)
     for info in (s1, s2):
-        assert info["cache"]["built"] == [] and info["cache"]["reused"] and not info["written"]
+        assert info.cache.built == [] and info.cache.reused and not info.written
     assert {p: p.stat().st_mtime_ns for p in before} == mtimes      # not even rewritten
     # from scratch (cache deleted): the same recipe gives byte-identical files
     shutil.rmtree(files.data_dir / "probe_cache")
     s1 = pipeline.build_probes(spec, files, log=quiet)
     s2 = pipeline.build_model_probes(spec, files, device="cpu", log=quiet)
-    assert s1["cache"]["reused"] == [] and "chosen_initial" in s2["cache"]["built"]
+    assert s1.cache.reused == [] and "chosen_initial" in s2.cache.built
     assert {p: p.read_bytes() for p in before} == before
 
 
@@ -110,8 +110,8 @@ def test_sampling_is_configurable_and_rebuilds_only_generated_types(built):
     _, files, _, _ = built
     spec = _spec(generation={"do_sample": True, "temperature": 1.0, "seed": 3})
     info = pipeline.build_model_probes(spec, files, device="cpu", log=quiet)
-    assert info["cache"]["built"] == ["chosen_initial", "chosen_selfr", "init_reversed"]
-    assert info["cache"]["reused"] == ["random_tokens"]
+    assert info.cache.built == ["chosen_initial", "chosen_selfr", "init_reversed"]
+    assert info.cache.reused == ["random_tokens"]
     rows = pl.read_parquet(files.model_probes)
     assert all("sample:t=1.0:p=1.0:seed=3" in p for p in
                rows.filter(pl.col("response_type") == "chosen_initial")["provenance"])
@@ -127,13 +127,13 @@ def test_adding_a_custom_type_builds_only_it(built):
     spec, files, _, _ = built
     more = _spec(custom_types=[*CUSTOM, {"name": "chosen_rev", "from": "chosen", "transform": "reverse_words"}])
     info = pipeline.build_probes(more, files, log=quiet)
-    assert info["cache"]["built"] == ["chosen_rev"] and info["written"]
-    assert "chosen" in info["cache"]["reused"] and "polite" in info["cache"]["reused"]
+    assert info.cache.built == ["chosen_rev"] and info.written
+    assert "chosen" in info.cache.reused and "polite" in info.cache.reused
     # the model stage must be rebuilt against the new probe file: until then the union is refused
     with pytest.raises(LdpipeError, match="materialize tiny/model_probes again"):
         pipeline.load_probes_file(files)
     again = pipeline.build_model_probes(more, files, device="cpu", log=quiet)
-    assert again["cache"]["built"] == []        # its inputs did not change
+    assert again.cache.built == []        # its inputs did not change
     assert "chosen_rev" in set(pipeline.load_probes_file(files)["response_type"])
     pipeline.build_probes(spec, files, log=quiet)
     pipeline.build_model_probes(spec, files, device="cpu", log=quiet)
@@ -208,21 +208,21 @@ def test_reference_file_import_selection_and_model_stage(built, tmp_path):
     probes = pl.read_parquet(files.probes)
     assert sorted(probes["example_id"].unique()) == [f"hh_helpful_base_probe_test-{i}" for i in range(5)]
     # the reference's 13 keys map onto the core types, with provenance naming the key
-    assert set(first["types"]) == {"chosen", "rejected", "chosen_initial", "chosen_selfr", "chosen_gptsemantic",
+    assert set(first.types) == {"chosen", "rejected", "chosen_initial", "chosen_selfr", "chosen_gptsemantic",
                                    "chosen_gptformat", "reject_gptsemantic", "reject_gptformat", "irr_train",
                                    "irr_test", "irr_hum", "random_permute", "random_nonhum"}
     assert probes.filter(pl.col("response_type") == "reject_gptformat")["provenance"][0] in (
         "reference:reject_gptformat", "reference:rejected_gptformat")
-    assert first["checks"]["n_missing"] == 0
+    assert first.checks["n_missing"] == 0
     _, _, rand = run("random")
     want = sorted(random.Random("1:selection").sample(range(12), 5))
-    picked = sorted(pl.read_parquet(Path(rand["path"]))["example_id"].unique())
+    picked = sorted(pl.read_parquet(Path(rand.path))["example_id"].unique())
     assert picked == sorted(f"hh_helpful_base_probe_test-{i}" for i in want) and picked != sorted(
         probes["example_id"].unique())
     # the model stage keeps the file's y_init / y_selfr and adds only random tokens of the model's vocabulary
     m = pipeline.build_model_probes(spec, files, device="cpu", log=quiet)
-    assert m["types"] == ["random_tokens"]
-    assert "provided by the dataset" in m["skipped"]["chosen_initial"]
+    assert m.types == ["random_tokens"]
+    assert "provided by the dataset" in m.skipped["chosen_initial"]
     assert pipeline.load_probes_file(files).height == probes.height + 5
 
 

@@ -76,7 +76,7 @@ def _offline_pairs(files, n):
 def test_on_policy_run_trains_on_fresh_ranked_pairs(world):
     spec, files, (info, obj, metrics) = world
     hist = obj.pairs_frame()
-    steps = info["steps"]
+    steps = info.steps
     assert steps == 3 and metrics["step"].to_list() == [1, 2, 3]   # 12 prompts / batch 4
     assert hist.height == 12 and hist["step"].to_list() == [1] * 4 + [2] * 4 + [3] * 4
     pairs = hist.filter(~pl.col("tied"))
@@ -99,7 +99,7 @@ def test_on_policy_run_trains_on_fresh_ranked_pairs(world):
     stored = Store(files.paths.store).read("onpolicy_pairs", run_id=spec.run_id(spec.run("op"))).sort("step",
                                                                                                      "prompt_index")
     assert stored.drop("run_id", "config_hash").equals(hist.sort("step", "prompt_index"))
-    assert stored["config_hash"].unique().to_list() == [info["config_hash"]]
+    assert stored["config_hash"].unique().to_list() == [info.config_hash]
     traj = Store(files.paths.store).read("trajectories", run_id=spec.run_id(spec.run("op")))
     assert sorted(traj["step"].unique().to_list()) == [0, 2, 3]
     assert traj.filter(pl.col("step") == 3)["logp_sum"].to_list() != traj.filter(pl.col("step") == 0)["logp_sum"]\
@@ -123,9 +123,9 @@ def test_all_tied_batches_are_skipped_and_counted(world):
     info, obj, metrics = _train(spec, files, "facts")
     hist = obj.pairs_frame()
     assert hist["tied"].all() and hist["chosen"].null_count() == hist.height
-    assert metrics["onpolicy_tied_share"].to_list() == [1.0] * info["steps"]
-    assert metrics["loss"].to_list() == [0.0] * info["steps"] and metrics["grad_norm"].to_list() == [0.0] * 2
-    assert metrics["rewards_margin"].null_count() == info["steps"]
+    assert metrics["onpolicy_tied_share"].to_list() == [1.0] * info.steps
+    assert metrics["loss"].to_list() == [0.0] * info.steps and metrics["grad_norm"].to_list() == [0.0] * 2
+    assert metrics["rewards_margin"].null_count() == info.steps
 
 
 def test_judge_scored_run_against_local_server(world, monkeypatch, tmp_path):
@@ -157,9 +157,9 @@ def test_resume_state_restores_step_and_reference(world):
     state = obj.state_dict()
     fresh = dataclasses.replace(obj, ref_model=None, step=0, history=[])
     fresh.load_state_dict(state)
-    trained, _ = load_model_and_tokenizer(info["checkpoint"], device="cpu")
+    trained, _ = load_model_and_tokenizer(info.checkpoint, device="cpu")
     fresh._ensure_ref(trained, torch.device("cpu"))
-    assert fresh.step == info["steps"]
+    assert fresh.step == info.steps
     for (name, a), b in zip(obj.ref_model.state_dict().items(), fresh.ref_model.state_dict().values()):
         assert torch.equal(a, b), name
     ref = fresh.ref_model.state_dict().values()

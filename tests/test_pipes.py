@@ -86,7 +86,7 @@ def test_run_through_pipes_matches_the_library_and_reports_checks(tiny_project):
     other = tiny_project / "library_store"
     info = pipeline.train_run(spec, spec.run("sft"), pipeline.files_for(spec, paths), store_root=other,
                               device="cpu", log=lambda m: None)
-    assert info["config_hash"] == mats["tiny/run_sft"]["config_hash"].value
+    assert info.config_hash == mats["tiny/run_sft"]["config_hash"].value
     lib = pl.read_parquet(other / "trajectories" / "**" / "*.parquet")
     cols = ["step", "example_id", "response_type"]
     joined = sft.join(lib, on=cols, suffix="_lib")

@@ -25,9 +25,9 @@ def _local_project(tmp_path, llm: dict | None):
 def test_without_endpoint_llm_types_are_skipped_with_a_clear_reason(tmp_path):
     spec, files = _local_project(tmp_path, None)
     info = pipeline.build_probes(spec, files, log=lambda m: None)
-    assert "chosen_gptsemantic" in info["skipped"]
-    assert "needs an LLM endpoint" in info["skipped"]["chosen_gptsemantic"]
-    assert {"chosen", "rejected", "irr_train", "irr_test", "random_permute"} <= set(info["types"])
+    assert "chosen_gptsemantic" in info.skipped
+    assert "needs an LLM endpoint" in info.skipped["chosen_gptsemantic"]
+    assert {"chosen", "rejected", "irr_train", "irr_test", "random_permute"} <= set(info.types)
 
 
 def test_llm_types_built_through_endpoint_and_cached(tmp_path, monkeypatch):
@@ -40,7 +40,7 @@ def test_llm_types_built_through_endpoint_and_cached(tmp_path, monkeypatch):
         llm_rows = probes.filter(pl.col("provenance").str.starts_with("llm:fake-model"))
         assert set(llm_rows["response_type"].unique().to_list()) == set(spec.probes.llm.types)
         assert llm_rows.height == 4 * len(spec.probes.llm.types)
-        assert "chosen_gptsemantic" not in info["skipped"]
+        assert "chosen_gptsemantic" not in info.skipped
         first_calls = srv.n_requests
         assert first_calls > 0
         # a rerun is served from the persistent cache: zero new requests, identical probe set
@@ -59,18 +59,18 @@ def test_rerun_builds_no_type_and_adding_a_type_builds_only_it(tmp_path, monkeyp
                "types": ["chosen_gptsemantic"]}
         spec, files = _local_project(tmp_path, llm)
         first = pipeline.build_probes(spec, files, log=lambda m: None)
-        assert "chosen_gptsemantic" in first["cache"]["built"] and first["written"]
+        assert "chosen_gptsemantic" in first.cache.built and first.written
         calls = srv.n_requests
         assert calls == 4    # one rephrase per probe prompt (their chosen texts all differ)
         before = files.probes.read_bytes()
         again = pipeline.build_probes(spec, files, log=lambda m: None)
         # a rerun: zero LLM calls (not even cache look-ups through the client), no type rebuilt, same bytes
-        assert srv.n_requests == calls and again["cache"]["built"] == [] and not again["written"]
+        assert srv.n_requests == calls and again.cache.built == [] and not again.written
         assert files.probes.read_bytes() == before
-        assert again["llm"]["chosen_gptsemantic"]["made"] == 4   # its report survives in the cache
+        assert again.llm["chosen_gptsemantic"]["made"] == 4   # its report survives in the cache
         # one more LLM type: only it is built, with one call per prompt; the rest is reused
         spec2, _ = _local_project(tmp_path, {**llm, "types": ["chosen_gptsemantic", "irr_hum"]})
         grown = pipeline.build_probes(spec2, files, log=lambda m: None)
-        assert grown["cache"]["built"] == ["irr_hum"] and srv.n_requests == calls + 4
-        assert "chosen_gptsemantic" in grown["cache"]["reused"] and "chosen" in grown["cache"]["reused"]
-        assert grown["written"]
+        assert grown.cache.built == ["irr_hum"] and srv.n_requests == calls + 4
+        assert "chosen_gptsemantic" in grown.cache.reused and "chosen" in grown.cache.reused
+        assert grown.written

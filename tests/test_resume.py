@@ -77,10 +77,10 @@ def test_interrupted_run_resumes_and_matches_uninterrupted(world, name, stop_at,
         pipeline.train_run(spec, spec.run("sft"), files, device="cpu", log=quiet)
 
     clean = pipeline.train_run(spec, run, files, device="cpu", log=quiet)
-    assert clean["resumed_from"] is None
+    assert clean.resumed_from is None
     assert not files.resume_dir(run).exists()          # finished: resume state removed
     want = {t: _rows(files, t, run_id) for t in ("trajectories", "train_metrics")}
-    want_final = _weights(Path(clean["checkpoint"]))
+    want_final = _weights(Path(clean.checkpoint))
     want_snaps = {p.name: _weights(p) for p in (files.run_dir(run) / "checkpoints").glob("step-*")}
 
     lines: list[str] = []
@@ -88,25 +88,25 @@ def test_interrupted_run_resumes_and_matches_uninterrupted(world, name, stop_at,
         pipeline.train_run(spec, run, files, device="cpu", log=_interrupt_at(stop_at, lines))
     assert not any(line.startswith("resuming") for line in lines)
     ckpt = resume.latest(files.run_dir(run))
-    assert ckpt is not None and ckpt.step == resumes_from and ckpt.meta["config_hash"] == clean["config_hash"]
+    assert ckpt is not None and ckpt.step == resumes_from and ckpt.meta["config_hash"] == clean.config_hash
     assert ckpt.path.parent == files.resume_dir(run)
     assert _rows(files, "trajectories", run_id)["step"].max() == 6   # rows after the checkpoint exist ...
 
     lines.clear()
     again = pipeline.train_run(spec, run, files, device="cpu", log=lines.append)
-    assert again["resumed_from"] == resumes_from
+    assert again.resumed_from == resumes_from
     assert any(line.startswith(f"resuming {run_id} from step {resumes_from}/") for line in lines)
     assert not files.resume_dir(run).exists()
     got = {t: _rows(files, t, run_id) for t in ("trajectories", "train_metrics")}
     traj = got["trajectories"]
     assert traj.group_by("step", "example_id", "response_type").len()["len"].max() == 1   # ... exactly once
-    assert got["train_metrics"]["step"].to_list() == list(range(1, clean["steps"] + 1))
+    assert got["train_metrics"]["step"].to_list() == list(range(1, clean.steps + 1))
     for table in got:   # bit for bit, every column (rewards too: DPO's restored reference log-probs)
         assert got[table].equals(want[table]), table
-    got_final = _weights(Path(again["checkpoint"]))
+    got_final = _weights(Path(again.checkpoint))
     assert all(torch.equal(got_final[k], v) for k, v in want_final.items())
-    assert again["evals"] == clean["evals"] and again["final_loss"] == clean["final_loss"]
-    assert again["delta_by_type"] == clean["delta_by_type"]
+    assert again.evals == clean.evals and again.final_loss == clean.final_loss
+    assert again.delta_by_type == clean.delta_by_type
     if run.snapshot_every:
         snaps = sorted(p.name for p in (files.run_dir(run) / "checkpoints").glob("step-*"))
         assert snaps == ["step-0000000", "step-0000005", "step-0000010", "step-0000012"] == sorted(want_snaps)
@@ -114,7 +114,7 @@ def test_interrupted_run_resumes_and_matches_uninterrupted(world, name, stop_at,
             assert all(torch.equal(_weights(files.run_dir(run) / "checkpoints" / s)[k], v)
                        for k, v in want_snaps[s].items())
         meta = read_metadata(files.snapshot_dir(run, 10))
-        assert (meta["step"], meta["run_id"], meta["config_hash"]) == (10, run_id, clean["config_hash"])
+        assert (meta["step"], meta["run_id"], meta["config_hash"]) == (10, run_id, clean.config_hash)
 
 
 def test_changed_config_starts_fresh_but_checkpoint_settings_do_not(world):
@@ -133,13 +133,13 @@ def test_changed_config_starts_fresh_but_checkpoint_settings_do_not(world):
 
     lines.clear()
     info = pipeline.train_run(changed, changed.run("sft"), files, device="cpu", log=lines.append)
-    assert info["resumed_from"] is None
+    assert info.resumed_from is None
     assert any("not resuming" in line and "config_hash" in line for line in lines)
     traj = _rows(files, "trajectories", spec.run_id(run))
-    assert traj["config_hash"].unique().to_list() == [info["config_hash"]]   # nothing of the old run left
-    assert _rows(files, "train_metrics", spec.run_id(run))["step"].to_list() == list(range(1, info["steps"] + 1))
+    assert traj["config_hash"].unique().to_list() == [info.config_hash]   # nothing of the old run left
+    assert _rows(files, "train_metrics", spec.run_id(run))["step"].to_list() == list(range(1, info.steps + 1))
     snaps = list((files.run_dir(run) / "checkpoints").glob("step-*"))   # snapshots of the old config are gone
-    assert snaps and {read_metadata(p)["config_hash"] for p in snaps} == {info["config_hash"]}
+    assert snaps and {read_metadata(p)["config_hash"] for p in snaps} == {info.config_hash}
     pipeline.train_run(spec, run, files, device="cpu", log=lambda m: None)   # leave sft as declared
 
 
@@ -155,23 +155,23 @@ def test_a_smoke_run_keeps_the_full_runs_record_aside(world):
     smoke_run = apply_run_overrides(run, {"preset": "smoke"})
     lines: list[str] = []
     smoke = pipeline.train_run(spec, smoke_run, files, device="cpu", log=lines.append)
-    assert smoke["config_hash"] != full["config_hash"]
+    assert smoke.config_hash != full.config_hash
     assert any("kept it aside instead of replacing it" in m for m in lines)
     live = _rows(files, "trajectories", spec.run_id(run))
-    assert live["config_hash"].unique().to_list() == [smoke["config_hash"]]        # no mixing in the views
-    archived = files.paths.store / "_archive" / f"config_hash={full['config_hash']}"
+    assert live["config_hash"].unique().to_list() == [smoke.config_hash]        # no mixing in the views
+    archived = files.paths.store / "_archive" / f"config_hash={full.config_hash}"
     kept = pl.read_parquet(str(archived / "trajectories" / "**" / "*.parquet")).sort(
         "step", "example_id", "response_type")
     assert kept.equals(full_rows.select(kept.columns))                              # the full record, intact
     assert (archived / "train_metrics").is_dir()
-    old_final = files.run_dir(run) / "archive" / f"config_hash={full['config_hash']}" / "final"
-    assert read_metadata(old_final)["config_hash"] == full["config_hash"]
-    assert read_metadata(files.run_dir(run) / "final")["config_hash"] == smoke["config_hash"]
+    old_final = files.run_dir(run) / "archive" / f"config_hash={full.config_hash}" / "final"
+    assert read_metadata(old_final)["config_hash"] == full.config_hash
+    assert read_metadata(files.run_dir(run) / "final")["config_hash"] == smoke.config_hash
     assert "_archive" not in Store(files.paths.store).tables()
     # back to the declaration: the smoke record is kept aside in turn, the live record is the full one again
     pipeline.train_run(spec, run, files, device="cpu", log=lambda m: None)
     assert _rows(files, "trajectories", spec.run_id(run)).equals(full_rows)
-    assert (files.paths.store / "_archive" / f"config_hash={smoke['config_hash']}" / "trajectories").is_dir()
+    assert (files.paths.store / "_archive" / f"config_hash={smoke.config_hash}" / "trajectories").is_dir()
 
 
 def test_wiped_store_is_not_resumed(world, tmp_path):
@@ -182,10 +182,10 @@ def test_wiped_store_is_not_resumed(world, tmp_path):
     lines: list[str] = []
     info = pipeline.train_run(spec, run, files, store_root=tmp_path / "other_store", device="cpu",
                               log=lines.append)
-    assert info["resumed_from"] is None
+    assert info.resumed_from is None
     assert any("not resuming" in line and "step-0 evaluation" in line for line in lines)
     other = Store(tmp_path / "other_store").read("train_metrics")
-    assert other["step"].sort().to_list() == list(range(1, info["steps"] + 1))
+    assert other["step"].sort().to_list() == list(range(1, info.steps + 1))
 
 
 def test_truncate_rewrites_a_metrics_shard_that_straddles_the_checkpoint(tmp_path):
@@ -225,7 +225,7 @@ def log(msg):
     print(msg, flush=True)
     time.sleep(pause)
 info = pipeline.train_run(spec, spec.run("sft"), pipeline.files_for(spec), device="cpu", log=log)
-print("RESUMED_FROM", info["resumed_from"], flush=True)
+print("RESUMED_FROM", info.resumed_from, flush=True)
 """
 
 
@@ -321,7 +321,7 @@ def test_sigkill_mid_training_then_rerun_completes_exactly_once(tiny_project, mo
     resumed = _rows(files, "trajectories", run_id)
     resumed_metrics = _rows(files, "train_metrics", run_id)
     fresh = pipeline.train_run(spec, run, files, device="cpu", log=quiet)
-    assert fresh["resumed_from"] is None
+    assert fresh.resumed_from is None
     assert _rows(files, "trajectories", run_id).equals(resumed)
     assert _rows(files, "train_metrics", run_id).equals(resumed_metrics)
 

@@ -77,7 +77,7 @@ def test_rows_exactly_once_and_metrics_per_step(world):
         assert traj.height == len(expect_evals) * probes.height
         assert traj["phase"].unique().to_list() == [spec.run(name).algo]
         metrics = _table(files, "train_metrics", run_id).sort("step")
-        assert metrics["step"].to_list() == list(range(1, info[name]["steps"] + 1))
+        assert metrics["step"].to_list() == list(range(1, info[name].steps + 1))
         assert metrics["grad_norm"].is_finite().all() and (metrics["clip_factor"] <= 1).all()
         rewards = metrics.select("rewards_chosen", "rewards_rejected", "rewards_accuracy", "rewards_margin")
         if name == "sft":
@@ -97,10 +97,10 @@ def test_dpo_rewards_start_at_exactly_zero(world):
 
 def test_dpo_lowers_rejected_on_training_pairs(world):
     spec, files, info = world
-    _, tok = load_model_and_tokenizer(info["sft"]["checkpoint"], device="cpu")
+    _, tok = load_model_and_tokenizer(info["sft"].checkpoint, device="cpu")
     triples = _train_triples(spec, files, tok)
-    c0, r0 = _mean_logps(info["sft"]["checkpoint"], triples)
-    c1, r1 = _mean_logps(info["dpo"]["checkpoint"], triples)
+    c0, r0 = _mean_logps(info["sft"].checkpoint, triples)
+    c1, r1 = _mean_logps(info["dpo"].checkpoint, triples)
     assert r1 < r0 - 2.0                 # y- pushed down by more than two nats on average
     assert (c1 - r1) > (c0 - r0) + 1.0   # and the chosen-rejected gap widens
     metrics = _table(files, "train_metrics", spec.run_id(spec.run("dpo"))).sort("step")
@@ -118,21 +118,21 @@ def test_chain_starts_from_parent_checkpoint(world):
         assert p_last.select(key).equals(c_first.select(key))
         # same weights at the child's start: identical probe scores
         assert (p_last["logp_sum"] - c_first["logp_sum"]).abs().max() < 1e-9
-    assert info["sft"]["step_offset"] == 0
-    assert info["dpo"]["step_offset"] == info["sft"]["steps"]
-    assert info["ipo"]["step_offset"] == info["sft"]["steps"] + info["dpo"]["steps"]  # recursive
-    meta = read_metadata(info["ipo"]["checkpoint"])
-    assert meta["step_offset"] == info["ipo"]["step_offset"] and meta["start_from"] == "dpo"
-    assert meta["parent_config_hash"] == info["dpo"]["config_hash"]
+    assert info["sft"].step_offset == 0
+    assert info["dpo"].step_offset == info["sft"].steps
+    assert info["ipo"].step_offset == info["sft"].steps + info["dpo"].steps  # recursive
+    meta = read_metadata(info["ipo"].checkpoint)
+    assert meta["step_offset"] == info["ipo"].step_offset and meta["start_from"] == "dpo"
+    assert meta["parent_config_hash"] == info["dpo"].config_hash
 
 
 def test_extend_sft_trains_on_chosen_and_rejected(world):
     spec, files, info = world
     n_train = spec.dataset.synthetic.n_train
-    assert info["extend"]["train_examples"] == 2 * n_train
-    assert info["sft"]["train_examples"] == n_train
+    assert info["extend"].train_examples == 2 * n_train
+    assert info["sft"].train_examples == n_train
     # half an epoch over 2n examples takes as many steps as the full epoch of y+-only SFT
-    assert info["extend"]["steps"] == info["sft"]["steps"]
+    assert info["extend"].steps == info["sft"].steps
 
 
 def test_missing_parent_checkpoint_is_a_clear_error(world, tmp_path):
@@ -175,13 +175,13 @@ def test_spec_errors(runs, needle):
 def test_bf16_autocast_trains_close_to_fp32_and_auto_is_fp32_on_cpu(world):
     """autocast "bf16" runs the forwards in bf16 (log-softmax and sums stay fp32); "auto" is fp32 on a CPU."""
     spec, files, info = world
-    assert info["sft"]["precision"] == "fp32"
+    assert info["sft"].precision == "fp32"
     run = spec.run("sft")
     bf16 = run.model_copy(update={"name": "sft_bf16", "autocast": "bf16"})
     assert spec.run_config_hash(bf16) != spec.run_config_hash(run.model_copy(update={"name": "sft_bf16"}))
     spec2 = spec.model_copy(update={"runs": (*spec.runs, bf16)})
     got = pipeline.train_run(spec2, bf16, files, device="cpu", log=lambda m: None)
-    assert got["precision"] == "bf16-autocast" and math.isfinite(got["final_loss"])
+    assert got.precision == "bf16-autocast" and math.isfinite(got.final_loss)
     a = _table(files, "trajectories", "tiny.sft").sort("step", "example_id", "response_type")
     b = _table(files, "trajectories", "tiny.sft_bf16").sort("step", "example_id", "response_type")
     assert a.select("step", "example_id", "response_type").equals(b.select("step", "example_id", "response_type"))

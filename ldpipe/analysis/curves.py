@@ -1,6 +1,7 @@
 """Learning curves per response type: EMA smoothing as in the paper, and a PNG plot."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import polars as pl
@@ -116,7 +117,14 @@ def chain_curves(curves: pl.DataFrame, chain: list[tuple[str, str]]) -> tuple[pl
     return out.sort("step", "response_type"), boundaries
 
 
-def learning_curves(spec, files, log=print) -> dict:
+@dataclass(frozen=True)
+class CurvesResult:
+    curves: pl.DataFrame            # the learning_curves view's rows of the experiment's runs
+    plots: dict[str, Path]          # run -> its curves PNG
+    chain_plots: dict[str, Path]    # chained run -> the PNG of its whole chain on one step axis
+
+
+def learning_curves(spec, files, log=print) -> CurvesResult:
     """The learning-curves step: each run's curves (and each chain's, on one axis) from the catalog, plotted."""
     from ldpipe.store.catalog import query_runs
 
@@ -130,7 +138,7 @@ def learning_curves(spec, files, log=print) -> dict:
             continue
         png = plot_learning_curves(part, title=f"{spec.run_id(run)}: change of log π(y|x) per response type{note}",
                                    smooth=smooth)
-        pngs[run.name] = str(save_plot(png, files.curves_png(run)))
+        pngs[run.name] = Path(save_plot(png, files.curves_png(run)))
         if run.start_from is None:
             continue
         # a chained run: every phase (e.g. SFT then DPO) on one axis, from the first run's first evaluation
@@ -142,7 +150,8 @@ def learning_curves(spec, files, log=print) -> dict:
             joined, bounds = chain_curves(curves, chain)
             png = plot_learning_curves(joined, title=f"{' → '.join(c for _, c in chain)}: change of log π(y|x) "
                                                      f"since the first phase{note}", smooth=smooth, boundaries=bounds)
-            chains[run.name] = str(save_plot(png, files.paths.plots / f"{spec.name}.{run.name}.chain.png"))
-    log(f"[{spec.name}] learning curves: {curves.height} rows, plots {list(pngs.values()) + list(chains.values())}")
-    return {"rows": curves.height, "plots": pngs, "chain_plots": chains, "curves": curves}
+            chains[run.name] = Path(save_plot(png, files.paths.plots / f"{spec.name}.{run.name}.chain.png"))
+    log(f"[{spec.name}] learning curves: {curves.height} rows, plots "
+        f"{[str(p) for p in [*pngs.values(), *chains.values()]]}")
+    return CurvesResult(curves, pngs, chains)
 

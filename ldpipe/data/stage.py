@@ -3,6 +3,7 @@ preferences.parquet (plus the synthetic world's files)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -47,7 +48,18 @@ def load_dataset(spec: ExperimentSpec, *, sample_rows: int | None = None):
     return prefs.select(list(PREFERENCE_SCHEMA)), extra, world
 
 
-def build_dataset(spec: ExperimentSpec, files: ExperimentFiles, log: Log = print) -> dict:
+@dataclass(frozen=True)
+class DatasetResult:
+    """What the dataset stage wrote: files.preferences (and the synthetic world's files)."""
+
+    kind: str                              # the dataset kind declared
+    rows: int
+    splits: dict[str, int]                 # rows per split
+    path: Path                             # preferences.parquet
+    source: dict = field(default_factory=dict)   # the source's own counts (synthetic: corpus_docs, facts, ...)
+
+
+def build_dataset(spec: ExperimentSpec, files: ExperimentFiles, log: Log = print) -> DatasetResult:
     ds = spec.dataset
     prefs, extra, world = load_dataset(spec)
     if world is not None:
@@ -55,7 +67,7 @@ def build_dataset(spec: ExperimentSpec, files: ExperimentFiles, log: Log = print
     write_parquet(prefs, files.preferences)
     counts = dict(prefs.group_by("split").len().sort("split").iter_rows())
     log(f"[{spec.name}] dataset {ds.kind}: {counts}")
-    return {"kind": ds.kind, "rows": prefs.height, "splits": counts, "path": str(files.preferences), **extra}
+    return DatasetResult(ds.kind, prefs.height, counts, files.preferences, extra)
 
 
 def _resolve(path: str | None) -> Path:

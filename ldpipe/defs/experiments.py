@@ -30,13 +30,13 @@ def experiment_assets(spec: ExperimentSpec) -> list:
     def learning_curves(context: dg.AssetExecutionContext, ldpipe_home: LdpipeHome) -> dg.MaterializeResult:
         files = pipeline.files_for(spec, ldpipe_home.paths())
         info = pipeline.learning_curves(spec, files, log=context.log.info)
-        curves: pl.DataFrame = info["curves"]
-        meta: dict = {"dagster/row_count": info["rows"]}
-        for name, png in info["plots"].items():
-            meta[f"plot_{name}"] = png_markdown(png, f"learning curves {name}")
-            meta[f"plot_{name}_path"] = dg.MetadataValue.path(png)
-        for name, png in info.get("chain_plots", {}).items():   # chained runs: all phases on one axis
-            meta[f"chain_plot_{name}"] = png_markdown(png, f"chain ending in {name}")
+        curves = info.curves
+        meta: dict = {"dagster/row_count": curves.height}
+        for name, png in info.plots.items():
+            meta[f"plot_{name}"] = png_markdown(str(png), f"learning curves {name}")
+            meta[f"plot_{name}_path"] = dg.MetadataValue.path(str(png))
+        for name, png in info.chain_plots.items():   # chained runs: all phases on one axis
+            meta[f"chain_plot_{name}"] = png_markdown(str(png), f"chain ending in {name}")
         if not curves.is_empty():
             last = curves.filter(pl.col("step") == pl.col("step").max().over("run_id"))
             meta["final_change_by_type"] = dg.MetadataValue.md(md_table(

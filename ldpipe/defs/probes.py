@@ -47,11 +47,12 @@ def _truncation(counts: dict[str, dict]) -> str:
         60)
 
 
-def _cache_meta(info: dict) -> dict:
-    cache = info.get("cache", {})
-    return {"types_built": dg.MetadataValue.json(cache.get("built", [])),
-            "types_reused": dg.MetadataValue.json(cache.get("reused", [])),
-            "file_rewritten": bool(info.get("written", True))}
+def _cache_meta(info) -> dict:
+    """Metadata every probe stage reports (a probes.stage.ProbeStageResult): types built and reused, and whether
+    its file changed."""
+    return {"types_built": dg.MetadataValue.json(info.cache.built),
+            "types_reused": dg.MetadataValue.json(info.cache.reused),
+            "file_rewritten": info.written}
 
 
 def probe_assets(spec: ExperimentSpec) -> list:
@@ -65,9 +66,9 @@ def probe_assets(spec: ExperimentSpec) -> list:
         info = pipeline.build_dataset(spec, files, log=context.log.info)
         prefs = pipeline.load_preferences_file(files)
         return dg.MaterializeResult(metadata={
-            "path": dg.MetadataValue.path(info["path"]),
-            "dagster/row_count": info["rows"],
-            "splits": dg.MetadataValue.json(info["splits"]),
+            "path": dg.MetadataValue.path(str(info.path)),
+            "dagster/row_count": info.rows,
+            "splits": dg.MetadataValue.json(info.splits),
             "preview": dg.MetadataValue.md(md_table(prefs.select("example_id", "split", "prompt", "chosen",
                                                                   "rejected"), 10)),
         })
@@ -82,8 +83,8 @@ def probe_assets(spec: ExperimentSpec) -> list:
     def probe_set(context: dg.AssetExecutionContext, ldpipe_home: LdpipeHome) -> dg.MaterializeResult:
         files = pipeline.files_for(spec, ldpipe_home.paths())
         info = pipeline.build_probes(spec, files, log=context.log.info)
-        probes = pl.read_parquet(info["path"])   # this stage's rows only (the model stage may be stale)
-        checks = info["checks"]
+        probes = pl.read_parquet(info.path)   # this stage's rows only (the model stage may be stale)
+        checks = info.checks
         gaps = checks.get("missing", [])
         quality = {
             "shuffle_failures": checks.get("shuffle_failures", 0),
@@ -92,15 +93,15 @@ def probe_assets(spec: ExperimentSpec) -> list:
             "duplicates": checks.get("duplicates", 0),
             "prompt_mismatch": checks.get("prompt_mismatch", 0),
         }
-        stripped = {t: r.get("preambles_stripped", 0) for t, r in info.get("llm", {}).items()}
+        stripped = {t: r.get("preambles_stripped", 0) for t, r in info.llm.items()}
         return dg.MaterializeResult(
             metadata={
-                "path": dg.MetadataValue.path(info["path"]),
-                "dagster/row_count": info["rows"],
-                "prompts": info["prompts"],
-                "types": dg.MetadataValue.json(info["types"]),
-                "skipped_types": dg.MetadataValue.json(info["skipped"]),
-                "llm": dg.MetadataValue.json(info.get("llm", {})),
+                "path": dg.MetadataValue.path(str(info.path)),
+                "dagster/row_count": info.rows,
+                "prompts": info.prompts,
+                "types": dg.MetadataValue.json(info.types),
+                "skipped_types": dg.MetadataValue.json(info.skipped),
+                "llm": dg.MetadataValue.json(info.llm),
                 "preambles_stripped": dg.MetadataValue.json(stripped),
                 "length_stats": dg.MetadataValue.json(checks.get("length_words", {})),
                 "length_per_type": dg.MetadataValue.md(_lengths(checks)),
@@ -133,25 +134,25 @@ def probe_assets(spec: ExperimentSpec) -> list:
         files = pipeline.files_for(spec, ldpipe_home.paths())
         info = pipeline.build_model_probes(spec, files, device=compute.device, log=context.log.info,
                                            warn=context.log.warning)
-        rows = pl.read_parquet(info["path"])
-        checks = info["checks"]
+        rows = pl.read_parquet(info.path)
+        checks = info.checks
         gaps = checks.get("missing", [])
-        empty = {t: n for t, n in checks.get("empty_by_type", {}).items() if t in info["types"]}
+        empty = {t: n for t, n in checks.get("empty_by_type", {}).items() if t in info.types}
         identical = checks.get("selfr_identical_to_chosen", 0)
-        own = {t: v for t, v in checks.get("length_words", {}).items() if t in info["types"]}
+        own = {t: v for t, v in checks.get("length_words", {}).items() if t in info.types}
         return dg.MaterializeResult(
             metadata={
-                "path": dg.MetadataValue.path(info["path"]),
-                "dagster/row_count": info["rows"],
-                "types": dg.MetadataValue.json(info["types"]),
-                "skipped_types": dg.MetadataValue.json(info["skipped"]),
-                "generation": dg.MetadataValue.json(info["generation"]),
-                "model": info["model"],
+                "path": dg.MetadataValue.path(str(info.path)),
+                "dagster/row_count": info.rows,
+                "types": dg.MetadataValue.json(info.types),
+                "skipped_types": dg.MetadataValue.json(info.skipped),
+                "generation": dg.MetadataValue.json(info.generation),
+                "model": info.model,
                 "length_stats": dg.MetadataValue.json(own),
                 "length_per_type": dg.MetadataValue.md(_lengths(checks)),   # the whole probe set
-                "truncation": dg.MetadataValue.json(info["truncation"]),    # the whole probe set, per type
-                "truncation_per_type": dg.MetadataValue.md(_truncation(info["truncation"])),
-                "truncation_warnings": dg.MetadataValue.json(info["truncation_warnings"]),
+                "truncation": dg.MetadataValue.json(info.truncation),    # the whole probe set, per type
+                "truncation_per_type": dg.MetadataValue.md(_truncation(info.truncation)),
+                "truncation_warnings": dg.MetadataValue.json(info.truncation_warnings),
                 "preview_per_type": dg.MetadataValue.md(_preview(rows)),
                 **_cache_meta(info),
             },

@@ -75,14 +75,10 @@ def training_assets(spec: ExperimentSpec) -> list:
         files = pipeline.files_for(spec, ldpipe_home.paths())
         info = pipeline.build_base_model(spec, files, device=compute.device, log=context.log.info,
                                          warn=context.log.warning)
-        meta = {"path": dg.MetadataValue.path(info["path"]), "cached": info.get("cached", False),
-                "parameters": info.get("parameters", 0)}
-        for key in ("val_loss", "val_ppl", "train_loss", "wall_s", "tokens_seen"):
-            if isinstance(info.get(key), (int, float)):
-                meta[key] = float(info[key])
-        if "corpus_source" in info:   # what the builtin model was pretrained on, and how much
-            meta |= {"corpus": info["corpus_source"], "corpus_docs": int(info["corpus_docs"]),
-                     "corpus_tokens": int(info["corpus_tokens"])}
+        meta = {"path": dg.MetadataValue.path(str(info.path)), "cached": info.cached, "parameters": info.parameters,
+                **info.pretraining}
+        if info.corpus is not None:   # what the builtin model was pretrained on, and how much
+            meta |= {"corpus": info.corpus, "corpus_docs": info.corpus_docs, "corpus_tokens": info.corpus_tokens}
         return dg.MaterializeResult(metadata=meta)
 
     out = [base_model, *[_run_asset(spec, run) for run in spec.runs]]
@@ -109,10 +105,11 @@ def _run_asset(spec: ExperimentSpec, declared: RunSpec):
     def run_asset(context: dg.AssetExecutionContext, config: RunOverrides, ldpipe_home: LdpipeHome,
                   compute: Compute) -> dg.MaterializeResult:
         try:
-            config.apply(declared)  # a bad override fails here, before a process starts
+            run = config.apply(declared)  # a bad override fails here, before a process starts
         except SpecError as e:
             raise dg.Failure(description=str(e)) from None
-        extras = {"spec": spec.model_dump(mode="json"), "run": declared.name, "overrides": config.model_dump(mode="json"),
+        # the run as launched (overrides applied once, here): the worker trains exactly this
+        extras = {"spec": spec.model_dump(mode="json"), "run": run.model_dump(mode="json"),
                   "home": str(ldpipe_home.paths().home), "device": compute.device}
         client = dg.PipesSubprocessClient(termination_timeout_seconds=TERMINATION_TIMEOUT_S)
         # under the home, not the system temp dir: a killed run's folder stays findable and is swept next time

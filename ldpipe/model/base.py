@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -18,8 +19,31 @@ Log = Callable[[str], None]
 
 # ---------------------------------------------------------------- base model
 
+PRETRAIN_FIGURES = ("val_loss", "val_ppl", "train_loss", "wall_s", "tokens_seen")
+
+
+@dataclass(frozen=True)
+class BaseModelResult:
+    path: Path | str                 # a checkpoint folder, or a hub id
+    kind: str                        # "builtin" or "pretrained"
+    parameters: int
+    cached: bool                     # found (a builtin model is trained once per config hash), not trained now
+    corpus: str | None = None        # what a builtin model was pretrained on, in words, and how much
+    corpus_docs: int | None = None
+    corpus_tokens: int | None = None
+    pretraining: dict[str, float] = field(default_factory=dict)   # PRETRAIN_FIGURES a builtin model recorded
+    record: dict = field(default_factory=dict)                    # a builtin model's whole ldpipe.json
+
+    @classmethod
+    def builtin(cls, path: Path, record: dict, *, cached: bool) -> "BaseModelResult":
+        return cls(path, "builtin", int(record.get("parameters", 0)), cached, record.get("corpus_source"),
+                   record.get("corpus_docs"), record.get("corpus_tokens"),
+                   {k: float(record[k]) for k in PRETRAIN_FIGURES if isinstance(record.get(k), (int, float))},
+                   record)
+
+
 def build_base_model(spec: ExperimentSpec, files: ExperimentFiles, *, device: str = "auto",
-                     log: Log = print, warn: Log | None = None) -> dict:
+                     log: Log = print, warn: Log | None = None) -> BaseModelResult:
     from ldpipe.model.checkpoints import load_model_and_tokenizer, save_checkpoint
     from ldpipe.model.lm import (
         PretrainConfig,
@@ -38,13 +62,13 @@ def build_base_model(spec: ExperimentSpec, files: ExperimentFiles, *, device: st
             model, _ = load_model_and_tokenizer(path, local_files_only=not m.allow_download)
         except LdpipeError as e:
             raise LdpipeError(f"experiment {spec.name!r}, model.name_or_path {m.name_or_path!r}: {e}") from None
-        return {"path": str(path), "parameters": count_parameters(model), "cached": True, "kind": m.kind}
+        return BaseModelResult(path, m.kind, count_parameters(model), cached=True)
     out = files.base_model(spec)
     meta_file = out / "ldpipe.json"
     if meta_file.exists():  # trained once per config hash; delete the folder to retrain
         meta = json.loads(meta_file.read_text())
         log(f"[{spec.name}] base model cached at {out}")
-        return {**meta, "path": str(out), "cached": True}
+        return BaseModelResult.builtin(out, meta, cached=True)
     from ldpipe.data.corpus import SMALL_CORPUS_TOKENS, base_corpus
 
     corpus = base_corpus(spec, files.preferences, files.probes, files.world)
@@ -76,7 +100,7 @@ def build_base_model(spec: ExperimentSpec, files: ExperimentFiles, *, device: st
             **{f"corpus_{k}": v for k, v in corpus.counts.items() if k != "documents"},
             **{k: v for k, v in stats.items()}}
     save_checkpoint(model.cpu(), tok, out, metadata=meta)
-    return {**meta, "path": str(out), "cached": False}
+    return BaseModelResult.builtin(out, meta, cached=False)
 
 
 def _fmt(d: dict) -> str:

@@ -3,6 +3,7 @@ model), written to model_probes.parquet; also the truncation counts of the whole
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -14,6 +15,8 @@ from ldpipe.layout import ExperimentFiles, _finish_stage
 from ldpipe.model.base import base_model_path
 from ldpipe.probes.stage import (
     PROBE_BUILDER_VERSION,
+    CacheUse,
+    ProbeStageResult,
     _core_types,
     _custom_stages,
     _fetch,
@@ -50,8 +53,16 @@ def _cut(text: str, stops: tuple[str, ...]) -> tuple[str, bool]:
     return (text[:min(ends)].strip(), True) if ends else (text.strip(), False)
 
 
+@dataclass(frozen=True)
+class ModelProbesResult(ProbeStageResult):
+    generation: dict                  # model-made type -> its report (made, empty, stopped at a marker, decoding)
+    model: str                        # the base model the types were made with ("" when none was needed)
+    truncation: dict[str, dict]       # per response type of the whole probe set: what scoring cuts
+    truncation_warnings: list[str]
+
+
 def build_model_probes(spec: ExperimentSpec, files: ExperimentFiles, *, device: str = "auto",
-                       log: Log = print, warn: Log | None = None) -> dict:
+                       log: Log = print, warn: Log | None = None) -> ModelProbesResult:
     """Stage 2 of the probe set: y_init (`chosen_initial`, the base model's own reply to the probe prompt),
     y_selfr (`chosen_selfr`, its continuation of a rephrase instruction + y+), uniformly random tokens of its
     vocabulary (`random_tokens`) and custom types made from these; written to `files.model_probes`. Also counts,
@@ -134,9 +145,9 @@ def build_model_probes(spec: ExperimentSpec, files: ExperimentFiles, *, device: 
         log(f"[{spec.name}] model probe type {t} not built: {why}")
     log(f"[{spec.name}] model probes: {out_types}; built {cache_report['built'] or 'nothing'}, reused "
         f"{cache_report['reused'] or 'nothing'}{'' if written else '; file unchanged'}")
-    return {"rows": rows.height, "types": out_types, "skipped": skipped, "checks": report,
-            "generation": gen_report, "cache": cache_report, "written": written, "path": str(files.model_probes),
-            "model": str(model_ref), "truncation": truncation, "truncation_warnings": trunc_warnings}
+    return ModelProbesResult(files.model_probes, rows.height, out_types, skipped, report, CacheUse(**cache_report),
+                             written, generation=gen_report, model=str(model_ref), truncation=truncation,
+                             truncation_warnings=trunc_warnings)
 
 
 TRUNCATION_WARN_SHARE = 0.25   # warn when more than this share of a type's prompts or responses is cut

@@ -3,6 +3,7 @@ types), written to probes.parquet, with a per-type cache."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -122,7 +123,35 @@ def _write_if_changed(df: pl.DataFrame, path: Path) -> bool:
     return True
 
 
-def build_probes(spec: ExperimentSpec, files: ExperimentFiles, log: Log = print) -> dict:
+@dataclass(frozen=True)
+class CacheUse:
+    """Which response types a probe stage built now and which it took from the per-type cache."""
+
+    built: list[str]
+    reused: list[str]
+
+
+@dataclass(frozen=True)
+class ProbeStageResult:
+    """What a probe stage wrote (`path`, rewritten only when its bytes changed: `written`) and found."""
+
+    path: Path
+    rows: int
+    types: list[str]                # the response types in this stage's file
+    skipped: dict[str, str]         # type -> why it was not built here
+    checks: dict                    # probes.checks.check_probe_set's report
+    cache: CacheUse
+    written: bool
+
+
+@dataclass(frozen=True)
+class ProbeSetResult(ProbeStageResult):
+    prompts: int                    # probe prompts
+    llm: dict                       # LLM-made type -> its report (calls, preambles stripped, ...)
+    rejected_kinds: dict[str, int]  # probe prompts per kind of y- (store table probe_pairs)
+
+
+def build_probes(spec: ExperimentSpec, files: ExperimentFiles, log: Log = print) -> ProbeSetResult:
     """Stage 1 of the probe set: every type that needs no model, written to `files.probes`."""
     from ldpipe.hashing import content_hash, file_hash
     from ldpipe.probes.build import REPHRASE_TYPES, ProbeRecipe, build_probe_set, custom_type_inputs
@@ -215,9 +244,8 @@ def build_probes(spec: ExperimentSpec, files: ExperimentFiles, log: Log = print)
     log(f"[{spec.name}] probe set: {probes['example_id'].n_unique()} prompts x {len(types)} types; built "
         f"{built or 'nothing'}, reused {len(cache_report['reused'])} type(s) from the cache"
         f"{'' if written else '; file unchanged'}")
-    return {"rows": probes.height, "prompts": probes["example_id"].n_unique(), "types": types,
-            "skipped": skipped, "checks": report, "llm": llm_report, "cache": cache_report, "written": written,
-            "path": str(files.probes), "rejected_kinds": pairs}
+    return ProbeSetResult(files.probes, probes.height, types, skipped, report, CacheUse(**cache_report), written,
+                          prompts=probes["example_id"].n_unique(), llm=llm_report, rejected_kinds=pairs)
 
 
 def _write_probe_pairs(spec: ExperimentSpec, files: ExperimentFiles, probes: pl.DataFrame) -> dict[str, int]:

@@ -20,12 +20,34 @@ Log = Callable[[str], None]
 
 # ---------------------------------------------------------------- training runs
 
+@dataclass(frozen=True)
+class RunResult:
+    """One trained run: where its final checkpoint is and what it measured on the way."""
+
+    run_id: str
+    config_hash: str
+    algo: str
+    start_from: str | None              # the parent run's name in a chain
+    parent_config_hash: str | None      # the config hash the parent's checkpoint was trained with
+    step_offset: int                    # steps of the runs before this one in its chain
+    checkpoint: Path                    # the final checkpoint
+    steps: int
+    evals: int                          # probe evaluations recorded
+    wall_s: float
+    device: str
+    precision: str
+    final_loss: float
+    train_examples: int
+    final_rewards: dict[str, float]     # rewards_* of the last step (DPO/IPO)
+    resumed_from: int | None            # the step of the resume checkpoint it continued from, else None
+    delta_by_type: dict[str, float]     # response type -> mean change of log pi(y|x), last evaluation minus first
+
+
 def train_run(spec: ExperimentSpec, run: RunSpec, files: ExperimentFiles, *, store_root: Path | None = None,
-              device: str = "auto", log: Log = print) -> dict:
+              device: str = "auto", log: Log = print) -> RunResult:
     """Train one declared run from its start point (base model or parent run), tracking the probe set.
 
-    Resumes from the run's resume checkpoint when one with the same config hash exists
-    (`resumed_from` in the result: its step, else None)."""
+    Resumes from the run's resume checkpoint when one with the same config hash exists."""
     from ldpipe.model.checkpoints import load_tokenizer
     from ldpipe.model.lm import configure_threads
     from ldpipe.model.scoring import encode_probes
@@ -69,13 +91,13 @@ def train_run(spec: ExperimentSpec, run: RunSpec, files: ExperimentFiles, *, sto
                    on="response_type").with_columns((pl.col("end") - pl.col("start")).alias("delta"))
              .sort("response_type"))
     rewards = {k: v for k, v in result.final_metrics.items() if k.startswith("rewards_") and v is not None}
-    return {"run_id": result.run_id, "config_hash": config_hash, "algo": run.algo, "start_from": run.start_from,
-            "parent_config_hash": start.parent_hash, "step_offset": result.step_offset,
-            "checkpoint": str(result.checkpoint), "steps": result.steps, "evals": result.evals,
-            "wall_s": round(result.wall_s, 2), "device": result.device, "precision": result.precision,
-            "final_loss": result.final_loss,
-            "train_examples": len(examples), "final_rewards": rewards, "resumed_from": result.resumed_from,
-            "delta_by_type": {t: round(d, 3) for t, d in delta.select("response_type", "delta").iter_rows()}}
+    return RunResult(
+        run_id=result.run_id, config_hash=config_hash, algo=run.algo, start_from=run.start_from,
+        parent_config_hash=start.parent_hash, step_offset=result.step_offset, checkpoint=Path(result.checkpoint),
+        steps=result.steps, evals=result.evals, wall_s=round(result.wall_s, 2), device=str(result.device),
+        precision=result.precision, final_loss=result.final_loss, train_examples=len(examples),
+        final_rewards=rewards, resumed_from=result.resumed_from,
+        delta_by_type={t: round(d, 3) for t, d in delta.select("response_type", "delta").iter_rows()})
 
 
 @dataclass(frozen=True)

@@ -40,49 +40,50 @@ class Stopped(KeyboardInterrupt):
     """The worker was asked to stop (SIGINT/SIGTERM, or its launching process went away)."""
 
 
-def train_and_measure(spec, run_name: str, overrides: dict | None, *, home: str | None, device: str,
+def train_and_measure(spec, run, *, home: str | None, device: str,
                       log: Callable[[str], None]) -> tuple[dict, list]:
-    """Train one declared run (with launch-time overrides) and measure its checks from the stored trajectories.
+    """Train one run of `spec` (a RunSpec: its declaration with any launch-time overrides applied, once, by the
+    caller) and measure its checks from the stored trajectories.
     Returns (materialization metadata as (value, pipes type) pairs, list of CheckOutcome)."""
     from ldpipe import pipeline
     from ldpipe.analysis.directions import evaluate_run, run_trajectory
     from ldpipe.paths import Paths
-    from ldpipe.spec import apply_run_overrides
     from ldpipe.store.shards import Store
     from ldpipe.training import distributed
 
-    run = apply_run_overrides(spec.run(run_name), overrides)
-    if run != spec.run(run_name):
-        changed = {k: v for k, v in run.model_dump().items() if v != getattr(spec.run(run_name), k)}
+    declared = spec.run(run.name)
+    if run != declared:
+        changed = {k: v for k, v in run.model_dump().items() if v != getattr(declared, k)}
         log(f"[{spec.run_id(run)}] launch-time overrides: {changed}")
     files = pipeline.files_for(spec, Paths(Path(home).resolve()) if home else None)
     info = pipeline.train_run(spec, run, files, device=device, log=log)
     if not distributed.is_main():   # rank 0 measures and reports
         return run_metadata(info), []
-    traj = run_trajectory(Store(files.paths.store), info["run_id"], info["config_hash"])
+    traj = run_trajectory(Store(files.paths.store), info.run_id, info.config_hash)
     return run_metadata(info), evaluate_run(run, traj)
 
 
-def run_metadata(info: dict) -> dict[str, tuple[Any, str]]:
-    """The run asset's materialization metadata: key -> (raw value, Pipes metadata type)."""
+def run_metadata(info) -> dict[str, tuple[Any, str]]:
+    """The run asset's materialization metadata from a training.runs.RunResult: key -> (raw value, Pipes
+    metadata type)."""
     from ldpipe.training import distributed
 
     meta: dict[str, tuple[Any, str]] = {
-        "run_id": (info["run_id"], "text"), "config_hash": (info["config_hash"], "text"),
-        "algo": (info["algo"], "text"), "checkpoint": (str(info["checkpoint"]), "path"),
-        "steps": (int(info["steps"]), "int"), "evals": (int(info["evals"]), "int"),
-        "wall_s": (float(info["wall_s"]), "float"), "device": (str(info["device"]), "text"),
-        "precision": (str(info.get("precision", "fp32")), "text"),
-        "final_loss": (float(info["final_loss"]), "float"), "train_examples": (int(info["train_examples"]), "int"),
+        "run_id": (info.run_id, "text"), "config_hash": (info.config_hash, "text"),
+        "algo": (info.algo, "text"), "checkpoint": (str(info.checkpoint), "path"),
+        "steps": (int(info.steps), "int"), "evals": (int(info.evals), "int"),
+        "wall_s": (float(info.wall_s), "float"), "device": (info.device, "text"),
+        "precision": (info.precision, "text"),
+        "final_loss": (float(info.final_loss), "float"), "train_examples": (int(info.train_examples), "int"),
         # steps of the runs before this one in its chain: add to `step` to put a chain on one axis
-        "step_offset": (int(info["step_offset"]), "int"),
-        "delta_logp_by_type": (dict(info["delta_by_type"]), "json"),
+        "step_offset": (int(info.step_offset), "int"),
+        "delta_logp_by_type": (dict(info.delta_by_type), "json"),
         "processes": (distributed.world_size(), "int"),   # data-parallel ranks (torchrun), 1 otherwise
     }
-    if info.get("start_from"):
-        meta["start_from"] = (info["start_from"], "text")
-        meta["parent_config_hash"] = (info["parent_config_hash"], "text")
-    meta.update({f"final_{k}": (float(v), "float") for k, v in info["final_rewards"].items()})
+    if info.start_from:
+        meta["start_from"] = (info.start_from, "text")
+        meta["parent_config_hash"] = (info.parent_config_hash, "text")
+    meta.update({f"final_{k}": (float(v), "float") for k, v in info.final_rewards.items()})
     return meta
 
 
@@ -135,7 +136,7 @@ def _write_error(exc: BaseException) -> None:
 def _train_pipes() -> int:
     from dagster_pipes import open_dagster_pipes
 
-    from ldpipe.spec import ExperimentSpec
+    from ldpipe.spec import ExperimentSpec, RunSpec
     from ldpipe.training import distributed
 
     if not distributed.is_main():
@@ -143,9 +144,9 @@ def _train_pipes() -> int:
 
     with open_dagster_pipes() as pipes:
         x = pipes.extras
-        spec = ExperimentSpec.model_validate(x["spec"])
+        spec, run = ExperimentSpec.model_validate(x["spec"]), RunSpec.model_validate(x["run"])
         try:
-            meta, checks = train_and_measure(spec, x["run"], x.get("overrides"), home=x.get("home"),
+            meta, checks = train_and_measure(spec, run, home=x.get("home"),
                                              device=x.get("device", "auto"), log=pipes.log.info)
         except BaseException as e:
             _write_error(e)
@@ -162,26 +163,27 @@ def _train_pipes_follower() -> int:
     channel per step: rank 0's)."""
     from dagster_pipes import PipesDefaultContextLoader, PipesEnvVarParamsLoader
 
-    from ldpipe.spec import ExperimentSpec
+    from ldpipe.spec import ExperimentSpec, RunSpec
     from ldpipe.training import distributed
 
     with PipesDefaultContextLoader().load_context(PipesEnvVarParamsLoader().load_context_params()) as data:
         x = data["extras"]
-    spec = ExperimentSpec.model_validate(x["spec"])
-    train_and_measure(spec, x["run"], x.get("overrides"), home=x.get("home"), device=x.get("device", "auto"),
+    spec, run = ExperimentSpec.model_validate(x["spec"]), RunSpec.model_validate(x["run"])
+    train_and_measure(spec, run, home=x.get("home"), device=x.get("device", "auto"),
                       log=lambda m: print(f"[rank {distributed.rank()}] {m}", file=sys.stderr, flush=True))
     return 0
 
 
 def _train_cli(args: argparse.Namespace) -> int:
-    from ldpipe.spec import load_experiment
+    from ldpipe.spec import apply_run_overrides, load_experiment
     from ldpipe.training import distributed
 
     spec = load_experiment(Path(args.experiment_file))
     overrides = json.loads(args.overrides) if args.overrides else {}
     if args.preset:
         overrides["preset"] = args.preset
-    meta, checks = train_and_measure(spec, args.run, overrides, home=args.home, device=args.device,
+    run = apply_run_overrides(spec.run(args.run), overrides)
+    meta, checks = train_and_measure(spec, run, home=args.home, device=args.device,
                                      log=lambda m: print(m, flush=True))
     if not distributed.is_main():
         return 0
