@@ -10,7 +10,7 @@ from matplotlib.colors import to_hex
 from matplotlib.legend import Legend
 from matplotlib.text import Annotation
 
-from ldpipe.analysis import borrowing, curves, squeeze_toy
+from ldpipe.analysis import borrowing, curves, plots, squeeze_toy
 from ldpipe.influence import heatmap as influence_heatmap
 from ldpipe.schema import CORE_RESPONSE_TYPES, INFLUENCE_HEATMAP_SCHEMA
 
@@ -25,13 +25,15 @@ def drawn(monkeypatch):
     drawn, and its renderer."""
     def run(module, fn, *args, **kwargs):
         saved = []
-        real = module.figure_png
+        # a figure of several panels is rendered through plots.panels_png, which calls plots.figure_png
+        owner = module if hasattr(module, "figure_png") else plots
+        real = owner.figure_png
 
         def keep(fig):
             saved.append(fig)
             return real(fig)
 
-        monkeypatch.setattr(module, "figure_png", keep)
+        monkeypatch.setattr(owner, "figure_png", keep)
         png = fn(*args, **kwargs)
         assert png[:8] == b"\x89PNG\r\n\x1a\n"
         fig, = saved

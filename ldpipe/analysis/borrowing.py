@@ -25,7 +25,7 @@ from typing import Callable, Mapping, Sequence
 
 import polars as pl
 
-from ldpipe.analysis.plots import figure_png, run_colours, subplots
+from ldpipe.analysis.plots import panels_png, run_colours, subplots
 from ldpipe.analysis.squeezing import has_repeat, ngram_list
 from ldpipe.errors import DataValidationError
 from ldpipe.probes.checks import word_list
@@ -186,10 +186,7 @@ def plot_borrowing(curves: pl.DataFrame, summary: pl.DataFrame, *, title: str) -
     axes[0].set(xlabel="optimizer step", ylabel="change since step 0 (nats)", title="other prompts' answers")
     axes[1].set(xlabel="checkpoint step", ylabel="share", ylim=(-0.05, 1.05),
                 title="borrowed share in generations (fact values if known, else n-grams)")
-    for ax in axes:
-        ax.legend(fontsize=6)
-    fig.suptitle(title, fontsize=10)
-    return figure_png(fig)
+    return panels_png(fig, axes, title)
 
 
 @dataclass(frozen=True)

@@ -90,3 +90,11 @@ def figure_png(fig) -> bytes:
     fig.savefig(buf, format="png", bbox_inches="tight")
     plt.close(fig)
     return buf.getvalue()
+
+
+def panels_png(fig, axes, title: str) -> bytes:
+    """PNG bytes of a figure of several panels: each panel's legend, the figure's title, laid out."""
+    for ax in axes:
+        ax.legend(fontsize=6)
+    fig.suptitle(title, fontsize=10)
+    return figure_png(fig)

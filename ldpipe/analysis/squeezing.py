@@ -20,7 +20,7 @@ from typing import Callable, Sequence
 import polars as pl
 import torch
 
-from ldpipe.analysis.plots import figure_png, run_colours, subplots
+from ldpipe.analysis.plots import panels_png, run_colours, subplots
 from ldpipe.model.lm import eval_mode
 from ldpipe.probes.checks import word_list
 from ldpipe.schema import GENERATION_STATS_SCHEMA
@@ -179,10 +179,7 @@ def plot_squeezing(curves: pl.DataFrame, stats: pl.DataFrame, *, title: str) -> 
     ax[4].set(xlabel="checkpoint step", ylabel="mean max_v π(v)", title="peakiness along y+")
     ax[5].set(xlabel="checkpoint step", ylabel="share of generations", title="repeater rate (greedy)",
               ylim=(-0.05, 1.05))
-    for a in ax:
-        a.legend(fontsize=6)
-    fig.suptitle(title, fontsize=10)
-    return figure_png(fig)
+    return panels_png(fig, ax, title)
 
 
 @dataclass(frozen=True)

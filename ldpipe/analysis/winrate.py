@@ -155,14 +155,15 @@ class WinRateResult:
     table: pl.DataFrame | None = None           # the win_rate view's rows of the experiment
 
 
-def win_rate_step(spec, files, store, *, device: str = "auto", log: Log = print,
+def win_rate_step(spec, files, store, *, device: str = "auto", log: Log = print, warn: Log | None = None,
                   environ: Mapping[str, str] | None = None) -> WinRateResult:
-    """The win-rate analysis end to end: judgments written (run_win_rate), the
-    experiment's win rates read back; or the reason it was skipped."""
+    """The win-rate analysis end to end: judgments written (run_win_rate), the experiment's win rates read back;
+    or the reason it was skipped, logged (to `warn` when the dataset has no held-out prompts to judge on)."""
     from ldpipe.store.catalog import query
 
     info = run_win_rate(spec, files, store, device=device, log=log, environ=environ)
     if "skipped" in info:
+        ((warn or log) if "held-out" in info["skipped"] else log)(f"win rate skipped: {info['skipped']}")
         return WinRateResult(skipped=info["skipped"])
     table = query(files.paths.catalog, f"select * from win_rate where experiment = '{spec.name}'")
     return WinRateResult(judge_model=info["judge_model"], calls=info["calls"], table=table)

@@ -18,19 +18,7 @@ def generation_assets(spec: ExperimentSpec) -> list:
     exp = spec.name
     k = lambda *parts: dg.AssetKey([exp, *parts])  # noqa: E731
 
-    @dg.asset(key=k("squeezing"), group_name=exp, deps=[CATALOG_KEY], pool="gpu", kinds={"pytorch", "duckdb"},
-              description="Squeezing: log π(y*) vs log π(y+) over training with the diagnostics that say whether a "
-                          "setting can squeeze (per-token gap, argmax share, valley depth of y-; view squeezing), "
-                          "per kind of rejected answer (view squeezing_by_rejected), and per checkpoint the "
-                          "peakiness of next-token distributions along y+ and the repeater rate of greedy "
-                          "generations (table generation_stats).")
-    def squeezing(context: dg.AssetExecutionContext, ldpipe_home: LdpipeHome,
-                  compute: Compute) -> dg.MaterializeResult:
-        from ldpipe.analysis.squeezing import squeezing_step
-
-        files = pipeline.files_for(spec, ldpipe_home.paths())
-        res = squeezing_step(spec, files, Store(files.paths.store), device=compute.device,
-                             log=context.log.info, warn=context.log.warning)
+    def squeezing_metadata(res) -> dict:
         stats, curves = res.stats, res.curves
         meta = {"dagster/row_count": stats.height, "plot": png_markdown(str(res.plot), "squeezing"),
                 "plot_path": dg.MetadataValue.path(str(res.plot)),
@@ -45,43 +33,42 @@ def generation_assets(spec: ExperimentSpec) -> list:
             first = curves.filter(pl.col("step") == pl.col("step").min().over("run_id"))
             meta["can_it_squeeze_at_start"] = dg.MetadataValue.md(md_table(
                 first.select("run_id", "phase", "gap_per_token", "argmax_share", "rejected_logp_per_token"), 40))
-        return dg.MaterializeResult(metadata=meta)
+        return meta
 
-    @dg.asset(key=k("borrowing"), group_name=exp, deps=[CATALOG_KEY], pool="gpu", kinds={"pytorch", "duckdb"},
-              description="Hallucination borrowing: the y_j≠u curve (view borrowing) and, per checkpoint, the share "
-                          "of generated n-grams / fact values that belong to other prompts' answers "
-                          "(table generation_borrowing).")
-    def borrowing(context: dg.AssetExecutionContext, ldpipe_home: LdpipeHome,
-                  compute: Compute) -> dg.MaterializeResult:
-        from ldpipe.analysis.borrowing import borrowing_step
-
-        files = pipeline.files_for(spec, ldpipe_home.paths())
-        res = borrowing_step(spec, files, Store(files.paths.store), device=compute.device,
-                             log=context.log.info, warn=context.log.warning)
-        meta = {"dagster/row_count": res.rows.height, "plot": png_markdown(str(res.plot), "borrowing"),
+    def borrowing_metadata(res) -> dict:
+        return {"dagster/row_count": res.rows.height, "plot": png_markdown(str(res.plot), "borrowing"),
                 "plot_path": dg.MetadataValue.path(str(res.plot)),
                 "by_checkpoint": dg.MetadataValue.md(md_table(res.summary, 80)),
                 "examples": dg.MetadataValue.md(md_table(res.rows.filter(pl.col("checkpoint") == "final").select(
                     "run_id", "example_id", "split", "generation", "borrow_share", "fact_borrow_share"), 12)),
                 "held_out": res.held_out}
-        return dg.MaterializeResult(metadata=meta)
 
-    @dg.asset(key=k("win_rate"), group_name=exp, deps=[CATALOG_KEY], pool="gpu", kinds={"pytorch", "openai"},
-              description="LLM-judge win rate between declared checkpoint pairs (both A/B orders; ties and "
-                          "unparsable verdicts counted; view win_rate). Skipped, with the reason, when "
-                          "generation_analysis.win_rate.judge is not declared.")
-    def win_rate(context: dg.AssetExecutionContext, ldpipe_home: LdpipeHome,
-                 compute: Compute) -> dg.MaterializeResult:
-        from ldpipe.analysis.winrate import win_rate_step
-
-        files = pipeline.files_for(spec, ldpipe_home.paths())
-        res = win_rate_step(spec, files, Store(files.paths.store), device=compute.device, log=context.log.info)
+    def win_rate_metadata(res) -> dict:
         if res.skipped is not None:
-            (context.log.warning if "held-out" in res.skipped else context.log.info)(f"win rate skipped: {res.skipped}")
-            return dg.MaterializeResult(metadata={"skipped": res.skipped})
-        return dg.MaterializeResult(metadata={
-            "judge_model": res.judge_model, "calls": dg.MetadataValue.json(res.calls),
-            "win_rates": dg.MetadataValue.md(md_table(res.table, 40)), "dagster/row_count": res.table.height})
+            return {"skipped": res.skipped}
+        return {"judge_model": res.judge_model, "calls": dg.MetadataValue.json(res.calls),
+                "win_rates": dg.MetadataValue.md(md_table(res.table, 40)), "dagster/row_count": res.table.height}
+
+    squeezing = _step_asset(
+        spec, "squeezing", "ldpipe.analysis.squeezing.squeezing_step", squeezing_metadata,
+        kinds={"pytorch", "duckdb"},
+        description="Squeezing: log π(y*) vs log π(y+) over training with the diagnostics that say whether a "
+                    "setting can squeeze (per-token gap, argmax share, valley depth of y-; view squeezing), "
+                    "per kind of rejected answer (view squeezing_by_rejected), and per checkpoint the "
+                    "peakiness of next-token distributions along y+ and the repeater rate of greedy "
+                    "generations (table generation_stats).")
+    borrowing = _step_asset(
+        spec, "borrowing", "ldpipe.analysis.borrowing.borrowing_step", borrowing_metadata,
+        kinds={"pytorch", "duckdb"},
+        description="Hallucination borrowing: the y_j≠u curve (view borrowing) and, per checkpoint, the share "
+                    "of generated n-grams / fact values that belong to other prompts' answers "
+                    "(table generation_borrowing).")
+    win_rate = _step_asset(
+        spec, "win_rate", "ldpipe.analysis.winrate.win_rate_step", win_rate_metadata,
+        kinds={"pytorch", "openai"},
+        description="LLM-judge win rate between declared checkpoint pairs (both A/B orders; ties and "
+                    "unparsable verdicts counted; view win_rate). Skipped, with the reason, when "
+                    "generation_analysis.win_rate.judge is not declared.")
 
     @dg.asset(key=k("squeeze_toy"), group_name=exp, kinds={"numpy"},
               check_specs=[dg.AssetCheckSpec(TOY_CHECK, asset=k("squeeze_toy"),
@@ -113,3 +100,23 @@ def generation_assets(spec: ExperimentSpec) -> list:
     if not spec.generation_analysis.enabled:
         return [squeeze_toy]
     return [squeezing, borrowing, win_rate, squeeze_toy]
+
+
+def _step_asset(spec: ExperimentSpec, name: str, step: str, metadata, *, kinds: set[str], description: str):
+    """The asset <exp>/<name>: downstream of the catalog, in the gpu pool, it runs one generation analysis step
+    (`step`: "module.function", imported when the asset runs, so torch and transformers load in the run worker
+    and not in the code server) and turns its typed result into metadata with `metadata(result)`."""
+    @dg.asset(key=dg.AssetKey([spec.name, name]), group_name=spec.name, deps=[CATALOG_KEY], pool="gpu",
+              kinds=kinds, description=description)
+    def step_asset(context: dg.AssetExecutionContext, ldpipe_home: LdpipeHome,
+                   compute: Compute) -> dg.MaterializeResult:
+        import importlib
+
+        module, function = step.rsplit(".", 1)
+        run_step = getattr(importlib.import_module(module), function)
+        files = pipeline.files_for(spec, ldpipe_home.paths())
+        res = run_step(spec, files, Store(files.paths.store), device=compute.device, log=context.log.info,
+                       warn=context.log.warning)
+        return dg.MaterializeResult(metadata=metadata(res))
+
+    return step_asset
