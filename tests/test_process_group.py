@@ -1,6 +1,7 @@
 """conftest.stop_process_group: SIGTERM to a process group, SIGKILL after the grace period, every wait bounded."""
 import signal
 import subprocess
+from pathlib import Path
 
 import pytest
 from conftest import group_members, stop_process_group, wait_until
@@ -9,7 +10,18 @@ from conftest import group_members, stop_process_group, wait_until
 def _group(script: str) -> subprocess.Popen:
     """`sh -c script` leading a process group of its own, once its child `sleep` has started."""
     proc = subprocess.Popen(["sh", "-c", script], start_new_session=True)
-    wait_until(lambda: len(group_members(proc.pid)) == 2, 10, "the group's sleep to start")
+
+    def sleeping() -> bool:
+        # the child must have exec'd `sleep`: a shell's forked child that has not yet exec'd counts as a member too
+        names = []
+        for pid in group_members(proc.pid):
+            try:
+                names.append(Path(f"/proc/{pid}/comm").read_text().strip())
+            except OSError:
+                pass
+        return sorted(names) == ["sh", "sleep"]
+
+    wait_until(sleeping, 10, "the group's sleep to start")
     return proc
 
 
