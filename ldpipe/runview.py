@@ -86,7 +86,9 @@ class RunView:
 
         self._progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
                                   MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("ETA"),
-                                  TimeRemainingColumn(), console=self.console, transient=True)
+                                  TimeRemainingColumn(), console=self.console, transient=True,
+                                  # off a terminal (a file, a pipe) nothing is drawn, and stopping would add a blank line
+                                  disable=not self.console.is_terminal)
         self._progress.start()
 
     def poll(self, instance: Any, run_id: str) -> None:

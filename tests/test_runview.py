@@ -59,6 +59,7 @@ def test_steps_progress_warnings_and_root_cause():
                                            "number (42)"}
     assert "Traceback" not in out and "DagsterExecutionStepExecutionError" not in out
     assert "skip  1 step(s) downstream of a failure: downstream" in out
+    assert "\n\n" not in out       # off a terminal the (undrawn) progress display leaves no blank line
 
 
 def test_failed_check_prints_its_numbers_in_one_line():
