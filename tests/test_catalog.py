@@ -121,6 +121,17 @@ def test_views_of_empty_tables_see_shards_written_after_the_refresh(project: dic
     assert refresh(project)["tables"]["train_metrics"] == 1
 
 
+def test_a_removed_table_folder_names_the_fix(project: dict[str, Path]) -> None:
+    import shutil
+
+    refresh(project)
+    shutil.rmtree(Store(project["store"]).table_dir("akg"))
+    with pytest.raises(LdpipeError, match=r"No files found.*rebuild it with `ldpipe catalog refresh`"):
+        query(project["catalog"], "select count(*) from akg")
+    refresh(project)
+    assert query(project["catalog"], "select count(*) as n from akg")["n"][0] == 0
+
+
 def test_a_schema_file_of_an_older_schema_is_rewritten(project: dict[str, Path]) -> None:
     store = Store(project["store"])
     older = {k: v for k, v in KNOWN_TABLES["train_metrics"].items() if not k.startswith("rewards_")}
