@@ -49,26 +49,23 @@ def generation_assets(spec: ExperimentSpec) -> list:
         return {"judge_model": res.judge_model, "calls": dg.MetadataValue.json(res.calls),
                 "win_rates": dg.MetadataValue.md(md_table(res.table, 40)), "dagster/row_count": res.table.height}
 
-    squeezing = _step_asset(
-        spec, "squeezing", "ldpipe.analysis.squeezing.squeezing_step", squeezing_metadata,
-        kinds={"pytorch", "duckdb"},
-        description="Squeezing: log π(y*) vs log π(y+) over training with the diagnostics that say whether a "
-                    "setting can squeeze (per-token gap, argmax share, valley depth of y-; view squeezing), "
-                    "per kind of rejected answer (view squeezing_by_rejected), and per checkpoint the "
-                    "peakiness of next-token distributions along y+ and the repeater rate of greedy "
-                    "generations (table generation_stats).")
-    borrowing = _step_asset(
-        spec, "borrowing", "ldpipe.analysis.borrowing.borrowing_step", borrowing_metadata,
-        kinds={"pytorch", "duckdb"},
-        description="Hallucination borrowing: the y_j≠u curve (view borrowing) and, per checkpoint, the share "
-                    "of generated n-grams / fact values that belong to other prompts' answers "
-                    "(table generation_borrowing).")
-    win_rate = _step_asset(
-        spec, "win_rate", "ldpipe.analysis.winrate.win_rate_step", win_rate_metadata,
-        kinds={"pytorch", "openai"},
-        description="LLM-judge win rate between declared checkpoint pairs (both A/B orders; ties and "
-                    "unparsable verdicts counted; view win_rate). Skipped, with the reason, when "
-                    "generation_analysis.win_rate.judge is not declared.")
+    # (asset name, analysis step, its metadata, kinds, description)
+    analyses = [
+        ("squeezing", "ldpipe.analysis.squeezing.squeezing_step", squeezing_metadata, {"pytorch", "duckdb"},
+         "Squeezing: log π(y*) vs log π(y+) over training with the diagnostics that say whether a setting can "
+         "squeeze (per-token gap, argmax share, valley depth of y-; view squeezing), per kind of rejected answer "
+         "(view squeezing_by_rejected), and per checkpoint the peakiness of next-token distributions along y+ and "
+         "the repeater rate of greedy generations (table generation_stats)."),
+        ("borrowing", "ldpipe.analysis.borrowing.borrowing_step", borrowing_metadata, {"pytorch", "duckdb"},
+         "Hallucination borrowing: the y_j≠u curve (view borrowing) and, per checkpoint, the share of generated "
+         "n-grams / fact values that belong to other prompts' answers (table generation_borrowing)."),
+        ("win_rate", "ldpipe.analysis.winrate.win_rate_step", win_rate_metadata, {"pytorch", "openai"},
+         "LLM-judge win rate between declared checkpoint pairs (both A/B orders; ties and unparsable verdicts "
+         "counted; view win_rate). Skipped, with the reason, when generation_analysis.win_rate.judge is not "
+         "declared."),
+    ]
+    steps = [_step_asset(spec, name, step, meta, kinds=kinds, description=desc)
+             for name, step, meta, kinds, desc in analyses]
 
     @dg.asset(key=k("squeeze_toy"), group_name=exp, kinds={"numpy"},
               check_specs=[dg.AssetCheckSpec(TOY_CHECK, asset=k("squeeze_toy"),
@@ -99,7 +96,7 @@ def generation_assets(spec: ExperimentSpec) -> list:
 
     if not spec.generation_analysis.enabled:
         return [squeeze_toy]
-    return [squeezing, borrowing, win_rate, squeeze_toy]
+    return [*steps, squeeze_toy]
 
 
 def _step_asset(spec: ExperimentSpec, name: str, step: str, metadata, *, kinds: set[str], description: str):
