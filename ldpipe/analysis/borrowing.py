@@ -25,7 +25,7 @@ from typing import Callable, Mapping, Sequence
 
 import polars as pl
 
-from ldpipe.analysis.plots import panels_png, run_colours, subplots
+from ldpipe.analysis.plots import panels_png, per_run, subplots
 from ldpipe.analysis.squeezing import has_repeat, ngram_list
 from ldpipe.errors import DataValidationError
 from ldpipe.probes.checks import word_list
@@ -171,14 +171,12 @@ def plot_borrowing(curves: pl.DataFrame, summary: pl.DataFrame, *, title: str) -
     """PNG: (left) change of log π(y_{j≠u}) per run from the borrowing view; (right) mean borrow share per
     checkpoint step, solid for trained prompts, dashed for held-out ones."""
     fig, axes = subplots(1, 2, figsize=(11, 4))
-    colours = run_colours([*curves["run_id"].to_list(), *summary["run_id"].to_list()])
-    for rid, c in colours.items():
-        part = curves.filter(pl.col("run_id") == rid).sort("step")
+    for rid, c, part, mine in per_run(curves, summary):
         if not part.is_empty():
             axes[0].plot(part["step"], part["delta_irr_train"], "-", color=c, label=f"{rid} y_j≠u")
             axes[0].plot(part["step"], part["delta_irr_hum"], ":", color=c, label=f"{rid} y_hum")
         for split, style in (("train", "o-"), ("test", "s--")):
-            s = summary.filter((pl.col("run_id") == rid) & (pl.col("split") == split)).sort("step")
+            s = mine.filter(pl.col("split") == split)
             if not s.is_empty():
                 y = s["fact_borrow_share"] if s["fact_borrow_share"].null_count() < s.height else s["borrow_share"]
                 axes[1].plot(s["step"], y, style, color=c, label=f"{rid} {split}")

@@ -17,6 +17,16 @@ def subplots(*args, **kwargs):
     return plt.subplots(*args, **kwargs)
 
 
+def per_run(curves, other):
+    """(run id, its colour, `curves`' rows of that run by step, `other`'s rows of that run by step) for every run
+    of either frame: a figure's panels of step curves and of per-checkpoint figures, one colour per run."""
+    import polars as pl
+
+    for rid, colour in run_colours([*curves["run_id"].to_list(), *other["run_id"].to_list()]).items():
+        yield (rid, colour, curves.filter(pl.col("run_id") == rid).sort("step"),
+               other.filter(pl.col("run_id") == rid).sort("step"))
+
+
 def run_colours(runs) -> dict[str, str]:
     """One colour of the default cycle per run id, in sorted order (the same run, the same colour in every panel)."""
     import matplotlib.pyplot as plt

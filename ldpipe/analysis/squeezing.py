@@ -20,7 +20,7 @@ from typing import Callable, Sequence
 import polars as pl
 import torch
 
-from ldpipe.analysis.plots import panels_png, run_colours, subplots
+from ldpipe.analysis.plots import panels_png, per_run, subplots
 from ldpipe.model.lm import eval_mode
 from ldpipe.probes.checks import word_list
 from ldpipe.schema import GENERATION_STATS_SCHEMA
@@ -154,16 +154,13 @@ def plot_squeezing(curves: pl.DataFrame, stats: pl.DataFrame, *, title: str) -> 
     says at a glance whether a setting CAN squeeze: near 0, y+ is the argmax path and y* cannot pull away."""
     fig, axes = subplots(2, 3, figsize=(13, 7.5))
     ax = axes.flatten()
-    colours = run_colours([*curves["run_id"].to_list(), *stats["run_id"].to_list()])
-    for rid, c in colours.items():
-        part = curves.filter(pl.col("run_id") == rid).sort("step")
+    for rid, c, part, s in per_run(curves, stats):
         if not part.is_empty():
             ax[0].plot(part["step"], part["delta_chosen"], "-", color=c, label=f"{rid} y+")
             ax[0].plot(part["step"], part["delta_argmax"], "--", color=c, label=f"{rid} y*")
             for i, col in ((1, "gap_per_token"), (2, "argmax_share"), (3, "rejected_logp_per_token")):
                 if col in part.columns and part[col].null_count() < part.height:
                     ax[i].plot(part["step"], part[col], "-", color=c, label=rid)
-        s = stats.filter(pl.col("run_id") == rid).sort("step")
         if not s.is_empty():
             ax[4].plot(s["step"], s["mean_max_prob"], "o-", color=c, label=rid)
             ax[5].plot(s["step"], s["repeater_rate"], "o-", color=c, label=rid)
