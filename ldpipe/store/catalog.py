@@ -364,11 +364,47 @@ def query_runs(catalog_path: Path, view: str, run_ids: list[str]) -> pl.DataFram
     return query(catalog_path, f"select * from {_q(view)} where run_id in ({ids})")
 
 
+def _interruptible(con: duckdb.DuckDBPyConnection, fetch):
+    """`fetch(cursor)` on a cursor of `con`, where Ctrl-C (SIGINT) cancels the query: a handler, installed while it
+    runs in the main thread, calls cursor.interrupt() (DuckDB's own cancel flag, which its executor checks) before
+    raising KeyboardInterrupt. Raising alone relied on DuckDB turning the Python exception into a cancel, which
+    missed 6 of 16 Ctrl-Cs sent 2-5 s into a long `ldpipe sql` query (duckdb 2.0.1), which then ran on."""
+    import signal
+    import threading
+
+    cur = con.cursor()
+    if threading.current_thread() is not threading.main_thread():
+        return fetch(cur)                  # signals reach only the main thread
+    hit: list[bool] = []
+
+    def on_sigint(signum, frame):
+        hit.append(True)
+        try:
+            cur.interrupt()
+        except duckdb.Error:
+            pass
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        try:
+            out = fetch(cur)
+        except duckdb.InterruptException:
+            raise KeyboardInterrupt from None
+        if hit:                            # cancelled, whatever DuckDB made of the exception
+            raise KeyboardInterrupt
+        return out
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        cur.close()
+
+
 def query(catalog_path: Path, sql: str) -> pl.DataFrame:
     check_readonly_statement(sql)
     con = connect_readonly(catalog_path)
-    try:
-        rel = con.sql(sql)
+
+    def fetch(cur: duckdb.DuckDBPyConnection) -> pl.DataFrame:
+        rel = cur.sql(sql)
         if rel is None:
             raise LdpipeError("the statement returned no result")
         text = [c for c, t in zip(rel.columns, rel.types) if any(k in str(t).upper() for k in _AS_TEXT)]
@@ -376,6 +412,9 @@ def query(catalog_path: Path, sql: str) -> pl.DataFrame:
             rel = rel.project(", ".join(f"cast({_q(c)} as varchar) as {_q(c)}" if c in text else _q(c)
                                         for c in rel.columns))
         return rel.pl()
+
+    try:
+        return _interruptible(con, fetch)
     except duckdb.Error as e:
         hint = (" (a store table's folder was removed after the catalog was built: rebuild it with "
                 "`ldpipe catalog refresh`)" if "No files found that match the pattern" in str(e) else "")
