@@ -396,7 +396,10 @@ def test_ctrl_c_during_a_query_exits_130_in_one_line(project: dict[str, Path]) -
     refresh(project)
     proc = subprocess.Popen([str(Path(sys.executable).parent / "ldpipe"), "sql", "--catalog", str(project["catalog"]),
                              "select sum(i % 7) from range(100000000000) t(i)"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            # as a terminal's foreground process: a suite run from a script's background job
+                            # hands its children SIGINT ignored
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         # python start-up and the query under way (it runs for minutes; i % 7, as i * i overflows INT64 past
         # i = 3.04e9, which a fast machine reaches within these 4 s)

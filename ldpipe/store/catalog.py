@@ -373,8 +373,12 @@ def _interruptible(con: duckdb.DuckDBPyConnection, fetch):
     import threading
 
     cur = con.cursor()
-    if threading.current_thread() is not threading.main_thread():
-        return fetch(cur)                  # signals reach only the main thread
+    # signals reach only the main thread; an ignored SIGINT (a background job of a shell script) stays ignored
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        try:
+            return fetch(cur)
+        finally:
+            cur.close()
     hit: list[bool] = []
 
     def on_sigint(signum, frame):
