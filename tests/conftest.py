@@ -14,6 +14,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+# A suite started from a script's background job (CI runners, `nohup ... &`) inherits SIGINT ignored. Dagster's
+# in-process execution then sets SIGTERM to whatever SIGINT is (dagster._utils.interrupts.setup_interrupt_handlers),
+# so every process a later test starts would ignore SIGTERM too (a `dg dev` that needs SIGKILL, a process group that
+# outlives its SIGTERM). The tests stop and interrupt processes as from a terminal: SIGINT as Python sets it there.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
 # A tiny experiment: same code paths as the default, sized to run in seconds on 2 CPU cores.
 TINY_YAML = """
 name: tiny
