@@ -3,12 +3,13 @@ run) and its plots, and returns a typed result the Dagster assets only turn into
 catalog's views read the new rows with no refresh (ldpipe.store.catalog)."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import polars as pl
 
+from ldpipe.analysis.directions import CheckOutcome
 from ldpipe.schema import AKG_SCHEMA, INFLUENCE_AGREEMENT_SCHEMA, INFLUENCE_HEATMAP_SCHEMA, INFLUENCE_SCHEMA
 from ldpipe.spec import ExperimentSpec, RunSpec
 from ldpipe.store.shards import Store
@@ -42,16 +43,9 @@ def influence_step(spec: ExperimentSpec, runs: list[RunSpec], files, *,
 
 
 @dataclass(frozen=True)
-class Verdict:
-    name: str
-    passed: bool
-    metadata: dict = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
 class AgreementResult:
     table: pl.DataFrame            # influence_agreement rows of every selected run
-    checks: list[Verdict]          # projected vs exact, and the linearisation (exact vs naive)
+    checks: list[CheckOutcome]     # projected vs exact, and the linearisation (exact vs naive)
 
 
 AGREEMENT_CHECKS = (("projected_agrees_with_exact", "projected"), ("linearisation_agrees_with_naive", "naive"))
@@ -75,7 +69,7 @@ def agreement_step(spec: ExperimentSpec, runs: list[RunSpec], files) -> Agreemen
     for name, estimate in AGREEMENT_CHECKS:
         part = table.filter(pl.col("estimate") == estimate)
         low = part["spearman"].min() if not part.is_empty() else None
-        checks.append(Verdict(name, low is not None and low >= threshold, {
+        checks.append(CheckOutcome(name, low is not None and low >= threshold, {
             "min_spearman": float(low) if low is not None else float("nan"), "threshold": threshold,
             "max_relative_error": float(part["relative_error"].max()) if low is not None else float("nan"),
             "entries_compared": int(part["n"].sum()) if low is not None else 0}))
