@@ -4,8 +4,8 @@
   catalog -> <exp>/akg
   catalog -> <exp>/influence_heatmap (PNG in metadata)
 
-Each calls one step of ldpipe.influence.steps (which writes one shard per run into its store table, its plots, and
-refreshes the catalog) and turns the typed result into metadata and check results.
+Each calls one step of ldpipe.influence.steps (which writes one shard per run into its store table, and its plots)
+and turns the typed result into metadata and check results.
 """
 
 import dagster as dg
