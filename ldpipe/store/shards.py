@@ -57,6 +57,23 @@ def _encode(value: object, what: str) -> str:
     return enc
 
 
+def _replace_with(df: pl.DataFrame, path: Path) -> Path:
+    """Atomically write (or replace) `path` with `df`: a temp name in the same folder (never matching *.parquet),
+    fsynced, then renamed over it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}{_TMP_MARK}{os.getpid()}-{uuid.uuid4().hex}")
+    try:
+        df.write_parquet(tmp)
+        with open(tmp, "rb") as f:          # data on disk before the rename makes it visible
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)                 # the rename itself survives a power loss
+    return path
+
+
 class Store:
     """Hive-style Parquet shards under one root directory, one sub-directory per table."""
 
@@ -99,18 +116,7 @@ class Store:
         path = self.shard_path(table, partition, name)
         if schema is not None:
             df = self._conform(table, path, df, schema)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.name}{_TMP_MARK}{os.getpid()}-{uuid.uuid4().hex}")
-        try:
-            df.write_parquet(tmp)
-            with open(tmp, "rb") as f:          # data on disk before the rename makes it visible
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-        fsync_dir(path.parent)                 # the rename itself survives a power loss
-        return path
+        return _replace_with(df, path)
 
     def write_schema_file(self, table: str, schema: dict[str, pl.DataType]) -> bool:
         """Write <table>/_schema.parquet: zero rows with every column of `schema`, so the table's glob always
@@ -127,14 +133,7 @@ class Store:
                     return False
             except Exception:  # noqa: BLE001 (an unreadable file is simply replaced)
                 pass
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.name}{_TMP_MARK}{os.getpid()}-{uuid.uuid4().hex}")
-        try:
-            empty.write_parquet(tmp)
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        _replace_with(empty, path)
         return True
 
     def _conform(self, table: str, path: Path, df: pl.DataFrame, schema: dict[str, pl.DataType]) -> pl.DataFrame:
@@ -163,10 +162,7 @@ class Store:
                       if p.is_dir() and _IDENT.match(p.name) and not p.name.startswith("_"))
 
     def shards(self, table: str) -> list[Path]:
-        d = self.table_dir(table)
-        if not d.is_dir():
-            return []
-        return sorted(p for p in d.rglob(f"*{SHARD_SUFFIX}") if p.is_file() and p != d / SCHEMA_FILE)
+        return self.partition_shards(table, {})
 
     def read(self, table: str, **filters: object) -> pl.DataFrame:
         """All rows of `table`; keyword filters are column equalities (a list/tuple/set means "is in")."""
