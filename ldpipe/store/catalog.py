@@ -373,33 +373,31 @@ def _interruptible(con: duckdb.DuckDBPyConnection, fetch):
     import threading
 
     cur = con.cursor()
-    # signals reach only the main thread; an ignored SIGINT (a background job of a shell script) stays ignored
-    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
-        try:
-            return fetch(cur)
-        finally:
-            cur.close()
-    hit: list[bool] = []
-
-    def on_sigint(signum, frame):
-        hit.append(True)
-        try:
-            cur.interrupt()
-        except duckdb.Error:
-            pass
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGINT, on_sigint)
     try:
+        # signals reach only the main thread; an ignored SIGINT (a background job of a shell script) stays ignored
+        if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+            return fetch(cur)
+        hit: list[bool] = []
+
+        def on_sigint(signum, frame):
+            hit.append(True)
+            try:
+                cur.interrupt()
+            except duckdb.Error:
+                pass
+            raise KeyboardInterrupt
+
+        previous = signal.signal(signal.SIGINT, on_sigint)
         try:
             out = fetch(cur)
         except duckdb.InterruptException:
             raise KeyboardInterrupt from None
+        finally:
+            signal.signal(signal.SIGINT, previous)
         if hit:                            # cancelled, whatever DuckDB made of the exception
             raise KeyboardInterrupt
         return out
     finally:
-        signal.signal(signal.SIGINT, previous)
         cur.close()
 
 
