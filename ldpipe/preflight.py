@@ -73,8 +73,9 @@ def _model(spec: ExperimentSpec, rep: Report) -> None:
             from ldpipe.data.corpus import read_corpus_file
             from ldpipe.paths import project_path
 
-            docs = read_corpus_file(project_path(m.corpus))
-            rep.lines.append(f"model builtin: corpus {project_path(m.corpus)}: {len(docs)} documents")
+            corpus = project_path(m.corpus)
+            docs = read_corpus_file(corpus)
+            rep.lines.append(f"model builtin: corpus {corpus}: {len(docs)} documents")
         else:
             rep.lines.append("model builtin: pretrained at run time on "
                              + ("the synthetic world's corpus" if spec.dataset.kind == "synthetic"
