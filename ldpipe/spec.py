@@ -151,6 +151,9 @@ class ProbeSpec(_Strict):
     types: tuple[str, ...] | None = None  # None: every type the data source and backends can make
     max_prompt_tokens: int = Field(96, gt=0)
     max_response_tokens: int = Field(64, gt=1)
+    # auto: a model whose tokenizer has a chat template scores (and trains, and generates) prompts rendered by it;
+    # none: the text as written (the reference's Human:/Assistant: format). ldpipe.model.encoding states the contract.
+    chat_template: Literal["auto", "none"] = "auto"
     llm: LLMSpec | None = None  # LLM-made types; without it they come from the dataset's templates or are skipped
     generation: ProbeGenerationSpec = ProbeGenerationSpec()  # y_init / y_selfr from the base model
     custom_types: tuple[CustomTypeSpec, ...] = ()   # user-declared types, built after the core ones
@@ -543,7 +546,7 @@ class ExperimentSpec(_Strict):
         declared parent's; `parent_hash` substitutes the hash the parent checkpoint was actually
         trained with (e.g. a launch-time override).
         """
-        body: dict[str, Any] = {"dataset": self.dataset, "probes": self.probes, "model": self.model,
+        body: dict[str, Any] = {"dataset": self.dataset, "probes": self.probes_hash_part(), "model": self.model,
                                 "run": run.model_dump(mode="json", exclude=set(RUN_HASH_EXCLUDE) | (
                                     {"pairs", "on_policy"} if run.pairs == "offline" else set()) | (
                                     {"autocast"} if run.autocast == "auto" else set()) | (
@@ -551,10 +554,21 @@ class ExperimentSpec(_Strict):
                                     {"lora"} if run.lora is None else set()))}
         # (defaults added later - offline pairs, autocast "auto", trainer "ldpipe", no lora - stay out: hashes stay
         # as they were before them)
+        if self.model.kind != "builtin":
+            # BOS and chat templates came with encoding version 2: runs of outside models scored before it differ
+            from ldpipe.model.encoding import ENCODING_VERSION
+
+            body["encoding"] = ENCODING_VERSION
         parent = self.parent(run)
         if parent is not None:
             body["parent"] = parent_hash or self.run_config_hash(parent)
         return config_hash(body)
+
+    def probes_hash_part(self) -> dict[str, Any]:
+        """The probe settings in a hash; `chat_template: auto`, the default, stays out (the builtin model has no
+        template, so its runs score as before the key existed, and keep their hashes)."""
+        return self.probes.model_dump(mode="json", exclude={"chat_template"} if self.probes.chat_template == "auto"
+                                      else set())
 
     def model_config_hash(self) -> str:
         parts: dict[str, Any] = {"dataset": self.dataset, "model": self.model}

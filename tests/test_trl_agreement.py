@@ -282,9 +282,9 @@ def test_trl_sft_is_token_mean_and_ldpipe_sft_is_sequence_sum_mean(models, token
 # --------------------------------------------------------------------------- tokenization and truncation
 
 
-def test_tokenization_differs_when_the_prompt_ends_mid_word(models, tokenizer, tmp_path):
-    """TRL tokenizes prompt + completion as one string: a word split across the boundary is merged, and the
-    completion starts where the joint ids leave the prompt's own ids, so it differs from ldpipe's response."""
+def test_tokenization_matches_trl_when_the_prompt_ends_mid_word(models, tokenizer, tmp_path):
+    """TRL tokenizes prompt + completion as one string and starts the completion where the joint ids leave the
+    prompt's own ids; ldpipe's contract does the same, so a word split across the boundary gives TRL's tokens."""
     pol, ref = models
     prompt, completion = "Question: where is the ca", "t?\nAnswer: the cat sat on the mat."
     ds = Dataset.from_dict({"prompt": [prompt], "chosen": [completion], "rejected": [completion]})
@@ -293,9 +293,9 @@ def test_tokenization_differs_when_the_prompt_ends_mid_word(models, tokenizer, t
                     processing_class=tokenizer)
     row = tr.train_dataset[0]
     p, r = encode_pair(tokenizer, prompt, completion)
-    assert row["prompt_ids"] + row["chosen_ids"] != p + r                       # " cat" is one token jointly
-    assert tokenizer.decode(row["prompt_ids"] + row["chosen_ids"]) == tokenizer.decode(p + r)  # same text
-    assert len(row["prompt_ids"]) < len(p)                                        # the prompt's end moved over
+    separate = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    assert len(p) < len(separate)                       # " cat" is one token jointly: the prompt's end moved over
+    assert (row["prompt_ids"], row["chosen_ids"]) == (p, r)
 
 
 def test_trl_max_length_cuts_the_end_and_drops_eos(tokenizer):

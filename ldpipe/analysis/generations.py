@@ -43,7 +43,7 @@ def generation_config(spec):
 
     g = spec.generation_analysis
     return GenerationConfig(max_new_tokens=g.max_new_tokens, batch_size=g.batch_size,
-                            max_prompt_tokens=spec.probes.max_prompt_tokens)
+                            max_prompt_tokens=spec.probes.max_prompt_tokens, chat_template=spec.probes.chat_template)
 
 
 def per_checkpoint(spec, files, store, table: str, schema: dict, measure: Callable, *, snapshots: bool) -> pl.DataFrame:

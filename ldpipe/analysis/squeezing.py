@@ -134,7 +134,8 @@ def run_squeezing(spec, files, store, *, device: str = "auto", log: Log = print,
     def measure(ck) -> dict:
         model, tok = load_model_and_tokenizer(ck.path, device=dev, local_files_only=not spec.model.allow_download)
         pairs = [encode_pair(tok, p, r, max_prompt_tokens=spec.probes.max_prompt_tokens,
-                             max_response_tokens=spec.probes.max_response_tokens)
+                             max_response_tokens=spec.probes.max_response_tokens,
+                             chat_template=spec.probes.chat_template)
                  for p, r in chosen.select("prompt", "response").iter_rows()]
         gens = greedy_generations(ck.path, prompts, cfg, files.data_dir / "generation_cache",
                                   load=lambda: (model, tok), device=dev)

@@ -122,7 +122,7 @@ def run_win_rate(spec, files, store, *, device: str = "auto", log: Log = print,
     dev = resolve_device(device)
     ga = spec.generation_analysis
     cfg = GenerationConfig(max_new_tokens=ga.max_new_tokens, batch_size=ga.batch_size,
-                           max_prompt_tokens=spec.probes.max_prompt_tokens)
+                           max_prompt_tokens=spec.probes.max_prompt_tokens, chat_template=spec.probes.chat_template)
     gens: dict[str, list[str]] = {}
     for ref in sorted({r for pair in wr.pairs for r in pair}):
         ck = resolve_ref(spec, ref, files)

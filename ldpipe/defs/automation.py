@@ -106,7 +106,7 @@ def _declaration_files() -> list[Path]:
 
 def _fingerprint(spec: ExperimentSpec, sha: str) -> dict:
     return {"sha": sha, "exp": spec.name,
-            "inputs": config_hash({"dataset": spec.dataset, "probes": spec.probes, "model": spec.model}),
+            "inputs": config_hash({"dataset": spec.dataset, "probes": spec.probes_hash_part(), "model": spec.model}),
             "runs": {r.name: spec.run_config_hash(r) for r in spec.runs}}
 
 

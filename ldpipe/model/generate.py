@@ -2,8 +2,8 @@
 
 Used by the model-made probe types (y_init, y_selfr) and by the generation-based analyses
 (squeezing's repeater rate, hallucination borrowing, win rate). Prompts are tokenized the way
-the scorer does (no special tokens; the prompt keeps its last `max_prompt_tokens` tokens) and
-left-padded so a batch of prompts decodes together; decoding stops at EOS.
+the scorer does (ldpipe.model.encoding: the tokenizer's BOS, its chat template under `chat_template: auto`; the
+prompt keeps its last `max_prompt_tokens` tokens) and left-padded so a batch of prompts decodes together; decoding stops at EOS.
 """
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from typing import Sequence
 
 import torch
 
+from ldpipe.model.encoding import encode_prompt, uses_chat_template
 from ldpipe.model.lm import attention_without_cudnn, eval_mode
 
 
@@ -24,6 +25,7 @@ class GenerationConfig:
     seed: int = 0
     batch_size: int = 16
     max_prompt_tokens: int = 96
+    chat_template: str = "auto"   # as ldpipe.model.encoding: "auto" renders with the tokenizer's template, if any
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1 or self.batch_size < 1 or self.max_prompt_tokens < 1:
@@ -47,11 +49,12 @@ def generate(model, tokenizer, prompts: Sequence[str], config: GenerationConfig 
     if eos is None:
         raise ValueError("the tokenizer has no eos token; generation needs one to stop and to pad")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    chat = uses_chat_template(tokenizer, config.chat_template)
     out: list[str] = []
     with eval_mode(model):
         for b, start in enumerate(range(0, len(prompts), config.batch_size)):
             chunk = list(prompts[start:start + config.batch_size])
-            ids = [tokenizer(p, add_special_tokens=False)["input_ids"][-config.max_prompt_tokens:] for p in chunk]
+            ids = [encode_prompt(tokenizer, p, chat=chat, max_prompt_tokens=config.max_prompt_tokens) for p in chunk]
             empty = [i for i, x in enumerate(ids) if not x]
             if empty:
                 raise ValueError(f"prompt {start + empty[0]} is empty after tokenization")

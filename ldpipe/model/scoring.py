@@ -1,12 +1,11 @@
 """Probe log-probabilities: a fast exact scorer, the naive reference, and the training helper.
 
-Conventions follow the paper's code (docs/glossary.md#metrics): prompt and
-response are tokenized separately without special tokens, EOS is appended to
-the response, and log pi(y|x) is the fp32 log-softmax SUMMED over the response
-tokens (EOS included, prompt excluded).
+Tokenization is the model's own (ldpipe.model.encoding, docs/glossary.md#tokenization): its BOS, its chat template
+where it has one and `chat_template` is `auto`, TRL's prompt/response boundary, EOS after the response. log pi(y|x)
+is the fp32 log-softmax SUMMED over the response tokens (EOS included, prompt excluded).
 
 Truncation: the prompt keeps its LAST `max_prompt_tokens` tokens (HH keeps the
-end, where the question is); the response keeps its FIRST
+end, where the question is; a leading BOS stays); the response keeps its FIRST
 `max_response_tokens - 1` tokens and then gets EOS, so a response is at most
 `max_response_tokens` tokens and always ends in EOS. (The reference cuts every
 response to fit 512 tokens, which can drop EOS; we keep it so that every
@@ -56,6 +55,7 @@ import torch
 import torch.nn.functional as F
 
 from ldpipe.errors import DataValidationError, LdpipeError
+from ldpipe.model.encoding import ChatTemplate, check_limits, encode_responses, uses_chat_template
 from ldpipe.model.lm import attention_without_cudnn, eval_mode
 from ldpipe.schema import PROBE_SCHEMA
 
@@ -94,44 +94,26 @@ class EncodedProbe:
 
 # --------------------------------------------------------------------------- encoding
 
-def _eos_id(tokenizer) -> int:
-    eos = tokenizer.eos_token_id
-    if eos is None:
-        raise LdpipeError("the tokenizer has no eos token; responses must end in EOS")
-    return int(eos)
-
-
-def _check_limits(max_prompt_tokens: int, max_response_tokens: int) -> None:
-    if max_prompt_tokens < 1 or max_response_tokens < 1:
-        raise LdpipeError(f"need max_prompt_tokens >= 1 and max_response_tokens >= 1, "
-                          f"got {max_prompt_tokens} and {max_response_tokens}")
-
-
-def _truncate(prompt_ids: list[int], response_ids: list[int], eos: int,
-              max_prompt_tokens: int, max_response_tokens: int) -> tuple[list[int], list[int]]:
-    return prompt_ids[-max_prompt_tokens:], response_ids[: max_response_tokens - 1] + [eos]
-
-
 def encode_pair(tokenizer, prompt: str, response: str, *, max_prompt_tokens: int = 128,
-                max_response_tokens: int = 96) -> tuple[list[int], list[int]]:
-    """(prompt_ids, response_ids) with the truncation rules in the module docstring."""
-    _check_limits(max_prompt_tokens, max_response_tokens)
-    p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    r = tokenizer(response, add_special_tokens=False)["input_ids"]
-    if not p:
-        raise LdpipeError(f"prompt {prompt[:40]!r} is empty after tokenization; "
-                          "the first response token needs a prompt to be predicted from")
-    return _truncate(p, r, _eos_id(tokenizer), max_prompt_tokens, max_response_tokens)
+                max_response_tokens: int = 96, chat_template: ChatTemplate | bool = "auto") -> tuple[list[int], list[int]]:
+    """(prompt_ids, response_ids) by the tokenization contract (ldpipe.model.encoding) and its truncation."""
+    chat = uses_chat_template(tokenizer, chat_template)
+    return encode_responses(tokenizer, prompt, [response], chat=chat, max_prompt_tokens=max_prompt_tokens,
+                            max_response_tokens=max_response_tokens)[0]
 
 
 def encode_probes(tokenizer, probes: pl.DataFrame, *, max_prompt_tokens: int = 128,
-                  max_response_tokens: int = 96, source: str = "probes") -> list[EncodedProbe]:
-    """Group PROBE_SCHEMA rows by example_id (first-seen order) and tokenize them."""
-    _check_limits(max_prompt_tokens, max_response_tokens)
+                  max_response_tokens: int = 96, source: str = "probes",
+                  chat_template: ChatTemplate | bool = "auto") -> list[EncodedProbe]:
+    """Group PROBE_SCHEMA rows by example_id (first-seen order) and tokenize them by the contract.
+
+    A prompt's responses usually share one tokenized prompt; where a merge across the boundary gives some of them
+    a shorter one (ldpipe.model.encoding), those get an EncodedProbe of their own under the same example_id."""
+    check_limits(max_prompt_tokens, max_response_tokens)
     missing = [c for c in ("example_id", "response_type", "prompt", "response") if c not in probes.columns]
     if missing:
         raise DataValidationError(source, f"missing column(s) {missing}; expected {list(PROBE_SCHEMA)}")
-    eos = _eos_id(tokenizer)
+    chat = uses_chat_template(tokenizer, chat_template)
     rows = probes.select("example_id", "response_type", "prompt", "response").rows()
 
     order: list[str] = []
@@ -154,35 +136,35 @@ def encode_probes(tokenizer, probes: pl.DataFrame, *, max_prompt_tokens: int = 1
                                       row=i, field="prompt")
         groups[eid][1].append((rtype, response))
 
-    prompt_tok = tokenizer([groups[e][0] for e in order], add_special_tokens=False)["input_ids"] if order else []
-    flat_resp = [resp for e in order for _, resp in groups[e][1]]
-    resp_tok = tokenizer(flat_resp, add_special_tokens=False)["input_ids"] if flat_resp else []
-
     out: list[EncodedProbe] = []
-    k = 0
-    for e, p_ids in zip(order, prompt_tok):
-        if not p_ids:
+    for e in order:
+        prompt, resp = groups[e]
+        try:
+            pairs = encode_responses(tokenizer, prompt, [r for _, r in resp], chat=chat,
+                                     max_prompt_tokens=max_prompt_tokens, max_response_tokens=max_response_tokens)
+        except LdpipeError as exc:
             row = next(i for i, r in enumerate(rows) if r[0] == e)
-            raise DataValidationError(source, f"prompt of example {e!r} is empty after tokenization",
-                                      row=row, field="prompt")
-        types, ids = [], []
-        for rtype, _ in groups[e][1]:
-            p, r = _truncate(p_ids, resp_tok[k], eos, max_prompt_tokens, max_response_tokens)
-            types.append(rtype)
-            ids.append(r)
-            k += 1
-        out.append(EncodedProbe(example_id=e, prompt_ids=p, response_types=types, response_ids=ids))
+            raise DataValidationError(source, f"example {e!r}: {exc}", row=row, field="prompt") from None
+        by_prompt: dict[tuple[int, ...], EncodedProbe] = {}
+        for (rtype, _), (p, r) in zip(resp, pairs):
+            ep = by_prompt.get(tuple(p))
+            if ep is None:
+                ep = by_prompt[tuple(p)] = EncodedProbe(example_id=e, prompt_ids=p, response_types=[],
+                                                        response_ids=[])
+                out.append(ep)
+            ep.response_types.append(rtype)
+            ep.response_ids.append(r)
     return out
 
 
 def truncation_counts(tokenizer, probes: pl.DataFrame, *, max_prompt_tokens: int, max_response_tokens: int,
-                      source: str = "probes") -> pl.DataFrame:
+                      source: str = "probes", chat_template: ChatTemplate | bool = "auto") -> pl.DataFrame:
     """Per response type, what `encode_probes` with these limits cuts from the probe rows: columns response_type,
     rows, prompts_cut / prompt_tokens_dropped (the prompt keeps its last `max_prompt_tokens` tokens) and
     responses_cut / response_tokens_dropped (the response keeps its first `max_response_tokens - 1`, then EOS)."""
-    _check_limits(max_prompt_tokens, max_response_tokens)
+    check_limits(max_prompt_tokens, max_response_tokens)
     full = encode_probes(tokenizer, probes, max_prompt_tokens=sys.maxsize, max_response_tokens=sys.maxsize,
-                         source=source)
+                         source=source, chat_template=chat_template)
     keep_response = max_response_tokens - 1          # EOS is always kept, so it never counts as dropped
     counts: dict[str, list[int]] = {}
     for ep in full:

@@ -13,6 +13,7 @@ from ldpipe.atomic import write_json
 from ldpipe.errors import LdpipeError
 from ldpipe.layout import ExperimentFiles, _finish_stage
 from ldpipe.model.base import base_model_path
+from ldpipe.model.encoding import ENCODING_VERSION
 from ldpipe.probes.stage import (
     PROBE_BUILDER_VERSION,
     CacheUse,
@@ -105,6 +106,8 @@ def build_model_probes(spec: ExperimentSpec, files: ExperimentFiles, *, device: 
         src = frame_hash(chosen.select("example_id", "prompt", "response"))
         gen_params = {**decoding, "max_new_tokens": gen.max_new_tokens, "stop": list(gen.stop),
                       "max_prompt_tokens": ps.max_prompt_tokens}
+        if spec.model.kind != "builtin":   # BOS and chat templates (ldpipe.model.encoding) changed what is generated
+            gen_params |= {"encoding": ENCODING_VERSION, "chat_template": ps.chat_template}
         for t in wanted:
             body: dict = {"v": PROBE_BUILDER_VERSION, "type": t, "source": src}
             if t == "random_tokens":
@@ -167,7 +170,8 @@ def _probe_truncation(spec: ExperimentSpec, files: ExperimentFiles,
     ps = spec.probes
     tok = load_tokenizer(base_model_path(spec, files), local_files_only=not spec.model.allow_download)
     df = truncation_counts(tok, probes, max_prompt_tokens=ps.max_prompt_tokens,
-                           max_response_tokens=ps.max_response_tokens, source=str(files.probes))
+                           max_response_tokens=ps.max_response_tokens, source=str(files.probes),
+                           chat_template=ps.chat_template)
     df = df.with_columns(pl.lit(spec.name).alias("experiment")).select(list(PROBE_TRUNCATION_SCHEMA))
     Store(files.paths.store).write_shard("probe_truncation", df, partition={"experiment": spec.name},
                                          name="probe_truncation", schema=PROBE_TRUNCATION_SCHEMA)
@@ -218,7 +222,8 @@ def _generate_model_types(types: list[str], chosen: pl.DataFrame, model_ref, fp:
                 budget = ps.max_prompt_tokens + ps.max_response_tokens
             cfg = GenerationConfig(max_new_tokens=gen.max_new_tokens, do_sample=gen.do_sample,
                                    temperature=gen.temperature, top_p=gen.top_p, seed=seed,
-                                   batch_size=gen.batch_size, max_prompt_tokens=budget)
+                                   batch_size=gen.batch_size, max_prompt_tokens=budget,
+                                   chat_template=ps.chat_template)
             outs = generate(model, tok, inputs, cfg)
             stopped = empty = 0
             for i, p, ld, y, out in zip(ids, prompts, lead, ys, outs):

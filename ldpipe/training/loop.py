@@ -155,6 +155,7 @@ def run_training(
     out_dir: Path,
     max_prompt_tokens: int,
     max_response_tokens: int,
+    chat_template: str = "auto",
     device: str = "auto",
     step_offset: int = 0,
     checkpoint_metadata: dict | None = None,
@@ -187,7 +188,8 @@ def run_training(
     # leaves gradients intact; it also keeps the policy's forward identical to the reference's.
     model.eval()
     objective = make_objective(run, tokenizer, examples, max_prompt_tokens=max_prompt_tokens,
-                               max_response_tokens=max_response_tokens, llm_cache=llm_cache)
+                               max_response_tokens=max_response_tokens, chat_template=chat_template,
+                               llm_cache=llm_cache)
     steps_per_epoch, total_steps = run.steps_per_epoch(objective.n), run.total_steps(objective.n)
     checkpoint_every = run.eval_every if run.checkpoint_every is None else run.checkpoint_every
     opt = make_optimizer(run, model.parameters())

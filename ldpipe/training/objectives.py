@@ -114,14 +114,16 @@ class PreferenceObjective:
 
 
 def make_objective(run: RunSpec, tokenizer, examples: Sequence[tuple[str, ...]], *, max_prompt_tokens: int,
-                   max_response_tokens: int, llm_cache: Path | None = None) -> SftObjective | PreferenceObjective:
+                   max_response_tokens: int, chat_template: str = "auto",
+                   llm_cache: Path | None = None) -> SftObjective | PreferenceObjective:
     """SFT takes (prompt, response) examples, DPO/IPO (prompt, chosen, rejected). `llm_cache`: where an on-policy
     judge caches its verdicts (the run's ldpipe home)."""
     if run.pairs == "on_policy":   # only the prompts are used: pairs are sampled from the policy every step
         from ldpipe.training.onpolicy import make_onpolicy_objective
 
         return make_onpolicy_objective(run, tokenizer, examples, max_prompt_tokens=max_prompt_tokens,
-                                       max_response_tokens=max_response_tokens, cache_path=llm_cache)
+                                       max_response_tokens=max_response_tokens, chat_template=chat_template,
+                                       cache_path=llm_cache)
     width = 2 if run.algo == "sft" else 3
     bad = next((i for i, e in enumerate(examples) if len(e) != width), None)
     if bad is not None:
@@ -129,7 +131,7 @@ def make_objective(run: RunSpec, tokenizer, examples: Sequence[tuple[str, ...]],
 
     def enc(prompt: str, response: str) -> tuple[Ids, Ids]:
         return encode_pair(tokenizer, prompt, response, max_prompt_tokens=max_prompt_tokens,
-                           max_response_tokens=max_response_tokens)
+                           max_response_tokens=max_response_tokens, chat_template=chat_template)
 
     if run.algo == "sft":
         return SftObjective([enc(p, y) for p, y in examples])

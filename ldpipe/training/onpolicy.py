@@ -171,6 +171,7 @@ class OnPolicyObjective:
     label_smoothing: float = 0.0
     max_prompt_tokens: int = 96
     max_response_tokens: int = 64
+    chat_template: str = "auto"
     step: int = 0
     ref_model: torch.nn.Module | None = None
     device: torch.device | None = None
@@ -219,7 +220,7 @@ class OnPolicyObjective:
         s, n = self.settings, self.settings.n_samples
         cfg = GenerationConfig(max_new_tokens=s.max_new_tokens, do_sample=True, temperature=s.temperature,
                                top_p=s.top_p, seed=sampling_seed(self.seed, self.step), batch_size=len(prompts) * n,
-                               max_prompt_tokens=self.max_prompt_tokens)
+                               max_prompt_tokens=self.max_prompt_tokens, chat_template=self.chat_template)
         flat = generate(model, self.tokenizer, [p for p in prompts for _ in range(n)], cfg, device=dev)
         flat = [" " + y if y else y for y in flat]
         return [flat[i * n:(i + 1) * n] for i in range(len(prompts))]
@@ -265,7 +266,7 @@ class OnPolicyObjective:
 
     def _enc(self, prompt: str, response: str) -> tuple[Ids, Ids]:
         return encode_pair(self.tokenizer, prompt, response, max_prompt_tokens=self.max_prompt_tokens,
-                           max_response_tokens=self.max_response_tokens)
+                           max_response_tokens=self.max_response_tokens, chat_template=self.chat_template)
 
     @staticmethod
     def _logps(model, triples: list[tuple[Ids, Ids, Ids]], dev: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -278,7 +279,7 @@ class OnPolicyObjective:
 
 
 def make_onpolicy_objective(run: RunSpec, tokenizer, examples: Sequence[tuple[str, ...]], *,
-                            max_prompt_tokens: int, max_response_tokens: int,
+                            max_prompt_tokens: int, max_response_tokens: int, chat_template: str = "auto",
                             cache_path=None) -> OnPolicyObjective:
     """The prompts of `examples` (first element of each tuple; repeats dropped, order kept) with the run's
     on-policy settings. A judge caches its verdicts in the ldpipe home (llm_cache.sqlite) unless told otherwise."""
@@ -299,7 +300,7 @@ def make_onpolicy_objective(run: RunSpec, tokenizer, examples: Sequence[tuple[st
     objective = OnPolicyObjective(prompts, tokenizer, algo=run.algo, beta=run.beta, settings=settings,
                                   scorer=RewardScorer(lambda p, y: 0.0), seed=run.seed,
                                   label_smoothing=run.label_smoothing, max_prompt_tokens=max_prompt_tokens,
-                                  max_response_tokens=max_response_tokens)
+                                  max_response_tokens=max_response_tokens, chat_template=chat_template)
     # the scorer may use the objective's frozen reference (reward ref_logp_mean), which exists after prepare()
     objective.scorer = make_scorer(settings.scorer, RewardContext(list(examples), objective.ref_logp_mean),
                                    cache_path=cache_path)

@@ -78,11 +78,13 @@ def train_run(spec: ExperimentSpec, run: RunSpec, files: ExperimentFiles, *, sto
         # an on-policy judge caches in this run's home, not in whatever LDPIPE_HOME says
         train_fn = functools.partial(run_training, llm_cache=files.paths.llm_cache)
         tracked = encode_probes(tok, probes, max_prompt_tokens=spec.probes.max_prompt_tokens,
-                                max_response_tokens=spec.probes.max_response_tokens)
+                                max_response_tokens=spec.probes.max_response_tokens,
+                                chat_template=spec.probes.chat_template)
     result = train_fn(run, run_id=spec.run_id(run), config_hash=config_hash, model_path=start.path,
                           examples=examples, probes=tracked, store=Store(store_root or files.paths.store),
                           out_dir=files.run_dir(run), max_prompt_tokens=spec.probes.max_prompt_tokens,
-                          max_response_tokens=spec.probes.max_response_tokens, device=device,
+                          max_response_tokens=spec.probes.max_response_tokens,
+                          chat_template=spec.probes.chat_template, device=device,
                           step_offset=start.step_offset,
                           checkpoint_metadata={"start_from": run.start_from, "parent_config_hash": start.parent_hash},
                           log=log)

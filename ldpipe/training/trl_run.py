@@ -18,7 +18,9 @@ from typing import Any, Sequence
 
 import polars as pl
 
+from ldpipe.data.transcript import text_to_reply, transcript_to_messages
 from ldpipe.errors import LdpipeError
+from ldpipe.model.encoding import uses_chat_template
 from ldpipe.layout import FINAL_DIR
 from ldpipe.spec import RunSpec
 from ldpipe.store.shards import Store
@@ -45,6 +47,19 @@ def trl_args(run: RunSpec, out_dir: Path, total_steps: int, max_length: int, dev
         gradient_checkpointing=False)
 
 
+def trl_columns(examples: Sequence[tuple[str, ...]], algo: str, *, chat: bool) -> dict[str, list]:
+    """TRL's dataset columns for ldpipe's (prompt, response[, rejected]) text examples: standard (plain text, which TRL
+    tokenizes as ldpipe's `chat_template: none` does) or, for a model whose chat template ldpipe renders with,
+    conversational (prompt messages, each response an assistant message), so both trainers see the same tokens."""
+    names = ("prompt", "completion") if algo == "sft" else ("prompt", "chosen", "rejected")
+    if not chat:
+        return {n: [e[i] for e in examples] for i, n in enumerate(names)}
+    cols: dict[str, list] = {"prompt": [transcript_to_messages(e[0]) for e in examples]}
+    for i, n in enumerate(names[1:], 1):
+        cols[n] = [[{"role": "assistant", "content": text_to_reply(e[i])}] for e in examples]
+    return cols
+
+
 def _preference_loss(run: RunSpec) -> dict:
     """DPOConfig loss settings for the run's algo. TRL 1.16's "sigmoid" loss ignores label_smoothing, so cDPO
     (eps > 0) is the weighted pair sigmoid + robust: (2-2eps)*sigmoid - (1-2eps)*robust equals
@@ -60,7 +75,8 @@ def _preference_loss(run: RunSpec) -> dict:
 
 def run_trl(run: RunSpec, *, run_id: str, config_hash: str, model_path: Path | str,
             examples: Sequence[tuple[str, ...]], probes: pl.DataFrame, store: Store, out_dir: Path,
-            max_prompt_tokens: int, max_response_tokens: int, device: str = "auto", step_offset: int = 0,
+            max_prompt_tokens: int, max_response_tokens: int, chat_template: str = "auto", device: str = "auto",
+            step_offset: int = 0,
             checkpoint_metadata: dict | None = None, log=print):
     """Train `run` with TRL from `model_path`, tracking `probes`; returns ldpipe.training.loop.TrainResult."""
     from datasets import Dataset
@@ -80,17 +96,15 @@ def run_trl(run: RunSpec, *, run_id: str, config_hash: str, model_path: Path | s
     args = trl_args(run, out_dir, total_steps, max_prompt_tokens + max_response_tokens, dev)
     callback = ProbeTrackingCallback(probes, store, run_id=run_id, config_hash=config_hash, phase=run.algo,
                                      eval_every=run.eval_every, tokenizer=tok, max_prompt_tokens=max_prompt_tokens,
-                                     max_response_tokens=max_response_tokens, log=log)
+                                     max_response_tokens=max_response_tokens, chat_template=chat_template, log=log)
     resume_from = _resume_point(out_dir / "trl", config_hash)
     if resume_from is None and distributed.is_main():
         keep_other_config(store, out_dir, run_id, config_hash, log)
+    data = Dataset.from_dict(trl_columns(examples, run.algo, chat=uses_chat_template(tok, chat_template)))
     if run.algo == "sft":
-        data = Dataset.from_dict({"prompt": [e[0] for e in examples], "completion": [e[1] for e in examples]})
         trainer = SFTTrainer(model=model, args=SFTConfig(**args, completion_only_loss=True), train_dataset=data,
                              processing_class=tok, callbacks=[callback])
     else:
-        data = Dataset.from_dict({"prompt": [e[0] for e in examples], "chosen": [e[1] for e in examples],
-                                  "rejected": [e[2] for e in examples]})
         # the reference is the start checkpoint, frozen (for a LoRA chain: base + the parent's adapter, not the base)
         ref, _ = load_model_and_tokenizer(model_path, device=dev)
         if is_peft(ref):   # TRL patches the reference's transformers forward: fold the adapter into the weights
