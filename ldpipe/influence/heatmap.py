@@ -13,7 +13,7 @@ from ldpipe.analysis.plots import figure_png, subplots
 from ldpipe.errors import LdpipeError
 from ldpipe.influence.entk import per_sequence_gradients
 from ldpipe.influence.inputs import observed_probes
-from ldpipe.influence.runs import Log, _encode_observed, _RunContext, _threads
+from ldpipe.influence.runs import Log, Pair, _encode_observed, _RunContext, _threads
 from ldpipe.schema import INFLUENCE_HEATMAP_SCHEMA
 from ldpipe.spec import ExperimentSpec, RunSpec
 
@@ -50,17 +50,10 @@ def _compute_heatmap(spec, run, files, *, device, log):
     for ckpt in ctx.checkpoints:
         model, tok = ctx.load(ckpt)
         pairs, labels = _encode_observed(tok, spec, probes)
-        idx = {lab: k for k, lab in enumerate(labels)}
-        G = per_sequence_gradients(model, pairs)
-        gram = (G @ G.T).double().cpu()
-        del G
-        prompts = sorted({e for e, _ in labels})
-        dirs: dict[tuple[str, str], torch.Tensor] = {}
-        for e in prompts:
-            for t in trained:
-                if (e, t) in idx:
-                    dirs[(e, t)] = gram[idx[(e, t)]]
+        coef = None
         if has_dpo:
+            idx = {lab: k for k, lab in enumerate(labels)}
+            prompts = sorted({e for e, _ in labels})
             cr = [(pairs[idx[(e, "chosen")]], pairs[idx[(e, "rejected")]]) for e in prompts]
             with torch.no_grad():
                 pol = torch.stack([batch_logps(model, [c, r])[0] for c, r in cr]).double()
@@ -70,22 +63,15 @@ def _compute_heatmap(spec, run, files, *, device, log):
                     ref = torch.stack([batch_logps(ref_model, [c, r])[0] for c, r in cr]).double()
             margin = (pol[:, 0] - ref[:, 0]) - (pol[:, 1] - ref[:, 1])
             # the run's own preference loss (cDPO, IPO); an SFT run's column shows what a DPO step would do
-            coef = preference_coefficient(margin, run.beta, algo=run.algo, label_smoothing=run.label_smoothing)
-            for k, e in enumerate(prompts):
-                dirs[(e, "dpo")] = coef[k] * (gram[idx[(e, "chosen")]] - gram[idx[(e, "rejected")]])
+            c = preference_coefficient(margin, run.beta, algo=run.algo, label_smoothing=run.label_smoothing)
+            coef = {e: float(c[k]) for k, e in enumerate(prompts)}
         eta = ctx.lr_eff[ckpt.step]
-        acc: dict[tuple[str, str, str], list[float]] = {}
-        for (e, t), row in dirs.items():
-            for (eo, to), j in idx.items():
-                if to in observed:
-                    scope = "same_prompt" if eo == e else "other_prompt"
-                    acc.setdefault((t, to, scope), []).append(float(row[j]))
-        for (t, to, scope), vals in acc.items():
-            m = float(np.mean(vals))
-            per_ckpt.append({"run_id": ctx.run_id, "checkpoint": ckpt.label, "checkpoint_step": ckpt.step,
-                             "trained_type": t, "observed_type": to, "scope": scope, "entk_mean": m,
-                             "value": eta * m, "n": len(vals)})
-        log(f"[{ctx.run_id}] heat map at {ckpt.label}: {len(dirs)} updates x {len(pairs)} probes")
+        cells = heatmap_cells(model, pairs, labels, trained=trained, observed=observed, dpo_coef=coef)
+        for cell in cells:
+            per_ckpt.append({"run_id": ctx.run_id, "checkpoint": ckpt.label, "checkpoint_step": ckpt.step, **cell,
+                             "value": eta * cell["entk_mean"]})
+        n_dirs = sum(1 for e, t in labels if t in trained) + (len(coef) if coef else 0)
+        log(f"[{ctx.run_id}] heat map at {ckpt.label}: {n_dirs} updates x {len(pairs)} probes")
         del model
     df = pl.DataFrame(per_ckpt, schema=INFLUENCE_HEATMAP_SCHEMA)
     total = (df.group_by("run_id", "trained_type", "observed_type", "scope")
@@ -94,6 +80,37 @@ def _compute_heatmap(spec, run, files, *, device, log):
                            pl.lit(None, pl.Float64).alias("entk_mean")))
     return pl.concat([df, total.select(list(INFLUENCE_HEATMAP_SCHEMA))]).sort(
         "run_id", "checkpoint_step", "trained_type", "observed_type", "scope", nulls_last=True)
+
+
+def heatmap_cells(model, pairs: list[Pair], labels: list[tuple[str, str]], *, trained: list[str],
+                  observed: list[str], dpo_coef: dict[str, float] | None = None) -> list[dict]:
+    """The heat map's cells at one checkpoint: for every (trained_type, observed_type, scope) the mean eNTK
+    (entk_mean) over the n (update, observed) pairs, as dicts with those keys.
+
+    `pairs[k]` is the probe sequence labelled `labels[k]` = (example_id, response_type). Updates: SFT on each
+    trained-on type of each prompt (direction g(x_u, y_T)) and, where `dpo_coef` gives a prompt its preference
+    coefficient c, the step c * (g(x_u, y+) - g(x_u, y-)) (trained_type "dpo"). One gradient per probe sequence
+    serves every column: K = G G^T.
+    """
+    idx = {lab: k for k, lab in enumerate(labels)}
+    G = per_sequence_gradients(model, pairs)
+    gram = (G @ G.T).double().cpu()
+    del G
+    dirs: dict[tuple[str, str], torch.Tensor] = {}
+    for e in sorted({e for e, _ in labels}):
+        for t in trained:
+            if (e, t) in idx:
+                dirs[(e, t)] = gram[idx[(e, t)]]
+    for e, c in (dpo_coef or {}).items():
+        dirs[(e, "dpo")] = c * (gram[idx[(e, "chosen")]] - gram[idx[(e, "rejected")]])
+    acc: dict[tuple[str, str, str], list[float]] = {}
+    for (e, t), row in dirs.items():
+        for (eo, to), j in idx.items():
+            if to in observed:
+                scope = "same_prompt" if eo == e else "other_prompt"
+                acc.setdefault((t, to, scope), []).append(float(row[j]))
+    return [{"trained_type": t, "observed_type": to, "scope": scope, "entk_mean": float(np.mean(vals)),
+             "n": len(vals)} for (t, to, scope), vals in acc.items()]
 
 
 def _colour_limit(mat: np.ndarray) -> tuple[float, int]:

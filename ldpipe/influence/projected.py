@@ -66,8 +66,22 @@ class _Block:
         return r * (self.p_col.size(0) if self.p_col is not None else self.cols)
 
 
+def _kind(mod: nn.Module) -> str | None:
+    """How a module's weight gradient factors: "linear" (nn.Linear, W [out, in]: sum_t delta_t x_t^T), "conv1d"
+    (transformers' Conv1D of GPT-2, W [in, out], y = x W + b: sum_t x_t delta_t^T), "embedding" (rows are tokens:
+    sum_t e_tok delta_t^T), or None (not covered)."""
+    if isinstance(mod, nn.Linear):
+        return "linear"
+    if isinstance(mod, nn.Embedding):
+        return "embedding"
+    if type(mod).__name__ == "Conv1D" and type(mod).__module__.startswith("transformers."):
+        return "conv1d"
+    return None
+
+
 def projection_coverage(model: nn.Module, params: Sequence[str] | None = None) -> dict:
-    """Which selected parameters projected_entk covers: Linear weights/biases and Embedding weights.
+    """Which selected parameters projected_entk covers: Linear (and GPT-2's Conv1D) weights/biases and Embedding
+    weights.
 
     Returns {"covered": n, "total": n, "share": covered/total, "skipped": [names]}.
     """
@@ -87,7 +101,7 @@ def _covered_names(model: nn.Module, selected: dict[str, nn.Parameter]) -> list[
     names = _param_name_map(model)
     out = []
     for mod in model.modules():
-        if isinstance(mod, (nn.Linear, nn.Embedding)):
+        if _kind(mod) is not None:
             for p in (mod.weight, getattr(mod, "bias", None)):
                 if p is not None and names.get(id(p)) in selected:
                     out.append(names[id(p)])
@@ -95,8 +109,16 @@ def _covered_names(model: nn.Module, selected: dict[str, nn.Parameter]) -> list[
 
 
 class _Projector:
-    """Forward hooks record each Linear/Embedding call; after autograd.grad on the outputs the
+    """Forward hooks record each Linear/Conv1D/Embedding call; after autograd.grad on the outputs the
     per-example projected gradient sum_t (P_row u_t)(P_col v_t)^T is formed from the factors only.
+
+    Attribution to sequences: a call's positions belong to the batch rows of its input ([B, T, .]) or, for the
+    output head that batch_logps applies to the flattened response positions, to the owner of each position. A call
+    broadcast over the batch (input and output batch 1 while the batch has B > 1 rows: GPT-2's learned position
+    embedding of position ids [1, T]) is used by every sequence at the same positions; its summed output gradient
+    cannot be split afterwards, so the hook hands the model B copies of the output instead (the same values, so
+    the forward is unchanged) and each copy's gradient is its own sequence's: per sequence,
+    sum_t e_pos(t) delta_{b,t}^T.
     """
 
     def __init__(self, model: nn.Module, selected: dict[str, nn.Parameter], rank: int, seed: int,
@@ -107,7 +129,7 @@ class _Projector:
         self.blocks: dict[str, _Block] = {}
         self.modules: list[tuple[nn.Module, str | None, str | None]] = []  # module, weight name, bias name
         for mod in model.modules():
-            if not isinstance(mod, (nn.Linear, nn.Embedding)):
+            if _kind(mod) is None:
                 continue
             wn = names.get(id(mod.weight))
             wn = wn if wn in selected else None
@@ -118,7 +140,7 @@ class _Projector:
                 continue
             self.modules.append((mod, wn, bn))
             if wn is not None and wn not in self.blocks:
-                rows, cols = mod.weight.shape  # Linear [out, in]; Embedding [vocab, hidden]
+                rows, cols = mod.weight.shape  # Linear [out, in]; Conv1D [in, out]; Embedding [vocab, hidden]
                 blk = _Block(wn, rows, cols, _proj_matrix(seed, wn, "row", rank, rows, dev),
                              _proj_matrix(seed, wn, "col", rank, cols, dev))
                 if precond is not None:
@@ -136,9 +158,18 @@ class _Projector:
     def features(self, pairs: Sequence[Pair], *, train_side: bool) -> torch.Tensor:
         """[B, width] projected per-sequence gradients for one batch of pairs."""
         records: list[tuple[nn.Module, str | None, str | None, torch.Tensor, torch.Tensor]] = []
+        B = len(pairs)
 
         def hook(mod, inputs, output):
-            records.append((mod, *self.names[mod], inputs[0].detach(), output))
+            x = inputs[0].detach()
+            if B > 1 and output.dim() >= 3 and output.size(0) == 1 and x.size(0) == 1:
+                # broadcast over the batch (class docstring): one copy per sequence, each with its own gradient
+                output = output.expand(B, *output.shape[1:]).contiguous()
+                x = x.expand(B, *x.shape[1:])
+                records.append((mod, *self.names[mod], x, output))
+                return output
+            records.append((mod, *self.names[mod], x, output))
+            return None
 
         handles = [m.register_forward_hook(hook) for m, _, _ in self.modules]
         try:
@@ -146,7 +177,6 @@ class _Projector:
         finally:
             for h in handles:
                 h.remove()
-        B = len(pairs)
         # batch_logps applies the output head to the response positions only, flattened row-major.
         owner = torch.repeat_interleave(torch.arange(B), torch.tensor([len(r) for _, r in pairs])).to(logp.device)
         # Outputs that do not require grad (a frozen module fed by frozen inputs) carry no gradient.
@@ -159,12 +189,14 @@ class _Projector:
             if delta is None:
                 continue
             idx = self._owner(x, delta, B, owner)
-            if isinstance(mod, nn.Embedding):
+            kind = _kind(mod)
+            if kind == "embedding":
                 # grad of the table = sum_t e_tok delta_t^T: rows are tokens, columns hidden units
                 self._add(feats, wn, self._weight_feature(self.blocks[wn], x, delta, idx, B, train_side, onehot=True))
                 continue
-            if wn is not None:
-                self._add(feats, wn, self._weight_feature(self.blocks[wn], delta, x, idx, B, train_side))
+            if wn is not None:   # Linear: sum_t delta_t x_t^T; Conv1D (W [in, out]): sum_t x_t delta_t^T
+                u, v = (delta, x) if kind == "linear" else (x, delta)
+                self._add(feats, wn, self._weight_feature(self.blocks[wn], u, v, idx, B, train_side))
             if bn is not None:
                 self._add(feats, bn, self._bias_feature(self.blocks[bn], delta, idx, B, train_side))
         dev = logp.device
@@ -256,7 +288,7 @@ def projected_entk(model: nn.Module, train_pairs: Sequence[Union[Pair, Update]],
     exact (identity), so a rank >= every dimension reproduces exact_entk on the covered
     parameters. The inner product is unbiased for the true one. Only the factors are ever
     projected: no per-example gradient is materialised and no dense JL is used (it would cost many backward passes).
-    Covered: Linear weights and biases, Embedding weights; skipped: everything else
+    Covered: Linear (and transformers' Conv1D, GPT-2's) weights and biases, Embedding weights; skipped: everything else
     (LayerNorm), see `projection_coverage`. A preconditioner is applied on the training side
     as an Adafactor-style rank-1 factorisation of v per matrix (exact for biases, and for
     matrices when v is rank 1). Pairs are processed `batch` at a time (rows are independent).
@@ -266,7 +298,7 @@ def projected_entk(model: nn.Module, train_pairs: Sequence[Union[Pair, Update]],
     selected = dict(_select(model, params))
     covered = {n: selected[n] for n in _covered_names(model, selected)}
     if not covered:
-        raise LdpipeError("projected_entk: no selected parameter belongs to an nn.Linear or nn.Embedding")
+        raise LdpipeError("projected_entk: no selected parameter belongs to an nn.Linear, Conv1D or nn.Embedding")
     _check_precond(precond, list(covered.items()))
     proj = _Projector(model, covered, _check_rank(rank), seed, precond)
     pairs, combos = _unique_pairs(updates)
