@@ -118,9 +118,18 @@ def _load(name: str, local_files_only: bool, loader: Callable[[], Any]) -> Any:
         raise LdpipeError(f"cannot load model {name!r}: {e}") from e
 
 
+# Any of these in a model folder is a tokenizer transformers can load (fast, sentencepiece, GPT-2 BPE, tiktoken).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "tokenizer.tiktoken")
+
+
 def load_tokenizer(name_or_path: str | Path, *, local_files_only: bool = True) -> PreTrainedTokenizerBase:
     """The tokenizer of a local model dir or (opt-in) a hub id, with pad = eos when it has no pad token."""
     source = _model_source(name_or_path)
+    local = Path(source)
+    if local.is_dir() and not any((local / f).is_file() for f in TOKENIZER_FILES):
+        # transformers would say "install sentencepiece or tiktoken", which is not the problem
+        raise LdpipeError(f"no tokenizer files ({' / '.join(TOKENIZER_FILES[:2])}) in {local}; save the tokenizer "
+                          "beside the model (tokenizer.save_pretrained(folder))")
     tokenizer = _load(str(name_or_path), local_files_only,
                       lambda: AutoTokenizer.from_pretrained(source, local_files_only=local_files_only))
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
