@@ -46,7 +46,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from ldpipe.runguard import my_tags, recover_dead_runs, run_guarded
-    from ldpipe.runview import RunView, check_line, output_to_log
+    from ldpipe.runview import RunView, check_line, check_verdict, output_to_log
 
     paths = Paths.default()
     log_path = paths.home / "logs" / f"run-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
@@ -88,7 +88,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
     print(f"ldpipe run finished in {wall:.0f}s (Dagster run {result.run_id}, history in {home})")
     if steps:
         print("Slowest steps: " + ", ".join(f"{k} {v:.0f}s" for k, v in steps[:5]))
-    print(f"Checks: {len(checks) - len(failed_checks)} PASS, {len(failed_checks)} FAIL")
+    skipped = sum(1 for c in checks if check_verdict(c) == "SKIP")
+    print(f"Checks: {len(checks) - len(failed_checks) - skipped} PASS, {len(failed_checks)} FAIL"
+          + (f", {skipped} SKIP (not measured)" if skipped else ""))
     for c in checks:
         print(f"  {check_line(c)}")
     print(f"Results:\n  Parquet store   {paths.store}\n  DuckDB catalog  {paths.catalog}\n  plots           "

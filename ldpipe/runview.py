@@ -56,9 +56,19 @@ def check_line(evaluation: Any) -> str:
             text = json.dumps(raw, sort_keys=True, separators=(",", ":"), default=str)
             if len(text) <= 80:
                 nums.append(f"{k}={text}")
-    verdict = "PASS" if evaluation.passed else "FAIL"
-    head = f"{verdict} {evaluation.asset_key.to_user_string()}:{evaluation.check_name}"
+    head = f"{check_verdict(evaluation)} {evaluation.asset_key.to_user_string()}:{evaluation.check_name}"
+    raw = (evaluation.metadata or {}).get("skipped")
+    skipped = getattr(raw, "value", raw)
+    if skipped is not None:    # not measured (e.g. a method that was not run): why, not numbers
+        return f"{head}  ({skipped})"
     return head + (f"  ({', '.join(nums)})" if nums and not evaluation.passed else "")
+
+
+def check_verdict(evaluation: Any) -> str:
+    """PASS, FAIL, or SKIP for a check that had nothing to measure (it passes with metadata `skipped`: why)."""
+    if evaluation.passed and "skipped" in (evaluation.metadata or {}):
+        return "SKIP"
+    return "PASS" if evaluation.passed else "FAIL"
 
 
 @dataclass

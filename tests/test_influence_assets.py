@@ -31,6 +31,38 @@ def test_influence_section_is_validated():
     assert "x/run_sft" in keys and not any("influence" in k for k in keys)
 
 
+def test_an_agreement_check_with_nothing_to_compare_is_skipped_not_nan():
+    """influence.methods [exact, naive]: projected vs exact is not measured, so its check says so and why (it
+    passes, marked skipped), never FAIL with min_spearman=nan; the check that has data is measured as before."""
+    import math
+
+    from ldpipe.influence.runs import agreement_table
+    from ldpipe.influence.steps import AGREEMENT_CHECKS, agreement_check
+    from ldpipe.schema import INFLUENCE_SCHEMA
+
+    spec = parse_experiment({"name": "x", "runs": [{"name": "sft"}],
+                             "influence": {"methods": ["exact", "naive"]}}, source="t")
+    rows = [{"run_id": "x.sft", "checkpoint": "start", "checkpoint_step": 0, "method": m, "train_example_id": "u",
+             "train_response_type": "chosen", "observed_example_id": f"p{j}", "observed_response_type": "chosen",
+             "entk": None, "lr_eff": 1.0, "value": float(j) * (1.0 if m == "exact" else 1.01), "precond": None}
+            for m in ("exact", "naive") for j in range(4)]
+    table = agreement_table(pl.DataFrame(rows, schema=INFLUENCE_SCHEMA))
+    checks = {name: agreement_check(name, table.filter(pl.col("estimate") == est), spec, est)
+              for name, est in AGREEMENT_CHECKS}
+    proj = checks["projected_agrees_with_exact"]
+    assert proj.passed and "min_spearman" not in proj.metadata
+    assert proj.metadata["skipped"] == ("not measured: influence.methods ['exact', 'naive'] has no 'projected' "
+                                        "to compare")
+    lin = checks["linearisation_agrees_with_naive"]
+    assert lin.passed and lin.metadata["min_spearman"] == pytest.approx(1.0) and "skipped" not in lin.metadata
+    assert not any(isinstance(v, float) and math.isnan(v) for c in checks.values() for v in c.metadata.values())
+    # a Spearman that cannot be defined (constant values) is a failure that says where, not a NaN
+    flat = agreement_table(pl.DataFrame([{**r, "value": 1.0} for r in rows], schema=INFLUENCE_SCHEMA))
+    bad = agreement_check("linearisation_agrees_with_naive", flat.filter(pl.col("estimate") == "naive"), spec,
+                          "naive")
+    assert not bad.passed and bad.metadata["spearman_undefined_at"] == ["x.sft:start"]
+
+
 @pytest.mark.slow
 def test_materialize_influence_assets(tiny_project):
     decl = tiny_project / "assets" / "tiny.yaml"

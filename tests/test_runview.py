@@ -7,7 +7,7 @@ import dagster as dg
 from rich.console import Console
 
 from ldpipe.errors import DataValidationError
-from ldpipe.runview import RunView, check_line, output_to_log, root_cause
+from ldpipe.runview import RunView, check_line, check_verdict, output_to_log, root_cause
 
 
 @dg.asset
@@ -70,6 +70,22 @@ def test_failed_check_prints_its_numbers_in_one_line():
     # a small JSON value (what failed, per type) is shown; a large one is left to the UI
     assert line == ("FAIL measured:big_enough  (delta=-1.235, n=5, threshold=0.8, note=y+ fell, "
                     'empty_by_type={"chosen_initial":6})')
+
+
+@dg.asset(check_specs=[dg.AssetCheckSpec("agrees", asset="compared")])
+def compared():
+    yield dg.MaterializeResult()
+    yield dg.AssetCheckResult(check_name="agrees", passed=True,
+                              metadata={"skipped": "not measured: influence.methods ['exact'] has no 'naive'",
+                                        "threshold": 0.9, "entries_compared": 0})
+
+
+def test_a_check_with_nothing_to_measure_prints_as_skip_with_its_reason():
+    with dg.DagsterInstance.ephemeral() as instance:
+        result = dg.materialize([compared], instance=instance, raise_on_error=False)
+    (ev,) = result.get_asset_check_evaluations()
+    assert check_verdict(ev) == "SKIP"
+    assert check_line(ev) == "SKIP compared:agrees  (not measured: influence.methods ['exact'] has no 'naive')"
 
 
 def test_root_cause_keeps_the_class_of_a_foreign_error():

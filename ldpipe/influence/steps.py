@@ -64,16 +64,34 @@ def agreement_step(spec: ExperimentSpec, runs: list[RunSpec], files) -> Agreemen
         _write(files, "influence_agreement", df, spec.run_id(run), INFLUENCE_AGREEMENT_SCHEMA)
         frames.append(df)
     table = pl.concat(frames) if frames else pl.DataFrame(schema=INFLUENCE_AGREEMENT_SCHEMA)
-    threshold = spec.influence.min_spearman
-    checks = []
-    for name, estimate in AGREEMENT_CHECKS:
-        part = table.filter(pl.col("estimate") == estimate)
-        low = part["spearman"].min() if not part.is_empty() else None
-        checks.append(CheckOutcome(name, low is not None and low >= threshold, {
-            "min_spearman": float(low) if low is not None else float("nan"), "threshold": threshold,
-            "max_relative_error": float(part["relative_error"].max()) if low is not None else float("nan"),
-            "entries_compared": int(part["n"].sum()) if low is not None else 0}))
+    checks = [agreement_check(name, table.filter(pl.col("estimate") == estimate), spec, estimate)
+              for name, estimate in AGREEMENT_CHECKS]
     return AgreementResult(table, checks)
+
+
+def agreement_check(name: str, part: pl.DataFrame, spec: ExperimentSpec, estimate: str) -> CheckOutcome:
+    """One agreement check over the `influence_agreement` rows of `estimate` against exact (`part`): passes when the
+    lowest Spearman reaches influence.min_spearman. Nothing to compare (a method not in influence.methods, or no
+    checkpoint with 2 shared entries) is not a failure and not a NaN: the check passes with metadata `skipped`
+    saying why (printed as SKIP by `ldpipe run`). A Spearman that is undefined (one side constant at a
+    checkpoint) fails, naming the checkpoints."""
+    threshold = spec.influence.min_spearman
+    if part.is_empty():
+        methods = list(spec.influence.methods)
+        missing = [m for m in (estimate, "exact") if m not in methods]
+        why = (f"not measured: influence.methods {methods} has no {' or '.join(map(repr, missing))} to compare"
+               if missing else f"not measured: no checkpoint has 2 or more entries of both {estimate!r} and 'exact'")
+        return CheckOutcome(name, True, {"skipped": why, "threshold": threshold, "entries_compared": 0})
+    undefined = part.filter(pl.col("spearman").is_nan())
+    defined = part.filter(~pl.col("spearman").is_nan())
+    meta: dict = {"threshold": threshold, "entries_compared": int(part["n"].sum())}
+    if not defined.is_empty():
+        meta |= {"min_spearman": float(defined["spearman"].min()),
+                 "max_relative_error": float(defined["relative_error"].max())}
+    if not undefined.is_empty():
+        meta["spearman_undefined_at"] = [f"{r}:{c}" for r, c in undefined.select("run_id", "checkpoint").rows()]
+        meta["reason"] = "Spearman undefined (one side's values are all equal) at a checkpoint"
+    return CheckOutcome(name, undefined.is_empty() and meta["min_spearman"] >= threshold, meta)
 
 
 @dataclass(frozen=True)
