@@ -104,7 +104,8 @@ class _RunLoss:
 def _encode_units(tok, spec: ExperimentSpec, units: list[Unit]) -> list[tuple[Pair, Pair | None]]:
     from ldpipe.model.scoring import encode_pair
 
-    kw = {"max_prompt_tokens": spec.probes.max_prompt_tokens, "max_response_tokens": spec.probes.max_response_tokens}
+    kw = {"max_prompt_tokens": spec.probes.max_prompt_tokens, "max_response_tokens": spec.probes.max_response_tokens,
+          "chat_template": spec.probes.chat_template}
     out = []
     for u in units:
         c = encode_pair(tok, u.prompt, u.response, **kw)
@@ -116,7 +117,8 @@ def _encode_observed(tok, spec: ExperimentSpec, probes: pl.DataFrame) -> tuple[l
     from ldpipe.model.scoring import encode_probes
 
     enc = encode_probes(tok, probes, max_prompt_tokens=spec.probes.max_prompt_tokens,
-                        max_response_tokens=spec.probes.max_response_tokens, source="influence probes")
+                        max_response_tokens=spec.probes.max_response_tokens, source="influence probes",
+                        chat_template=spec.probes.chat_template)
     pairs, labels = [], []
     for e in enc:
         for t, r in zip(e.response_types, e.response_ids):
