@@ -3,7 +3,8 @@
 Each check calls the same function the run's step would (the dataset loader, the corpus reader, the tokenizer
 and config loaders, the probe builder), so it fails with the same message (file, row, field). Found:
 - the data file(s) exist and parse, every row (files up to FULL_CHECK_BYTES; above that the first
-  SAMPLE_ROWS rows, and the run validates the rest);
+  SAMPLE_ROWS rows, and the run validates the rest); for local data, which file became which split (one line each:
+  "train.jsonl → train (40 rows)", with the reason where it is not the file's name);
 - a declared corpus file exists and parses;
 - a pretrained model path or hub id holds a config and a tokenizer (offline unless allow_download);
 - every run has training rows (a run with none would have zero steps);
@@ -37,6 +38,7 @@ def _size(path: Path) -> int:
 
 
 def _load(spec: ExperimentSpec, rep: Report) -> pl.DataFrame | None:
+    from ldpipe.data.loaders import collect_split_notes
     from ldpipe.data.stage import _resolve, load_dataset
 
     ds = spec.dataset
@@ -56,13 +58,17 @@ def _load(spec: ExperimentSpec, rep: Report) -> pl.DataFrame | None:
             head = Path(tmp) / path.name
             head.write_bytes(b"".join(line for _, line in zip(range(SAMPLE_ROWS + 1), f)))
             sample = spec.model_copy(update={"dataset": ds.model_copy(update={"path": str(head)})})
-            prefs, _, _ = load_dataset(sample)
+            with collect_split_notes() as notes:
+                prefs, _, _ = load_dataset(sample)
         rep.lines.append(f"dataset {ds.kind} {path}: first {SAMPLE_ROWS} rows parse (the file is "
                          f"{_size(path) / 2**20:.0f} MB; the run validates every row)")
+        rep.lines.extend(f"  {n}" for n in notes)
         return None
-    prefs, _, _ = load_dataset(spec, sample_rows=SAMPLE_ROWS if big else None)
+    with collect_split_notes() as notes:   # local data: which file became which split, one line each
+        prefs, _, _ = load_dataset(spec, sample_rows=SAMPLE_ROWS if big else None)
     counts = dict(prefs.group_by("split").len().sort("split").iter_rows())
     rep.lines.append(f"dataset {ds.kind} {path}: {prefs.height} rows parse, every row checked; splits {counts}")
+    rep.lines.extend(f"  {n}" for n in notes)
     return prefs
 
 
@@ -148,7 +154,8 @@ def _probes(spec: ExperimentSpec, prefs: pl.DataFrame, rep: Report) -> None:
                      + (f"; from the base model at run time: {later}" if later else ""))
     if prefs.filter(pl.col("split") == "test").is_empty() and spec.generation_analysis.enabled:
         rep.warnings.append("no held-out (test) split: borrowing and win rate on held-out prompts will have "
-                            "nothing to measure (add a 'split' column with 'test' rows)")
+                            "nothing to measure (add a 'split' column with 'test' rows, or "
+                            "put them in a test.jsonl beside train.jsonl)")
 
 
 def check_experiment(spec: ExperimentSpec) -> Report:

@@ -1,5 +1,12 @@
 """Reading preference files: local JSONL/JSON/CSV/Parquet files and folders (pre-scanned line by line so a bad row is
-named with its line and field before datasets reads it), and hub splits with an up-front reachability check."""
+named with its line and field before datasets reads it), and hub splits with an up-front reachability check.
+
+Splits of a folder follow `datasets`' `data_files` rules (`name_splits`): its own patterns decide which file is which
+split (data/train-00000-of-00001.parquet, train.jsonl, my_test.csv, test/part-0.jsonl, ...), and its split keywords
+which ldpipe split that is: train/training -> train; test/testing/eval/evaluation -> test; validation/valid/dev/val ->
+test as well (ldpipe has a train split and one held-out split, and a validation file is held out too). Where
+`datasets` would leave a data file out (no split in its name while other files have one) or read it twice (a name
+with two splits), ldpipe stops with the file's name instead."""
 
 from __future__ import annotations
 
@@ -8,9 +15,10 @@ import gzip
 import io
 import json
 import os
+import re
 import socket
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import IO
 from urllib.parse import urlparse
@@ -86,11 +94,14 @@ def _split_token(name: str) -> str:
 
 
 def _files(path: Path) -> list[Path]:
+    """The file, or the data files under a folder in name order; hidden ones (.x, __x) are left out, as by
+    `datasets`."""
     if not path.exists():
         raise LdpipeError(f"{path}: no such file or directory")
     if path.is_file():
         return [path]
-    found = sorted(p for p in path.rglob("*") if p.is_file() and _format(p, strict=False))
+    found = sorted(p for p in path.rglob("*") if p.is_file() and _format(p, strict=False)
+                   and not any(part.startswith((".", "__")) for part in p.relative_to(path).parts))
     if not found:
         raise LdpipeError(f"{path}: no .jsonl/.json/.parquet/.csv (optionally .gz) files in this directory")
     return found
@@ -112,6 +123,91 @@ def _split_files(path: Path, data_dir: str | None, names: tuple[str, str]) -> li
                       f"{' or '.join(repr(n) for n in dict.fromkeys(names))}); found {[f.name for f in files][:10]}")
 
 
+# --------------------------------------------------------------------------- splits
+
+# ldpipe's split for each of datasets' split kinds (datasets.data_files.SPLIT_KEYWORDS): one held-out split.
+LDPIPE_SPLIT = {"train": "train", "validation": "test", "test": "test"}
+
+
+def split_keywords() -> dict[str, list[str]]:
+    """datasets' split keywords: {'train': ['train', 'training'], 'validation': [...], 'test': [...]}."""
+    from datasets.data_files import SPLIT_KEYWORDS
+
+    return {str(k): list(v) for k, v in SPLIT_KEYWORDS.items()}
+
+
+def split_kind(name: str, *, by_words: bool = False) -> str | None:
+    """'train', 'validation' or 'test' for a split value (case and surrounding space ignored), or None.
+
+    `by_words`: a split name of datasets' own (a sharded file's "train_prefs") is read by its words, split on
+    datasets' separators (-._ space and digits), and must hold the keywords of one kind only."""
+    value = name.strip().lower()
+    words = set(re.split(r"[-._ 0-9]+", value)) if by_words else {value}
+    kinds = {k for k, kws in split_keywords().items() if words & set(kws)}
+    return kinds.pop() if len(kinds) == 1 else None
+
+
+def name_splits(folder: Path, files: Sequence[Path]) -> dict[Path, str] | None:
+    """{file: the split `datasets` gives it by its path under `folder`} for `files` (from `_files`), or None when no
+    file's path names a split (then `datasets` reads all as one split too).
+
+    `datasets`' own pattern search (`data_files`), limited to these files. Errors name the file that `datasets`
+    would leave out or read into two splits, and a split name that is neither train, test nor validation."""
+    from datasets.data_files import DEFAULT_PATTERNS_ALL, _get_data_files_patterns, resolve_pattern
+
+    ours = {f.resolve(): f for f in files}
+
+    def resolver(pattern: str) -> list[str]:
+        try:
+            found = resolve_pattern(pattern, str(folder))
+        except FileNotFoundError:
+            return []
+        return [p for p in found if Path(p).resolve() in ours]
+
+    try:
+        patterns = _get_data_files_patterns(resolver)
+    except FileNotFoundError:
+        return None
+    except ValueError as e:   # a sharded split name datasets refuses
+        raise LdpipeError(f"{folder}: {e}") from None
+    if patterns == DEFAULT_PATTERNS_ALL:
+        return None
+    found: dict[Path, list[str]] = {}
+    for split, pats in patterns.items():
+        for hit in dict.fromkeys(h for p in pats for h in resolver(p)):
+            found.setdefault(ours[Path(hit).resolve()], []).append(str(split))
+    kinds: dict[str, list[str]] = {}
+    for split in patterns:
+        kind = split_kind(str(split), by_words=True)
+        if kind is None:
+            raise LdpipeError(f"{folder}: split {str(split)!r} (from file names {_names(folder, found, str(split))}) "
+                              "is neither train, test nor validation; rename the files (train*, test*, validation*) "
+                              "or give path one file")
+        kinds.setdefault(kind, []).append(str(split))
+    for kind, names in kinds.items():
+        if len(names) > 1:
+            raise LdpipeError(f"{folder}: the file names give several {kind} splits {names}; ldpipe reads one "
+                              f"{kind} split: point path at a folder holding the files of one of them")
+    out: dict[Path, str] = {}
+    for f in files:
+        got = found.get(f, [])
+        rel = f.relative_to(folder).as_posix()
+        if not got:
+            named = sorted(g.relative_to(folder).as_posix() for g in found)[:4]
+            raise LdpipeError(f"{folder}: {rel} has no split in its name, while other files' names give splits "
+                              f"({', '.join(named)}), so `datasets` would leave it out; rename it "
+                              f"(e.g. train-{f.name}) or move it out of the folder")
+        if len(got) > 1:
+            raise LdpipeError(f"{folder}: {rel} matches the splits {got} by its name, so `datasets` would read it "
+                              "into each; rename it")
+        out[f] = got[0]
+    return out
+
+
+def _names(folder: Path, found: dict[Path, list[str]], split: str) -> list[str]:
+    return sorted(f.relative_to(folder).as_posix() for f, s in found.items() if split in s)[:3]
+
+
 def _format(path: Path, *, strict: bool = True) -> str | None:
     suffixes = [s.lower() for s in path.suffixes]
     if suffixes and suffixes[-1] == ".parquet":
@@ -125,8 +221,12 @@ def _format(path: Path, *, strict: bool = True) -> str | None:
 
 
 def _read_file(path: Path, *, required: Sequence[str], optional: Sequence[str] = (),
-               types: dict[str, tuple[type, ...]], max_rows: int | None = None) -> pl.DataFrame:
-    """Read the `required` and present `optional` columns of one file through `datasets`, plus ROW."""
+               types: dict[str, tuple[type, ...]], max_rows: int | None = None,
+               hint: Callable[[list[str]], str] | None = None) -> pl.DataFrame:
+    """Read the `required` and present `optional` columns of one file through `datasets`, plus ROW.
+
+    A column typed (str, list) holds text or TRL's conversational messages (a list of {role, content}), one of the
+    two in every row; `hint(available columns)` is added to a missing-column error."""
     fmt, src = _format(path), str(path)
     rows: list[int] | None = None
     features = None
@@ -150,8 +250,9 @@ def _read_file(path: Path, *, required: Sequence[str], optional: Sequence[str] =
             raise DataValidationError(src, f"could not read as {fmt}: {type(e).__name__}: {e}") from e
         missing = [c for c in required if c not in ds.column_names]
         if missing:
-            raise DataValidationError(src, f"missing column '{missing[0]}'; available columns: {ds.column_names}",
-                                      field=missing[0])
+            more = hint(list(ds.column_names)) if hint else ""
+            raise DataValidationError(src, f"missing column '{missing[0]}'; available columns: {ds.column_names}"
+                                      + (f". {more}" if more else ""), field=missing[0])
         keep = list(dict.fromkeys([*required, *(c for c in optional if c in ds.column_names)]))
         if max_rows is not None:
             ds = ds.select(range(min(max_rows, len(ds))))
@@ -162,6 +263,8 @@ def _read_file(path: Path, *, required: Sequence[str], optional: Sequence[str] =
     for c in keep:  # Parquet types, and CSV/JSON columns that came out non-text despite the scan
         if types.get(c) == (str,):
             df = df.with_columns(_text(df, c, src))
+        elif types.get(c) == (str, list):
+            df = df.with_columns(_text_or_messages(df, c, src))
     return df
 
 
@@ -203,13 +306,17 @@ def _json_field_at(raw: bytes, start: int) -> str | None:
 
 
 _JSON_TYPE = {str: "a string", int: "an integer", list: "a list"}
+_TEXT_OR_MESSAGES = (str, list)
+MESSAGES_NOTE = "a text field holds a string, or TRL's conversational list of {role, content} messages"
 
 
 def _scan_jsonl(path: Path, types: dict[str, tuple[type, ...]], max_rows: int | None) -> list[int]:
     """Check each JSON line's raw value types (before any casting) and return the record line numbers
     (the first `max_rows`). The whole file is checked: `datasets` reads it all, and a type clash
-    past the limit would otherwise surface as an opaque Json column."""
+    past the limit would otherwise surface as an opaque Json column. A (str, list) key holds text in every row
+    or messages in every row."""
     rows: list[int] = []
+    form: dict[str, tuple[str, int]] = {}   # key -> ("text" | "messages", first row)
     for n, text in _lines(path):
         if not text.strip():
             continue
@@ -222,19 +329,59 @@ def _scan_jsonl(path: Path, types: dict[str, tuple[type, ...]], max_rows: int | 
             raise DataValidationError(str(path), f"expected a JSON object, got {_describe(rec)}", row=n)
         for key, ok in types.items():
             v = rec.get(key)
-            if v is not None and (not isinstance(v, ok) or isinstance(v, bool)):
-                want = " or ".join(_JSON_TYPE[t] for t in ok)
-                raise DataValidationError(str(path), f"expected {want}, got {_describe(v)}", row=n, field=key)
-            if isinstance(v, list) and not all(isinstance(m, dict) and isinstance(m.get("content"), str) for m in v):
-                raise DataValidationError(str(path), "expected a list of {role, content} messages with text content",
-                                          row=n, field=key)
+            if v is None:
+                continue
+            not_messages = ok == _TEXT_OR_MESSAGES and isinstance(v, list) and not (v and isinstance(v[0], dict))
+            if not isinstance(v, ok) or isinstance(v, bool) or not_messages:   # (a list of strings is no messages)
+                want = " or ".join(_JSON_TYPE[t] for t in ok if t is not list or ok != _TEXT_OR_MESSAGES)
+                note = f" ({MESSAGES_NOTE})" if ok == _TEXT_OR_MESSAGES else ""
+                raise DataValidationError(str(path), f"expected {want}, got {_describe(v)}{note}", row=n, field=key)
+            if isinstance(v, list):
+                bad = message_problem(v)
+                if bad:
+                    raise DataValidationError(str(path), "expected a list of {role, content} messages with text "
+                                                         f"content: {bad}", row=n, field=key)
+            if ok == _TEXT_OR_MESSAGES:
+                kind = "messages" if isinstance(v, list) else "text"
+                first = form.setdefault(key, (kind, n))
+                if first[0] != kind:
+                    said = {"messages": "a list of messages", "text": "text"}
+                    raise DataValidationError(
+                        str(path), f"{said[kind]}, but row {first[1]} holds {said[first[0]]}: every row of a file is "
+                                   "in one format (TRL's standard: text; conversational: messages)", row=n, field=key)
         rows.append(n)
     return rows[:max_rows] if max_rows is not None else rows
 
 
+def message_problem(messages: list) -> str | None:
+    """What makes `messages` no list of {role, content} messages with text content, else None."""
+    if not messages:
+        return "an empty list"
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            return f"item {i} is {_describe(m)}"
+        if not isinstance(m.get("role"), str):
+            return f"message {i} has no text 'role' ({show_value(m)})"
+        if not isinstance(m.get("content"), str):
+            return f"message {i} has no text 'content' ({show_value(m.get('content'))})"
+    return None
+
+
 def _describe(v: object) -> str:
-    kind = {bool: "boolean", int: "number", float: "number", list: "array", dict: "object", str: "string"}
-    return f"a JSON {kind.get(type(v), type(v).__name__)} ({json.dumps(v)[:40]})"
+    kind = {bool: "boolean", int: "number", float: "number", list: "array", dict: "object", str: "string",
+            type(None): "null"}
+    return f"a JSON {kind.get(type(v), type(v).__name__)} ({show_value(v, 40)})"
+
+
+def show_value(v: object, limit: int = 60) -> str:
+    """A value as JSON text for a message (a polars Series or list as its items, never polars' display text)."""
+    if isinstance(v, pl.Series):
+        v = v.to_list()
+    try:
+        text = json.dumps(v, ensure_ascii=False, default=str)
+    except ValueError:   # a circular structure, which no file holds
+        text = str(v)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _scan_csv(path: Path, max_rows: int | None) -> tuple[list[str], list[int]]:
@@ -259,5 +406,23 @@ def _text(df: pl.DataFrame, col: str, source: str | Path) -> pl.Expr:
         return pl.col(col).cast(pl.String)
     i = df[col].is_not_null().arg_max() or 0
     row = df[ROW][i] if ROW in df.columns else i + 1
-    raise DataValidationError(str(source), f"expected text, got {dtype} (value {str(df[col][i])[:40]!r})",
+    raise DataValidationError(str(source), f"expected text, got {dtype} (value {show_value(df[col][i])})",
+                              row=row, field=col)
+
+
+def _text_or_messages(df: pl.DataFrame, col: str, source: str | Path) -> pl.Expr:
+    """`col` as text, or as it is when it holds {role, content} messages with text content (Parquet's
+    list<struct>); otherwise an error naming the first row with a value."""
+    dtype = df.schema[col]
+    if dtype == pl.String or dtype == pl.Null:
+        return pl.col(col).cast(pl.String)
+    inner = dtype.inner if isinstance(dtype, pl.List) else None
+    if isinstance(inner, pl.Struct):
+        fields = {f.name: f.dtype for f in inner.fields}
+        if fields.get("role") == pl.String and fields.get("content") == pl.String:
+            return pl.col(col)
+    i = df[col].is_not_null().arg_max() or 0
+    row = df[ROW][i] if ROW in df.columns else i + 1
+    raise DataValidationError(str(source), f"expected text or a list of {{role, content}} messages with text "
+                                           f"content, got {dtype} (value {show_value(df[col][i])})",
                               row=row, field=col)

@@ -17,14 +17,28 @@ original index (hh-train-123), so skipping never renumbers the other rows.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 import polars as pl
 
-from ldpipe.data.files import ROW, _files, _raw_split, _read_file, _text
+from ldpipe.data.files import (
+    LDPIPE_SPLIT,
+    ROW,
+    _files,
+    _raw_split,
+    _read_file,
+    _text,
+    message_problem,
+    name_splits,
+    split_keywords,
+    split_kind,
+)
+from ldpipe.data.transcript import TranscriptError, messages_to_transcript, reply_to_text
 from ldpipe.errors import DataValidationError, LdpipeError, SpecError
 from ldpipe.schema import CORE_RESPONSE_TYPES, PREFERENCE_SCHEMA, PROBE_SCHEMA, conform
 
@@ -205,41 +219,256 @@ def _assistant_reply(raw: pl.DataFrame, col: str, source: str) -> pl.Expr:
 
 # --------------------------------------------------------------------------- local files
 
+# What each local file became, for `ldpipe check` (collect_split_notes); None outside a collection.
+_SPLIT_NOTES: ContextVar[list[str] | None] = ContextVar("ldpipe_split_notes", default=None)
+
+
+@contextmanager
+def collect_split_notes() -> Iterator[list[str]]:
+    """Within the block, every `load_local` appends one line per file: which split its rows became and why
+    ("train.jsonl → train (40 rows)")."""
+    notes: list[str] = []
+    token = _SPLIT_NOTES.set(notes)
+    try:
+        yield notes
+    finally:
+        _SPLIT_NOTES.reset(token)
+
 
 def load_local(path: str | Path, *, columns: dict[str, str] | None = None, splits: Sequence[str] | None = None,
                limit: int | None = None) -> pl.DataFrame:
-    """A local JSONL/Parquet/CSV file (or a directory of them) with prompt/chosen/rejected columns.
+    """A local JSONL/Parquet/CSV file (or a folder of them) in one of TRL's preference formats.
+
+    Formats (TRL's `data_utils`): standard (text) or conversational (lists of {role, content}); explicit prompt
+    (prompt/chosen/rejected) or implicit (chosen/rejected only, each the whole text or conversation: the prompt is
+    their shared start, by TRL's `maybe_extract_prompt`). Text is kept as written; a conversational prompt becomes
+    the reference's transcript ("\n\nHuman: ...\n\nAssistant:", ldpipe.data.transcript) and its one assistant
+    reply " <content>" (one space, as after "Assistant:").
 
     `columns` maps ldpipe names (prompt, chosen, rejected, example_id, split) to the file's names.
-    Without an id column ids are "<file stem>-<row index>"; without a split column every row is
-    `splits[0]` (default "train"). Rows are validated as a whole file, then filtered to `splits`
-    and cut to `limit` rows per split.
+    Without an id column ids are "<file stem>-<row index>". A row's split: its split column (train/test in any
+    case; validation, valid, dev and val are held out as test; anything else is an error), else the split its
+    file's name gives it in a folder (`datasets`' rules, ldpipe.data.files.name_splits), else `splits[0]`
+    (default "train"). Rows are validated as a whole file, then filtered to `splits` and cut to `limit` rows per
+    split.
     """
     colmap = {k: (columns or {}).get(k, k) for k in _LOCAL_FIELDS}
     unknown = set(columns or {}) - set(_LOCAL_FIELDS)
     if unknown:
         raise SpecError(f"unknown column mapping key(s) {sorted(unknown)}; allowed: {list(_LOCAL_FIELDS)}")
     want = tuple(splits) if splits else ("train",)
-    frames = []
-    for f in _files(Path(path)):
-        raw = _read_file(f, required=[colmap[k] for k in ("prompt", "chosen", "rejected")],
-                         optional=[colmap["example_id"], colmap["split"]],
-                         types={colmap["prompt"]: (str,), colmap["chosen"]: (str,), colmap["rejected"]: (str,),
-                                colmap["split"]: (str,), colmap["example_id"]: (str, int)})
+    root = Path(path)
+    files = _files(root)
+    by_name = name_splits(root, files) if root.is_dir() else None
+    if by_name:   # train files first, then validation, then test (datasets' order), each in name order
+        order = {"train": 0, "validation": 1, "test": 2}
+        files = sorted(files, key=lambda f: order[split_kind(by_name[f], by_words=True)])
+    prompt_declared = "prompt" in (columns or {})
+    frames, notes = [], []
+    stems = [f.stem for f in files]
+    for f in files:
+        # generated ids: "<file stem>-<row>", or "<path under the folder>-<row>" where two files share a stem
+        # (train/part-0.jsonl and test/part-0.jsonl)
+        prefix = f.stem if stems.count(f.stem) == 1 else f.relative_to(root).with_suffix("").as_posix()
+        required = (["prompt"] if prompt_declared else []) + ["chosen", "rejected"]   # no prompt: TRL's implicit one
+        raw = _read_file(f, required=[colmap[k] for k in required],
+                         optional=[colmap["prompt"], colmap["example_id"], colmap["split"]],
+                         types={colmap["prompt"]: (str, list), colmap["chosen"]: (str, list),
+                                colmap["rejected"]: (str, list), colmap["split"]: (str,),
+                                colmap["example_id"]: (str, int)},
+                         hint=lambda cols: format_hint(cols, colmap))
         has_id, has_split = colmap["example_id"] in raw.columns, colmap["split"] in raw.columns
-        frames.append(raw.with_row_index("_i").select(
+        implicit = colmap["prompt"] not in raw.columns
+        conversational = any(isinstance(raw.schema[colmap[k]], pl.List) for k in ("prompt", "chosen", "rejected")
+                             if colmap[k] in raw.columns)
+        if implicit or conversational:
+            texts, extracted = _trl_texts(raw, colmap, str(f))
+        else:
+            texts, extracted = raw.select(*(pl.col(colmap[k]).alias(k) for k in ("prompt", "chosen", "rejected"))), 0
+        name_split = by_name[f] if by_name else None
+        if has_split:
+            split, read_as = _split_column(raw, colmap["split"], str(f))
+        else:
+            split, read_as = pl.lit(LDPIPE_SPLIT[split_kind(name_split, by_words=True)] if name_split else want[0]), {}
+        frames.append(pl.concat([raw.with_row_index("_i").select(
             pl.col(colmap["example_id"]).cast(pl.String).alias("example_id") if has_id
-            else (pl.lit(f"{f.stem}-") + pl.col("_i").cast(pl.String)).alias("example_id"),
-            pl.col(colmap["split"]).alias("split") if has_split else pl.lit(want[0]).alias("split"),
-            *(pl.col(colmap[k]).alias(k) for k in ("prompt", "chosen", "rejected")),
-            pl.lit(str(f)).alias("source"),
-            pl.col(ROW),
-        ))
+            else (pl.lit(f"{prefix}-") + pl.col("_i").cast(pl.String)).alias("example_id"),
+            split.alias("split")), texts, raw.select(pl.lit(str(f)).alias("source"), pl.col(ROW))], how="horizontal"))
+        notes.append((f, name_split, has_split, read_as, implicit, conversational, extracted))
     df = validate_preferences(pl.concat(frames), str(path), keep_rows=True)
+    _note_splits(root, df, notes)
     df = df.filter(pl.col("split").is_in(want))
     if limit is not None:
         df = df.filter(pl.int_range(pl.len()).over("split") < limit)
     return df.drop(ROW)
+
+
+def _split_column(raw: pl.DataFrame, col: str, source: str) -> tuple[pl.Expr, dict[str, tuple[str, int]]]:
+    """The ldpipe split of each row's split value, and {value: (split, rows)} for the values that are not already
+    'train'/'test'. Null and blank values stay as they are (validate_preferences names them); any other value that
+    is no split keyword is an error naming the row and the value."""
+    counts = raw.group_by(col, maintain_order=True).len()
+    mapping: dict[str, str] = {}
+    read_as: dict[str, tuple[str, int]] = {}
+    for value, n in counts.iter_rows():
+        if value is None or not value.strip():
+            continue
+        kind = split_kind(value)
+        if kind is None:
+            row = raw.filter(pl.col(col) == value)[ROW][0]
+            kw = split_keywords()
+            raise DataValidationError(source, f"split {value!r} ({n} row(s)) is not a split ldpipe reads: train "
+                                              f"({', '.join(kw['train'])}), test ({', '.join(kw['test'])}) or "
+                                              f"validation ({', '.join(kw['validation'])}; held out as test), in any "
+                                              "case", row=row, field=col)
+        mapping[value] = LDPIPE_SPLIT[kind]
+        if value != mapping[value]:
+            read_as[value] = (mapping[value], n)
+    if read_as:
+        log.info("%s: split values read as %s", source, {v: f"{s} ({n} rows)" for v, (s, n) in read_as.items()})
+    return pl.col(col).replace(mapping), read_as
+
+
+def _note_splits(root: Path, df: pl.DataFrame, notes: list) -> None:
+    """One line per file of what its rows became (collect_split_notes), also logged."""
+    counts: dict[str, dict[str, int]] = {}
+    for src, split, n in df.group_by("source", "split").len().iter_rows():
+        counts.setdefault(src, {})[split] = n
+    collected = _SPLIT_NOTES.get()
+    for f, name_split, has_split, read_as, implicit, conversational, extracted in notes:
+        name = f.relative_to(root).as_posix() if root.is_dir() else f.name
+        got = counts.get(str(f), {})
+        parts = ", ".join(f"{s} ({_rows(got[s])})" for s in ("train", "test") if s in got) or "no rows"
+        why = []
+        if has_split:
+            why.append("by its split column" + (f" (its name says {name_split})" if name_split else ""))
+            why += [f"{_rows(n)} {v!r} read as {s}" for v, (s, n) in read_as.items()]
+        elif name_split and split_kind(name_split, by_words=True) == "validation":
+            why.append(f"its name says {name_split}: held out as test (ldpipe has train and test)")
+        elif name_split and name_split not in ("train", "test"):
+            why.append(f"by its name (split {name_split!r})")
+        elif not name_split:
+            why.append("no split column" + (" and no split in the file names" if root.is_dir() else ""))
+        if implicit or conversational:
+            fmt = ("conversational" if conversational else "standard") + (", implicit prompt" if implicit else "")
+            why.append(fmt)
+            if extracted and not implicit:
+                why.append(f"prompts of {_rows(extracted)} taken from the conversations, not the text prompt column")
+        line = f"{name} → {parts}" + (f"; {'; '.join(why)}" if why else "")
+        log.info("%s", line)
+        if collected is not None:
+            collected.append(line)
+
+
+def _rows(n: int) -> str:
+    return f"{n} row" if n == 1 else f"{n} rows"
+
+
+def _trl_texts(raw: pl.DataFrame, colmap: dict[str, str], source: str) -> tuple[pl.DataFrame, int]:
+    """prompt/chosen/rejected text of rows in TRL's conversational and/or implicit-prompt formats, and how many
+    rows had their prompt extracted from chosen/rejected.
+
+    TRL's own `maybe_extract_prompt` takes an implicit prompt out of chosen/rejected (their shared start, also when
+    the prompt column is text and chosen/rejected are whole conversations, as UltraFeedback's); `is_conversational`
+    tells the formats apart. Errors name the file, the row and the file's column."""
+    from trl.data_utils import is_conversational, maybe_extract_prompt
+
+    keys = [k for k in ("prompt", "chosen", "rejected") if colmap[k] in raw.columns]
+    out: dict[str, list[str | None]] = {"prompt": [], "chosen": [], "rejected": []}
+    n_extracted = 0
+    for row, *values in raw.select(ROW, *(colmap[k] for k in keys)).iter_rows():
+        ex = dict(zip(keys, values))
+
+        def fail(key: str, msg: str) -> DataValidationError:
+            return DataValidationError(source, msg, row=row, field=colmap[key])
+
+        for k, v in ex.items():
+            if v is None:
+                raise fail(k, "missing value")
+            if isinstance(v, list) and (bad := message_problem(v)):
+                raise fail(k, f"expected a list of {{role, content}} messages with text content: {bad}")
+        given, whole_c, whole_r = ex.get("prompt"), ex["chosen"], ex["rejected"]
+        said = {True: "messages", False: "text"}
+        conv = {k: is_conversational({k: v}) for k, v in ex.items()}
+        if conv["chosen"] != conv["rejected"] or (given is not None and conv["prompt"] and not conv["chosen"]):
+            k = "rejected" if conv["chosen"] != conv["rejected"] else "chosen"
+            other = "chosen" if k == "rejected" else "the prompt"
+            raise fail(k, f"{said[conv[k]]}, while {other} is {said[not conv[k]]}: TRL's formats hold messages in "
+                          "all three (conversational) or text in all three (standard)")
+        ex = maybe_extract_prompt(ex)
+        p, c, r = ex["prompt"], ex["chosen"], ex["rejected"]
+        extracted = given is None or p is not given
+        n_extracted += extracted
+        pkey = "prompt" if not extracted else "chosen"
+        where = "" if not extracted else " (the prompt is the start chosen and rejected share, TRL's implicit prompt)"
+        if extracted and (whole_c[:len(whole_r)] == whole_r or whole_r[:len(whole_c)] == whole_c):
+            same = "the same" if whole_c == whole_r else "one the start of the other"
+            raise fail("rejected", f"chosen and rejected are {same}, so their shared start (TRL's implicit prompt) "
+                                   "leaves no reply to tell apart")
+        if len(p) == 0:
+            why = ("the prompt column is text and chosen/rejected are messages, so (as in TRL) the prompt is taken "
+                   "from the messages chosen and rejected share, and they share none: give chosen/rejected as whole "
+                   "conversations, or the prompt as messages too" if given is not None else
+                   "no prompt column, and chosen and rejected share no start to take as the prompt (TRL's implicit "
+                   "prompt): add a prompt column, or declare the column that holds it (columns: {prompt: ...})")
+            raise fail(pkey, why)
+        if not conv["chosen"]:   # standard: text as written
+            out["prompt"].append(p), out["chosen"].append(c), out["rejected"].append(r)
+            continue
+        if p[-1].get("role") == "assistant":
+            raise fail(pkey, f"the prompt ends with an assistant message{where}; ldpipe scores a reply to a prompt "
+                             "that ends with the user's (or system's) turn")
+        try:
+            out["prompt"].append(messages_to_transcript(p))
+        except TranscriptError as e:
+            raise fail(pkey, f"{e}{where}") from None
+        for k, v in (("chosen", c), ("rejected", r)):
+            if len(v) != 1 or v[0].get("role") != "assistant":
+                got = f"{len(v)} messages" if len(v) != 1 else f"a message of role {v[0].get('role')!r}"
+                hint = (" (a prompt column of messages takes the conversation; chosen/rejected then hold the reply "
+                        "only, or leave the prompt out to have it extracted)" if not extracted else "")
+                raise fail(k, f"expected one assistant message (the reply), got {got}{where}{hint}")
+            if v[0]["content"] == "":
+                raise fail(k, "empty response")
+            out[k].append(reply_to_text(v[0]["content"]))
+    return pl.DataFrame(out, schema={k: pl.String for k in out}), n_extracted
+
+
+# TRL's other dataset formats (trl docs "Dataset formats and types"), named when a file has no chosen/rejected.
+_LM_FORMATS = [
+    ({"messages"}, "rows have 'messages' only: that is TRL's (conversational) language-modeling format"),
+    ({"conversations"}, "rows have 'conversations': that is ShareGPT's from/value language-modeling format"),
+    ({"text"}, "rows have 'text' only: that is TRL's (standard) language-modeling format"),
+    ({"prompt", "completion", "label"}, "rows have prompt/completion/label: that is TRL's unpaired preference "
+     "format (KTO: one completion, labelled good or bad), not paired preferences"),
+    ({"prompt", "completion"}, "rows have prompt/completion: that is TRL's prompt-completion format (SFT data)"),
+    ({"prompt"}, "rows have a prompt only: that is TRL's prompt-only format (data for online methods)"),
+]
+_LIKELY = {
+    "prompt": ("question", "instruction", "query", "input", "context", "prompt_text", "history", "x"),
+    "chosen": ("response_j", "chosen_response", "response_chosen", "good", "better", "preferred", "positive",
+               "winner", "answer_good", "chosen_text", "y_w"),
+    "rejected": ("response_k", "rejected_response", "response_rejected", "bad", "worse", "dispreferred",
+                 "negative", "loser", "answer_bad", "rejected_text", "y_l"),
+}
+
+
+def format_hint(cols: list[str], colmap: dict[str, str]) -> str:
+    """What format a local file's columns look like when ldpipe cannot read them, and the declaration that would."""
+    have = set(cols)
+    seen = next((what for keys, what in _LM_FORMATS if keys <= have and not have & {"chosen", "rejected"}), None)
+    reads = ("ldpipe reads TRL's preference formats: prompt/chosen/rejected (explicit prompt) or chosen/rejected "
+             "holding whole texts or conversations (implicit prompt), as text or as lists of {role, content}")
+    guess = {k: next((c for c in _LIKELY[k] if c in have), None) for k in ("prompt", "chosen", "rejected")}
+    guess = {k: v for k, v in guess.items() if v and colmap[k] not in have}
+    declare = ""
+    if guess:
+        body = ", ".join(f"{k}: {v}" for k, v in guess.items())
+        declare = f"; if those columns hold the pairs, declare dataset.columns: {{{body}}}"
+    elif not seen:
+        declare = ("; if other columns hold them, declare dataset.columns: {prompt: <column>, chosen: <column>, "
+                   "rejected: <column>}")
+    return (f"{seen}, not a preference format; " if seen else "") + reads + declare
 
 
 # --------------------------------------------------------------------------- reference probe jsonl
