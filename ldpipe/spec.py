@@ -599,15 +599,30 @@ class ExperimentSpec(_Strict):
 from ldpipe.hashing import config_hash  # noqa: E402,F401  (re-exported: `from ldpipe.spec import config_hash`)
 
 
-def _format_errors(err: ValidationError) -> str:
+def _format_errors(err: ValidationError, data: Any = None) -> str:
     lines = []
     for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"]) or "<top level>"
+        loc = _named_loc(e["loc"], data) or "<top level>"
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
             msg = "unknown key (typo?)"
         lines.append(f"  {loc}: {msg}")
     return "\n".join(lines)
+
+
+def _named_loc(loc: tuple, data: Any) -> str:
+    """`runs[sft_long].lr` for pydantic's ('runs', 1, 'lr') where the list item has a name, else `runs.1.lr`."""
+    parts, node = [], data
+    for p in loc:
+        item = node[p] if isinstance(node, list) and isinstance(p, int) and p < len(node) else (
+            node.get(p) if isinstance(node, dict) else None)
+        name = item.get("name") if isinstance(p, int) and isinstance(item, dict) else None
+        if isinstance(name, str) and parts:
+            parts[-1] += f"[{name}]"
+        else:
+            parts.append(str(p))
+        node = item
+    return ".".join(parts)
 
 
 def parse_experiment(data: Any, *, source: str) -> ExperimentSpec:
@@ -616,7 +631,7 @@ def parse_experiment(data: Any, *, source: str) -> ExperimentSpec:
     try:
         return ExperimentSpec.model_validate(data)
     except ValidationError as e:
-        raise SpecError(f"{source}: invalid experiment declaration:\n{_format_errors(e)}") from None
+        raise SpecError(f"{source}: invalid experiment declaration:\n{_format_errors(e, data)}") from None
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):

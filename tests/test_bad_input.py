@@ -67,21 +67,21 @@ DATA_KINDS = {
 
 # kind -> (declaration body, needles: key path and problem)
 YAML_KINDS = {
-    "yaml_key_typo": ("name: x\nruns:\n  - {name: a, learning_rate: 0.1}\n", ("runs.0.learning_rate", "unknown key")),
-    "yaml_zero_size": ("name: x\nruns:\n  - {name: a, batch_size: 0}\n", ("runs.0.batch_size", "greater than 0")),
+    "yaml_key_typo": ("name: x\nruns:\n  - {name: a, learning_rate: 0.1}\n", ("runs[a].learning_rate", "unknown key")),
+    "yaml_zero_size": ("name: x\nruns:\n  - {name: a, batch_size: 0}\n", ("runs[a].batch_size", "greater than 0")),
     "yaml_negative_size": ("name: x\nprobes: {n_examples: -3}\n", ("probes.n_examples", "greater than 0")),
-    "yaml_wrong_type": ("name: x\nruns:\n  - {name: a, epochs: three}\n", ("runs.0.epochs", "valid number")),
+    "yaml_wrong_type": ("name: x\nruns:\n  - {name: a, epochs: three}\n", ("runs[a].epochs", "valid number")),
     "yaml_unknown_response_type": ("name: x\nprobes: {types: [chosen, chosen_gptsemantc]}\n",
                                    ("probes.types", "unknown response type(s) ['chosen_gptsemantc']")),
     "yaml_unknown_supervise_type": ("name: x\nruns:\n  - {name: a, supervise: irr_hmu}\n",
-                                    ("runs.0", "supervise 'irr_hmu' is not a response type")),
+                                    ("runs[a]", "supervise 'irr_hmu' is not a response type")),
     "yaml_empty_string": ("name: ''\n", ("name", "must match")),
     # a repeated key would silently replace the first (a second `runs:` drops every run declared before it)
     "yaml_duplicate_key": ("name: x\nruns:\n  - {name: a}\nruns:\n  - {name: b}\n",
                            ("duplicate key 'runs'", "first at line 2")),
     "yaml_duplicate_nested_key": ("name: x\nruns:\n  - {name: a, lr: 0.1, lr: 0.2}\n", ("duplicate key 'lr'",)),
     "yaml_name_with_newline": ('name: "x\\n"\n', ("name", "must match", "exactly")),
-    "yaml_infinite_float": ("name: x\nruns:\n  - {name: a, epochs: .inf}\n", ("runs.0.epochs", "finite number")),
+    "yaml_infinite_float": ("name: x\nruns:\n  - {name: a, epochs: .inf}\n", ("runs[a].epochs", "finite number")),
     "yaml_deep_nesting": ("name: x\ndescription: " + "[" * 20000 + "]" * 20000 + "\n",
                           ("nested more than 50 levels",)),
 }
@@ -227,5 +227,5 @@ def test_bad_declaration_stops_ldpipe_run_before_any_step(tmp_path):
     (tmp_path / "assets" / "x.yaml").write_text(YAML_KINDS["yaml_zero_size"][0])
     r = subprocess.run([LDPIPE, "run"], capture_output=True, text=True, timeout=120, cwd=tmp_path,
                        env=_env(tmp_path, tmp_path / ".ldpipe"))
-    assert r.returncode == 2 and "runs.0.batch_size" in r.stderr and "Traceback" not in r.stderr
+    assert r.returncode == 2 and "runs[a].batch_size" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / ".ldpipe").exists()

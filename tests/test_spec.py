@@ -22,12 +22,12 @@ def test_typo_key_is_named(tmp_path):
     with pytest.raises(SpecError) as e:
         load_experiment(p)
     msg = str(e.value)
-    assert str(p) in msg and "runs.0.learning_rate" in msg and "unknown key" in msg
+    assert str(p) in msg and "runs[a].learning_rate" in msg and "unknown key" in msg
 
 
 @pytest.mark.parametrize("body,needle", [
-    ("name: x\nruns:\n  - name: a\n    batch_size: 0\n", "runs.0.batch_size"),
-    ("name: x\nruns:\n  - name: a\n    epochs: -1\n", "runs.0.epochs"),
+    ("name: x\nruns:\n  - name: a\n    batch_size: 0\n", "runs[a].batch_size"),
+    ("name: x\nruns:\n  - name: a\n    epochs: -1\n", "runs[a].epochs"),
     ("name: x\nprobes: {n_examples: abc}\n", "probes.n_examples"),
     ("name: x\ndataset: {kind: local}\n", "needs dataset.path"),
     ("name: x\nmodel: {kind: pretrained}\n", "needs model.name_or_path"),

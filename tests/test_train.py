@@ -163,8 +163,8 @@ def test_child_hash_follows_parent_config():
     ([{"name": "a", "algo": "dpo", "supervise": "rejected"}], "supervise applies to algo 'sft' only"),
     ([{"name": "a", "algo": "ipo", "label_smoothing": 0.1}], "label_smoothing (cDPO) applies to algo 'dpo'"),
     ([{"name": "a", "supervise": "chosen+irr_hum"}], "the only combined target"),
-    ([{"name": "a", "algo": "kto"}], "runs.0.algo"),
-    ([{"name": "a", "beta": 0}], "runs.0.beta"),
+    ([{"name": "a", "algo": "kto"}], "runs[a].algo"),
+    ([{"name": "a", "beta": 0}], "runs[a].beta"),
 ])
 def test_spec_errors(runs, needle):
     with pytest.raises(SpecError) as e:
