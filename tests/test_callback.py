@@ -151,3 +151,23 @@ def test_the_documented_example_runs(tmp_path):
     traj = store.read("trajectories", run_id="example.sft")
     assert sorted(traj["step"].unique().to_list()) == [0, 2, 4, 6]
     assert "chosen" in r.stdout and "random_permute" in r.stdout and "mean_logp" in r.stdout
+
+
+@pytest.mark.slow
+def test_own_dpo_script_on_conversational_data_tracks_trls_own_logps(tmp_path):
+    """examples/trl_dpo_chat.py: a user's DPOTrainer on TRL-format conversational data (read by TRL as it is, and by
+    ldpipe for the probe set) with a chat-templated tokenizer. The callback's tracked y+ log-prob after k steps
+    equals TRL's own logps/chosen of step k+1 (same weights, same batch) to 1e-4 nats at every step."""
+    import re
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, str(repo / "examples" / "trl_dpo_chat.py")], capture_output=True, text=True,
+                       cwd=tmp_path, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "probes scored as the model's chat template" in r.stdout
+    diffs = [float(d) for d in re.findall(r"\|diff\| ([0-9.e+-]+)", r.stdout)]
+    assert len(diffs) == 4 and max(diffs) < 1e-4, r.stdout[-2000:]
+    traj = Store(tmp_path / ".ldpipe" / "trl_dpo_chat" / "store").read("trajectories", run_id="example.dpo")
+    assert sorted(traj["step"].unique().to_list()) == [0, 1, 2, 3, 4]
