@@ -6,12 +6,14 @@ and config loaders, the probe builder), so it fails with the same message (file,
   SAMPLE_ROWS rows, and the run validates the rest); for local data, which file became which split (one line each:
   "train.jsonl → train (40 rows)", with the reason where it is not the file's name);
 - a declared corpus file exists and parses;
-- a pretrained model path or hub id holds a config and a tokenizer (offline unless allow_download);
+- a pretrained model path or hub id holds a config and a tokenizer (offline unless allow_download), the format
+  probes will be scored in (the chat-template decision, BOS), and what truncation cuts from each probe type;
 - every run has training rows (a run with none would have zero steps);
 - the train split holds the probe prompts, and the declared probe types can be made from the data.
 """
 from __future__ import annotations
 
+import functools
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -72,7 +74,8 @@ def _load(spec: ExperimentSpec, rep: Report) -> pl.DataFrame | None:
     return prefs
 
 
-def _model(spec: ExperimentSpec, rep: Report) -> None:
+def _model(spec: ExperimentSpec, rep: Report):
+    """Check the model declaration; returns the pretrained model's tokenizer (None for the builtin model)."""
     m = spec.model
     if m.kind == "builtin":
         if m.corpus is not None:
@@ -86,7 +89,9 @@ def _model(spec: ExperimentSpec, rep: Report) -> None:
             rep.lines.append("model builtin: pretrained at run time on "
                              + ("the synthetic world's corpus" if spec.dataset.kind == "synthetic"
                                 else "the dataset's rows that are neither trained on nor probed"))
-        return
+        rep.lines.append("scoring format: plain text as written (the builtin model's tokenizer has no chat template "
+                         "and adds no BOS)")
+        return None
     from transformers import AutoConfig
 
     from ldpipe.model.base import _pretrained_source
@@ -97,17 +102,22 @@ def _model(spec: ExperimentSpec, rep: Report) -> None:
     if isinstance(src, Path) and not (src / "config.json").is_file():
         rep.errors.append(f"{where}: {src} holds no config.json (a Hugging Face model folder has config.json, "
                           "the weights and the tokenizer files)")
-        return
+        return None
     try:
-        load_tokenizer(src, local_files_only=not m.allow_download)
+        tok = load_tokenizer(src, local_files_only=not m.allow_download)
         cfg = AutoConfig.from_pretrained(str(src), local_files_only=not m.allow_download)
     except LdpipeError as e:
         rep.errors.append(f"{where}: {e}")
-        return
+        return None
     except Exception as e:  # noqa: BLE001 (transformers raises OSError/ValueError for a missing or bad folder)
         rep.errors.append(f"{where}: {type(e).__name__}: {str(e).splitlines()[0]}")
-        return
+        return None
+    from ldpipe.model.encoding import describe_format
+
     rep.lines.append(f"model pretrained {src}: config ({cfg.model_type}) and tokenizer load")
+    rep.lines.append(f"scoring format (probes.chat_template: {spec.probes.chat_template}): "
+                     f"{describe_format(tok, spec.probes.chat_template)}")
+    return tok
 
 
 def _runs(spec: ExperimentSpec, prefs: pl.DataFrame, rep: Report) -> None:
@@ -126,7 +136,7 @@ def _runs(spec: ExperimentSpec, prefs: pl.DataFrame, rep: Report) -> None:
         rep.lines.append(f"run {r.name} ({r.algo}): {n} training examples -> {steps} optimizer steps")
 
 
-def _probes(spec: ExperimentSpec, prefs: pl.DataFrame, rep: Report) -> None:
+def _probes(spec: ExperimentSpec, prefs: pl.DataFrame, rep: Report, tok=None) -> None:
     from ldpipe.probes.build import MODEL_STAGE_TYPES, OFFLINE_TYPES, REPHRASE_TYPES, ProbeRecipe, build_probe_set
 
     ps = spec.probes
@@ -152,10 +162,32 @@ def _probes(spec: ExperimentSpec, prefs: pl.DataFrame, rep: Report) -> None:
     later = [t for t in (ps.types or MODEL_STAGE_TYPES) if t in MODEL_STAGE_TYPES]
     rep.lines.append(f"probe set: {built.probes['example_id'].n_unique()} prompts; from the data: {made}"
                      + (f"; from the base model at run time: {later}" if later else ""))
+    if tok is not None:
+        _truncation(spec, built.probes, tok, rep)
     if prefs.filter(pl.col("split") == "test").is_empty() and spec.generation_analysis.enabled:
         rep.warnings.append("no held-out (test) split: borrowing and win rate on held-out prompts will have "
                             "nothing to measure (add a 'split' column with 'test' rows, or "
                             "put them in a test.jsonl beside train.jsonl)")
+
+
+def _truncation(spec: ExperimentSpec, probes: pl.DataFrame, tok, rep: Report) -> None:
+    """What scoring will cut from the probe text, per type, as a compact table (the tokenizer is on disk)."""
+    from ldpipe.model.scoring import truncation_counts
+
+    ps = spec.probes
+    df = truncation_counts(tok, probes, max_prompt_tokens=ps.max_prompt_tokens,
+                           max_response_tokens=ps.max_response_tokens, chat_template=ps.chat_template)
+    cut = df.filter((pl.col("prompts_cut") > 0) | (pl.col("responses_cut") > 0))
+    limits = f"max_prompt_tokens {ps.max_prompt_tokens}, max_response_tokens {ps.max_response_tokens}"
+    if cut.is_empty():
+        rep.lines.append(f"truncation ({limits}): no probe prompt or response is cut")
+        return
+    width = max(len("type"), *(len(t) for t in cut["response_type"]))
+    rep.lines.append(f"truncation ({limits}), the types that scoring cuts:")
+    rep.lines.append(f"  {'type':<{width}}  {'rows':>5}  {'prompts cut':>11}  {'responses cut':>13}")
+    for r in cut.iter_rows(named=True):
+        rep.lines.append(f"  {r['response_type']:<{width}}  {r['rows']:>5}  {r['prompts_cut']:>11}  "
+                         f"{r['responses_cut']:>13}")
 
 
 def check_experiment(spec: ExperimentSpec) -> Report:
@@ -169,12 +201,13 @@ def check_experiment(spec: ExperimentSpec) -> Report:
     except LdpipeError as e:
         rep.errors.append(str(e))
         prefs = None
+    tok = None
     try:
-        _model(spec, rep)
+        tok = _model(spec, rep)
     except LdpipeError as e:
         rep.errors.append(str(e))
     if prefs is not None:
-        for step in (_runs, _probes):
+        for step in (_runs, functools.partial(_probes, tok=tok)):
             try:
                 step(spec, prefs, rep)
             except LdpipeError as e:

@@ -80,22 +80,22 @@ def _config(family: str, tok, *, hidden: int = 32, layers: int = 2):
     v = len(tok)
     if family == "gpt_neox":
         return tf.GPTNeoXConfig(vocab_size=v, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4,
-                                intermediate_size=4 * hidden, max_position_embeddings=256, tie_word_embeddings=False,
+                                intermediate_size=4 * hidden, max_position_embeddings=512, tie_word_embeddings=False,
                                 **ids)
     if family == "llama":
         return tf.LlamaConfig(vocab_size=v, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4,
-                              num_key_value_heads=4, intermediate_size=2 * hidden, max_position_embeddings=256,
+                              num_key_value_heads=4, intermediate_size=2 * hidden, max_position_embeddings=512,
                               tie_word_embeddings=False, **ids)
     if family == "qwen2":
         return tf.Qwen2Config(vocab_size=v, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4,
-                              num_key_value_heads=2, intermediate_size=2 * hidden, max_position_embeddings=256,
+                              num_key_value_heads=2, intermediate_size=2 * hidden, max_position_embeddings=512,
                               tie_word_embeddings=True, **ids)
     if family == "gpt2":
-        return tf.GPT2Config(vocab_size=v, n_embd=hidden, n_layer=layers, n_head=4, n_positions=256,
+        return tf.GPT2Config(vocab_size=v, n_embd=hidden, n_layer=layers, n_head=4, n_positions=512,
                              resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=True, **ids)
     if family == "mistral":
         return tf.MistralConfig(vocab_size=v, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4,
-                                num_key_value_heads=2, intermediate_size=2 * hidden, max_position_embeddings=256,
+                                num_key_value_heads=2, intermediate_size=2 * hidden, max_position_embeddings=512,
                                 sliding_window=None, tie_word_embeddings=False, **ids)
     raise ValueError(f"unknown family {family!r}; known: {FAMILIES}")
 
