@@ -91,6 +91,15 @@ def _model(spec: ExperimentSpec, rep: Report):
                                 else "the dataset's rows that are neither trained on nor probed"))
         rep.lines.append("scoring format: plain text as written (the builtin model's tokenizer has no chat template "
                          "and adds no BOS)")
+        from ldpipe.layout import files_for
+
+        base = files_for(spec).base_model(spec)
+        if (base / "ldpipe.json").is_file():   # pretrained already: its tokenizer is on disk
+            from ldpipe.model.checkpoints import load_tokenizer
+
+            return load_tokenizer(base)
+        rep.lines.append("truncation: counted by the model_probes step, once the base model (and so its tokenizer) "
+                         "exists")
         return None
     from transformers import AutoConfig
 
