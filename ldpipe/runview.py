@@ -40,7 +40,8 @@ def root_cause(error: Any) -> str:
 
 
 def check_line(evaluation: Any) -> str:
-    """A check's verdict and its measured numbers in one line."""
+    """A check's verdict and its measured numbers in one line; a failed check's own one-line verdict (its
+    description, e.g. "y_init empty for 24 of 24 prompts: the base model ends its reply at once") first."""
     nums = []
     for k, v in (evaluation.metadata or {}).items():
         raw = getattr(v, "value", v)
@@ -61,7 +62,11 @@ def check_line(evaluation: Any) -> str:
     skipped = getattr(raw, "value", raw)
     if skipped is not None:    # not measured (e.g. a method that was not run): why, not numbers
         return f"{head}  ({skipped})"
-    return head + (f"  ({', '.join(nums)})" if nums and not evaluation.passed else "")
+    if evaluation.passed:
+        return head
+    said = getattr(evaluation, "description", None)
+    said = said.strip().splitlines()[0] if isinstance(said, str) and said.strip() else ""
+    return head + (f"  {said}" if said else "") + (f"  ({', '.join(nums)})" if nums else "")
 
 
 def check_verdict(evaluation: Any) -> str:

@@ -48,27 +48,35 @@ def _spec(**runs) -> ExperimentSpec:
 
 
 def _prefs() -> pl.DataFrame:
-    rows = [(f"r{i}", "train" if i < 6 else "test", f"prompt {i}", f"good {i}", f"bad {i}") for i in range(8)]
+    rows = [(f"r{i}", "train" if i < 6 else "test", f"\n\nHuman: prompt {i}\n\nAssistant:", f" good {i}", f" bad {i}")
+            for i in range(8)]
     return pl.DataFrame(rows, schema=["example_id", "split", "prompt", "chosen", "rejected"], orient="row")
+
+
+def _answers(docs: list[str]) -> list[str]:
+    """The responses of the corpus's dialogues (the text after their last "Assistant:")."""
+    return sorted(d.rsplit("Assistant:", 1)[1] for d in docs if "Assistant:" in d)
 
 
 def test_corpus_leaves_out_trained_and_probed_answers_and_keeps_every_prompt():
     prefs = _prefs()
-    probes = pl.DataFrame({"example_id": ["r0", "r0", "r1"], "response": ["good 0", "good 7", "good 1"]})
+    probes = pl.DataFrame({"example_id": ["r0", "r0", "r1"], "response": [" good 0", " good 7", " good 1"]})
     c = from_dataset(_spec(n_train=4), prefs, probes)
-    assert [d for d in c.docs if d.startswith("prompt")] == [f"prompt {i}" for i in range(8)]
+    # every row's prompt is in: whole in a dialogue, or cut before its reply cue (tests/test_builtin_corpus.py)
+    assert all(any(f"Human: prompt {i}" in d for d in c.docs) for i in range(8)) and c.counts["prompts"] == 8
+    assert [d for d in c.docs if "good" not in d and "bad" not in d] == [f"\n\nHuman: prompt {i}" for i in range(4)]
     # r0-r3 trained on (the first 4 train rows in file order); r4, r5 (train, not trained) and r6, r7 (test) kept,
-    # except "good 7": a probe text (a test answer drawn as y_test)
-    assert sorted(d for d in c.docs if not d.startswith("prompt")) == \
-        sorted(["good 4", "bad 4", "good 5", "bad 5", "good 6", "bad 6", "bad 7"])
+    # except " good 7": a probe text (a test answer drawn as y_test)
+    assert _answers(c.docs) == sorted([" good 4", " bad 4", " good 5", " bad 5", " good 6", " bad 6", " bad 7"])
+    assert "\n\nHuman: prompt 4\n\nAssistant: good 4" in c.docs
     assert c.counts["rows_trained_on"] == 4 and c.counts["responses_in_probe_set"] == 1
     # a run without n_train trains on the whole train split: only test answers remain
     c = from_dataset(_spec(), prefs, probes)
-    assert sorted(d for d in c.docs if not d.startswith("prompt")) == ["bad 6", "bad 7", "good 6"]
+    assert _answers(c.docs) == [" bad 6", " bad 7", " good 6"]
     # file order, not id order: with ids that sort differently the first rows of the file are the trained ones
     shuffled = prefs.with_columns(pl.Series("example_id", ["r9", "r10", "r2", "r1", "r0", "r11", "t1", "t2"]))
     c = from_dataset(_spec(n_train=2), shuffled, None)
-    assert "good 0" not in c.docs and "good 1" not in c.docs and "good 2" in c.docs
+    assert " good 0" not in _answers(c.docs) and " good 1" not in _answers(c.docs) and " good 2" in _answers(c.docs)
 
 
 def test_corpus_file_reads_txt_and_jsonl_and_names_the_bad_line(tmp_path):
@@ -115,7 +123,8 @@ def test_own_jsonl_with_builtin_model_checks_and_runs_from_a_fresh_directory(tmp
     assert len(logs) == 1 and "DEBUG" in logs[0].read_text() and "STEP_SUCCESS" in logs[0].read_text()
     # the base model was pretrained on the data's own untrained rows, and says so
     meta = json.loads(next((home / "models").glob("base-*/ldpipe.json")).read_text())
-    assert meta["corpus_source"].startswith("dataset local: 20 prompts") and meta["corpus_tokens"] > 0
+    assert meta["corpus_source"].startswith("dataset local: ") and meta["corpus_tokens"] > 0
+    assert meta["corpus_rule"] == 2 and meta["corpus_dialogues"] > 0
     # the catalog (built-in views, though the project has no sql/) holds both runs
     con = duckdb.connect(str(home / "catalog.duckdb"), read_only=True)
     runs = {r for (r,) in con.sql("select distinct run_id from learning_curves").fetchall()}

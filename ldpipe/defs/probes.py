@@ -121,8 +121,10 @@ def probe_assets(spec: ExperimentSpec) -> list:
                           description="Every probe prompt has every type of the whole probe set, model-made ones "
                                       "included (gaps listed)."),
         dg.AssetCheckSpec("model_types_informative", asset=k("model_probes"),
-                          description="Measured (WARN): empty model outputs and self-rephrases that copy y+ "
-                                      "verbatim; a small base model may produce either."),
+                          description="Fails when a model-made type (y_init, y_selfr, ...) is empty for more than "
+                                      "half of the probe prompts (ERROR: e.g. a base model that ends its reply "
+                                      "at once), or when y_selfr copies y+ verbatim (WARN); a few empty outputs "
+                                      "pass. The verdict is one line (the check's description)."),
     ]
 
     @dg.asset(key=k("model_probes"), group_name=exp, deps=[k("probe_set"), k("base_model")], pool="gpu",
@@ -137,8 +139,9 @@ def probe_assets(spec: ExperimentSpec) -> list:
         rows = pl.read_parquet(info.path)
         checks = info.checks
         gaps = checks.get("missing", [])
-        empty = {t: n for t, n in checks.get("empty_by_type", {}).items() if t in info.types}
-        identical = checks.get("selfr_identical_to_chosen", 0)
+        from ldpipe.probes.checks import model_types_verdict
+
+        informative, verdict, verdict_meta = model_types_verdict(checks, info.types)
         own = {t: v for t, v in checks.get("length_words", {}).items() if t in info.types}
         return dg.MaterializeResult(
             metadata={
@@ -159,10 +162,12 @@ def probe_assets(spec: ExperimentSpec) -> list:
             check_results=[
                 dg.AssetCheckResult(check_name="model_types_for_every_prompt", passed=len(gaps) == 0,
                                     metadata={"gaps": len(gaps), "first_gaps": dg.MetadataValue.json(gaps[:20])}),
-                dg.AssetCheckResult(check_name="model_types_informative", severity=dg.AssetCheckSeverity.WARN,
-                                    passed=not empty and identical == 0,
-                                    metadata={"empty_by_type": dg.MetadataValue.json(empty),
-                                              "selfr_identical_to_chosen": identical}),
+                dg.AssetCheckResult(check_name="model_types_informative", passed=informative, description=verdict,
+                                    severity=(dg.AssetCheckSeverity.ERROR if verdict_meta["mostly_empty"]
+                                              else dg.AssetCheckSeverity.WARN),
+                                    metadata={**verdict_meta,
+                                              "empty_by_type": dg.MetadataValue.json(verdict_meta["empty_by_type"]),
+                                              "mostly_empty": dg.MetadataValue.json(verdict_meta["mostly_empty"])}),
             ],
         )
 

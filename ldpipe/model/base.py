@@ -65,14 +65,25 @@ def build_base_model(spec: ExperimentSpec, files: ExperimentFiles, *, device: st
         return BaseModelResult(path, m.kind, count_parameters(model), cached=True)
     out = files.base_model(spec)
     meta_file = out / "ldpipe.json"
+    from ldpipe.data.corpus import DATASET_CORPUS_RULE, SMALL_CORPUS_TOKENS, base_corpus, ends_at_reply_cue
+
+    dataset_corpus = m.corpus is None and spec.dataset.kind != "synthetic"
     if meta_file.exists():  # trained once per config hash; delete the folder to retrain
         meta = json.loads(meta_file.read_text())
         log(f"[{spec.name}] base model cached at {out}")
+        if dataset_corpus and meta.get("corpus_rule", 1) != DATASET_CORPUS_RULE:
+            (warn or log)(f"[{spec.name}] WARNING: the cached base model {out} was pretrained on an older corpus of "
+                          "the dataset (bare prompts ending in 'Assistant:', so its replies may come out empty); "
+                          "delete the folder to pretrain it on the current one (ldpipe.data.corpus)")
         return BaseModelResult.builtin(out, meta, cached=True)
-    from ldpipe.data.corpus import SMALL_CORPUS_TOKENS, base_corpus
 
     corpus = base_corpus(spec, files.preferences, files.probes, files.world)
     log(f"[{spec.name}] base-model corpus: {corpus.source}")
+    at_cue = sum(ends_at_reply_cue(d) for d in corpus.docs)
+    if at_cue:
+        (warn or log)(f"[{spec.name}] WARNING: {at_cue} of {len(corpus.docs)} base-model corpus documents end in a "
+                      "reply cue ('Assistant:'); pretraining puts end-of-text after each, which teaches the model "
+                      "to end its reply at once (empty y_init). End each document after a reply")
     t0 = time.perf_counter()
     tok = train_tokenizer(corpus.docs, vocab_size=m.vocab_size)
     n_tokens = sum(len(ids) for ids in tok(corpus.docs, add_special_tokens=False)["input_ids"])
@@ -97,6 +108,7 @@ def build_base_model(spec: ExperimentSpec, files: ExperimentFiles, *, device: st
             "config_hash": spec.model_config_hash(), "device": str(dev),
             "wall_s": round(time.perf_counter() - t0, 2), "corpus_source": corpus.source,
             "corpus_docs": len(corpus.docs), "corpus_tokens": n_tokens,
+            **({"corpus_rule": DATASET_CORPUS_RULE} if dataset_corpus else {}),
             **{f"corpus_{k}": v for k, v in corpus.counts.items() if k != "documents"},
             **{k: v for k, v in stats.items()}}
     save_checkpoint(model.cpu(), tok, out, metadata=meta)

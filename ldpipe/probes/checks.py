@@ -98,6 +98,44 @@ def check_probe_set(probes: pl.DataFrame, types: Sequence[str]) -> dict:
     }
 
 
+MOSTLY_EMPTY_SHARE = 0.5   # model_types_informative fails when a model-made type is empty for more than this share
+_SYMBOL = {"chosen_initial": "y_init", "chosen_selfr": "y_selfr"}
+_WHY_EMPTY = {"chosen_initial": "the base model ends its reply at once",
+              "chosen_selfr": "the base model ends its rephrase at once"}
+
+
+def model_types_verdict(report: dict, types: Sequence[str]) -> tuple[bool, str, dict]:
+    """The check `model_types_informative` over the model-made `types` of a `check_probe_set` report: (passed, the
+    verdict in one line, metadata; `mostly_empty` lists the types that failed for being empty).
+
+    It fails when a model-made type is empty for MORE THAN HALF of the probe prompts (MOSTLY_EMPTY_SHARE), e.g.
+    "y_init empty for 24 of 24 prompts: the base model ends its reply at once": that type's curves would only
+    score the end-of-text token. A few empty replies pass (the reference's own file has 21 empty y_init in 500
+    rows). It also fails when y_selfr copies y+ verbatim for any prompt (then it is no rephrase)."""
+    rows = {t: int(w["rows"]) for t, w in report.get("length_words", {}).items()}
+    empty = {t: n for t, n in report.get("empty_by_type", {}).items() if t in types}
+    identical = int(report.get("selfr_identical_to_chosen", 0)) if "chosen_selfr" in types else 0
+    failed, noted, mostly_empty = [], [], []
+    for t in types:
+        n, e = rows.get(t, 0), empty.get(t, 0)
+        line = f"{_SYMBOL.get(t, t)} empty for {e} of {n} prompts"
+        if n and e > MOSTLY_EMPTY_SHARE * n:
+            mostly_empty.append(t)
+            failed.append(f"{line}: {_WHY_EMPTY[t]}" if t in _WHY_EMPTY else line)
+        elif e:
+            noted.append(line)
+    if identical:
+        failed.append(f"y_selfr copies y+ verbatim for {identical} of {rows.get('chosen_selfr', 0)} prompts")
+    if failed:
+        verdict = "; ".join(failed)
+    elif noted:
+        verdict = "; ".join(noted) + f" (at most {MOSTLY_EMPTY_SHARE:.0%} may be)"
+    else:
+        verdict = "no empty model-made response" + ("" if types else " (no model-made type)")
+    return not failed, verdict, {"empty_by_type": empty, "mostly_empty": mostly_empty,
+                                 "selfr_identical_to_chosen": identical, "mostly_empty_share": MOSTLY_EMPTY_SHARE}
+
+
 def length_table(report: dict) -> pl.DataFrame:
     """Per-type length statistics of a `check_probe_set` report, as a table for metadata."""
     words, chars, empty = report.get("length_words", {}), report.get("length_chars", {}), report.get("empty_by_type", {})
