@@ -590,10 +590,13 @@ class ExperimentSpec(_Strict):
             return {"corpus_file": file_digest(self.model.corpus)}
         if self.dataset.kind == "synthetic":
             return {}
+        from ldpipe.data.corpus import DATASET_CORPUS_RULE   # whole dialogues, never EOS right after "Assistant:"
+
         caps = [r.n_train for r in self.runs]
         p = self.probes
         return {"corpus_excludes": {"probes": [p.n_examples, p.selection, p.seed, p.types],
-                                    "train_rows": 0 if not caps else None if None in caps else max(caps)}}
+                                    "train_rows": 0 if not caps else None if None in caps else max(caps)},
+                "corpus_rule": DATASET_CORPUS_RULE}
 
 
 from ldpipe.hashing import config_hash  # noqa: E402,F401  (re-exported: `from ldpipe.spec import config_hash`)
