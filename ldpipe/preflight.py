@@ -91,9 +91,10 @@ def _model(spec: ExperimentSpec, rep: Report):
                                 else "the dataset's rows that are neither trained on nor probed"))
         rep.lines.append("scoring format: plain text as written (the builtin model's tokenizer has no chat template "
                          "and adds no BOS)")
-        from ldpipe.layout import files_for
+        from ldpipe.layout import ExperimentFiles
+        from ldpipe.paths import Paths
 
-        base = files_for(spec).base_model(spec)
+        base = ExperimentFiles(Paths.default(), spec.name).base_model(spec)   # no ensure(): check creates nothing
         if (base / "ldpipe.json").is_file():   # pretrained already: its tokenizer is on disk
             from ldpipe.model.checkpoints import load_tokenizer
 

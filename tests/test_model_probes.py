@@ -172,11 +172,11 @@ def test_custom_transforms():
      r"custom_types\[1\] \(name 'x'\): duplicate name"),
     ([{"name": "x", "from": "y", "transform": "reverse_words"}, {"name": "y", "transform": "reverse_words"}],
      r"from 'y' is not a core response type or an earlier custom type"),
-    ([{"name": "x", "transform": "template", "text": "{chosen} {answer}"}], r"custom_types.0.*placeholder.*answer"),
-    ([{"name": "x", "transform": "truncate"}], r"custom_types.0.*exactly one of words, fraction"),
-    ([{"name": "x", "transform": "shuffle_words", "words": 3}], r"custom_types.0.*takes no \['words'\]"),
-    ([{"name": "x", "transform": "rot13"}], r"custom_types.0.transform"),
-    ([{"name": "x", "transform": "reverse_words", "param": 1}], r"custom_types.0.param: unknown key"),
+    ([{"name": "x", "transform": "template", "text": "{chosen} {answer}"}], r"custom_types\[x\].*placeholder.*answer"),
+    ([{"name": "x", "transform": "truncate"}], r"custom_types\[x\].*exactly one of words, fraction"),
+    ([{"name": "x", "transform": "shuffle_words", "words": 3}], r"custom_types\[x\].*takes no \['words'\]"),
+    ([{"name": "x", "transform": "rot13"}], r"custom_types\[x\]\.transform"),
+    ([{"name": "x", "transform": "reverse_words", "param": 1}], r"custom_types\[x\]\.param: unknown key"),
 ])
 def test_custom_type_declaration_errors(custom, message):
     with pytest.raises(SpecError, match=message):
