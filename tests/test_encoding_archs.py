@@ -14,14 +14,14 @@ import tiny_models as tm
 from ldpipe.model.checkpoints import load_model_and_tokenizer
 from ldpipe.model.encoding import describe_format, encode_prompt, uses_chat_template
 from ldpipe.model.generate import GenerationConfig, generate
-from ldpipe.model.scoring import encode_pair, encode_probes, score_probes
+from ldpipe.model.scoring import encode_pair, encode_preference, encode_probes, score_probes
 from ldpipe.training.trl_run import trl_columns
 
 PROMPTS = ["\n\nHuman: What is the capital of France?\n\nAssistant:",
            "\n\nHuman: How do I boil an egg?\n\nAssistant: In water.\n\nHuman: For how long?\n\nAssistant:",
            "Question: where is the ca"]          # a plain prompt that ends mid-word: tokens merge across the boundary
 RESPONSES = [" The capital of France is Paris.", " Nine minutes, then cold water.", "t? It sat on the mat."]
-REJECTED = [" It is Rome, I think.", " A day.", "r? It is in the garage."]
+REJECTED = [" It is Rome, I think.", " A day.", " dog? It is in the garage."]   # the third pair cuts apart
 CASES = [(f, t) for f in tm.FAMILIES for t in ("none", "template")]
 
 
@@ -61,15 +61,16 @@ def test_tokens_equal_trls_dpo_and_sft_tokenization(family, template, root, tmp_
     sft = SFTTrainer(model=copy.deepcopy(model), processing_class=tok, args=_trl_args(tmp_path, SFTConfig),
                      train_dataset=Dataset.from_dict(trl_columns([e[:2] for e in examples], "sft", chat=chat)))
     big = dict(max_prompt_tokens=10_000, max_response_tokens=10_000, chat_template=setting)
+    cuts_apart = 0
     for i, (p, c, r) in enumerate(examples):
-        row = dpo.train_dataset[i]
+        row = dpo.train_dataset[i]   # TRL cuts a pair after the shorter of its two common prefixes, as ldpipe does
+        assert (row["prompt_ids"], row["chosen_ids"], row["rejected_ids"]) == encode_preference(tok, p, c, r, **big)
         pc, cc = encode_pair(tok, p, c, **big)
-        pr, rr = encode_pair(tok, p, r, **big)
-        if pc == pr:   # TRL cuts a pair at one boundary (the shorter); ldpipe's pairs agree where the two agree
-            assert (row["prompt_ids"], row["chosen_ids"], row["rejected_ids"]) == (pc, cc, rr), (family, i)
+        cuts_apart += pc != encode_pair(tok, p, r, **big)[0]
         s = sft.train_dataset[i]
         n = next(k for k, lab in enumerate(s["labels"]) if lab != -100)   # SFT's loss starts at the completion
         assert (s["input_ids"][:n], s["input_ids"][n:]) == (pc, cc), (family, template, i)
+    assert cuts_apart == (0 if chat else 1)   # plain text: the mid-word prompt's pair is cut at the shorter prefix
     bos = tok.bos_token_id
     first = encode_pair(tok, PROMPTS[0], RESPONSES[0], chat_template=setting)[0][0]
     if family == "mistral" or family == "llama" and not chat:
@@ -133,3 +134,31 @@ def test_prompt_truncation_keeps_the_bos(root):
                                  max_response_tokens=10_000)
     assert len(p) == 8 and p[0] == tok.bos_token_id and p[1:] == full_p[-7:]
     assert r == full_r[:4] + [tok.eos_token_id]
+
+
+def test_a_templated_response_ends_in_the_templates_end_of_turn(root):
+    """Qwen2.5-base style: EOS <|endoftext|>, ChatML closing turns with <|im_end|>. The turn's end is <|im_end|>, a
+    truncated response gets it, generation stops at it, and `ldpipe check`'s line names it."""
+    from ldpipe.model.encoding import end_of_turn_id, stop_ids
+
+    _, tok, _ = _load("qwen2", root, "template")
+    tok.eos_token = "<|endoftext|>"
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    assert end_of_turn_id(tok, chat=True) == im_end != tok.eos_token_id
+    assert end_of_turn_id(tok, chat=False) == tok.eos_token_id
+    assert im_end in stop_ids(tok, chat=True) and tok.eos_token_id in stop_ids(tok, chat=True)
+    _, r = encode_pair(tok, PROMPTS[0], RESPONSES[0] * 5, max_response_tokens=6)
+    assert len(r) == 6 and r[-1] == im_end
+    assert "ending in '<|im_end|>'" in describe_format(tok, "auto")
+
+
+def test_a_template_that_refuses_the_messages_says_what_to_do(root):
+    """A template with its own checks (Gemma's: no system turn) raises a clear error naming the roles and the
+    setting that scores the text as written, not jinja's bare TemplateError."""
+    from ldpipe.errors import LdpipeError
+
+    _, tok, _ = _load("llama", root, "none")
+    tok.chat_template = ("{% for m in messages %}{% if m['role'] == 'system' %}"
+                         "{{ raise_exception('System role not supported') }}{% endif %}{{ m['content'] }}{% endfor %}")
+    with pytest.raises(LdpipeError, match=r"roles \['system', 'user'\].*System role not supported.*chat_template: none"):
+        encode_pair(tok, "\n\nSystem: Be brief.\n\nHuman: Hi\n\nAssistant:", " Hello.")

@@ -289,3 +289,16 @@ def test_check_says_which_file_became_which_split(tmp_path, monkeypatch):
     i = next(i for i, x in enumerate(rep.lines) if x.startswith("dataset local"))
     assert "splits {'test': 2, 'train': 6}" in rep.lines[i]
     assert rep.lines[i + 1: i + 3] == ["  train.jsonl → train (6 rows)", "  test.jsonl → test (2 rows)"]
+
+
+def test_implicit_transcript_prompt_ends_at_its_reply_cue(tmp_path):
+    """HH's own jsonl (chosen/rejected transcripts only): TRL's character-wise shared start runs into replies that
+    begin alike ("Rom" of Rome/Roma); the prompt ends at its last "Assistant:" instead, the shared letters go back to
+    both replies."""
+    f = write(tmp_path / "hh.jsonl", [
+        {"chosen": "\n\nHuman: Capital of Italy?\n\nAssistant: Rome is the capital.",
+         "rejected": "\n\nHuman: Capital of Italy?\n\nAssistant: Roma, I think."},
+        {"chosen": "\n\nHuman: Hi\n\nAssistant: Hello there.", "rejected": "\n\nHuman: Hi\n\nAssistant: Go away."}])
+    rows = load_local(f).select("prompt", "chosen", "rejected").rows()
+    assert rows == [("\n\nHuman: Capital of Italy?\n\nAssistant:", " Rome is the capital.", " Roma, I think."),
+                    ("\n\nHuman: Hi\n\nAssistant:", " Hello there.", " Go away.")]

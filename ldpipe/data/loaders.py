@@ -413,6 +413,11 @@ def _trl_texts(raw: pl.DataFrame, colmap: dict[str, str], source: str) -> tuple[
                    "prompt): add a prompt column, or declare the column that holds it (columns: {prompt: ...})")
             raise fail(pkey, why)
         if not conv["chosen"]:   # standard: text as written
+            if extracted and (cue := p.rfind(HH_MARKER)) >= 0 and p[cue + len(HH_MARKER):]:
+                # a transcript's shared start runs into the replies when they begin alike ("Rome" / "Roma"): the
+                # prompt ends at its last reply cue, as the hh loader cuts it, and the shared words go to the replies
+                tail = p[cue + len(HH_MARKER):]
+                p, c, r = p[:cue + len(HH_MARKER)], tail + c, tail + r
             out["prompt"].append(p), out["chosen"].append(c), out["rejected"].append(r)
             continue
         if p[-1].get("role") == "assistant":

@@ -102,14 +102,17 @@ class _RunLoss:
 
 
 def _encode_units(tok, spec: ExperimentSpec, units: list[Unit]) -> list[tuple[Pair, Pair | None]]:
-    from ldpipe.model.scoring import encode_pair
+    from ldpipe.model.scoring import encode_pair, encode_preference
 
     kw = {"max_prompt_tokens": spec.probes.max_prompt_tokens, "max_response_tokens": spec.probes.max_response_tokens,
           "chat_template": spec.probes.chat_template}
     out = []
     for u in units:
-        c = encode_pair(tok, u.prompt, u.response, **kw)
-        out.append((c, encode_pair(tok, u.prompt, u.rejected, **kw) if u.rejected is not None else None))
+        if u.rejected is None:
+            out.append((encode_pair(tok, u.prompt, u.response, **kw), None))
+        else:   # one cut for the pair, as the run's objective encoded it
+            p, c, r = encode_preference(tok, u.prompt, u.response, u.rejected, **kw)
+            out.append(((p, c), (p, r)))
     return out
 
 

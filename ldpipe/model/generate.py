@@ -3,7 +3,8 @@
 Used by the model-made probe types (y_init, y_selfr) and by the generation-based analyses
 (squeezing's repeater rate, hallucination borrowing, win rate). Prompts are tokenized the way
 the scorer does (ldpipe.model.encoding: the tokenizer's BOS, its chat template under `chat_template: auto`; the
-prompt keeps its last `max_prompt_tokens` tokens) and left-padded so a batch of prompts decodes together; decoding stops at EOS.
+prompt keeps its last `max_prompt_tokens` tokens) and left-padded so a batch of prompts decodes together. Decoding
+stops at EOS, at the model's own EOS ids, and with a chat template at its end-of-turn token (encoding.stop_ids).
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from typing import Sequence
 
 import torch
 
-from ldpipe.model.encoding import encode_prompt, uses_chat_template
+from ldpipe.model.encoding import encode_prompt, stop_ids, uses_chat_template
 from ldpipe.model.lm import attention_without_cudnn, eval_mode
 
 
@@ -50,6 +51,7 @@ def generate(model, tokenizer, prompts: Sequence[str], config: GenerationConfig 
         raise ValueError("the tokenizer has no eos token; generation needs one to stop and to pad")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
     chat = uses_chat_template(tokenizer, config.chat_template)
+    stops = stop_ids(tokenizer, model, chat=chat)   # a template's end of turn, EOS, the model's own EOS ids
     out: list[str] = []
     with eval_mode(model):
         for b, start in enumerate(range(0, len(prompts), config.batch_size)):
@@ -62,14 +64,13 @@ def generate(model, tokenizer, prompts: Sequence[str], config: GenerationConfig 
             input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in ids], device=dev)
             mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids], device=dev)
             kwargs = {"max_new_tokens": config.max_new_tokens, "do_sample": config.do_sample,
-                      "pad_token_id": pad, "eos_token_id": eos}
+                      "pad_token_id": pad, "eos_token_id": stops[0] if len(stops) == 1 else stops}
             if config.do_sample:
                 torch.manual_seed(config.seed * 1_000_003 + b)
                 kwargs.update(temperature=config.temperature, top_p=config.top_p, top_k=0)
             with attention_without_cudnn(dev):   # left padding: rows that attend to nothing
                 seqs = model.generate(input_ids=input_ids, attention_mask=mask, **kwargs)
             for row in seqs[:, width:].tolist():
-                if eos in row:
-                    row = row[:row.index(eos)]
+                row = row[:next((i for i, t in enumerate(row) if t in stops), len(row))]
                 out.append(tokenizer.decode(row, skip_special_tokens=True).strip())
     return out

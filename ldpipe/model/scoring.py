@@ -102,13 +102,22 @@ def encode_pair(tokenizer, prompt: str, response: str, *, max_prompt_tokens: int
                             max_response_tokens=max_response_tokens)[0]
 
 
+def encode_preference(tokenizer, prompt: str, chosen: str, rejected: str, *, max_prompt_tokens: int = 128,
+                      max_response_tokens: int = 96, chat_template: ChatTemplate | bool = "auto"
+                      ) -> tuple[list[int], list[int], list[int]]:
+    """(prompt_ids, chosen_ids, rejected_ids), both responses cut after the same prompt tokens, as TRL's DPOTrainer
+    cuts a pair (so prompt + rejected is always the tokenized rejected sequence)."""
+    chat = uses_chat_template(tokenizer, chat_template)
+    (p, c), (_, r) = encode_responses(tokenizer, prompt, [chosen, rejected], chat=chat,
+                                      max_prompt_tokens=max_prompt_tokens, max_response_tokens=max_response_tokens)
+    return p, c, r
+
+
 def encode_probes(tokenizer, probes: pl.DataFrame, *, max_prompt_tokens: int = 128,
                   max_response_tokens: int = 96, source: str = "probes",
                   chat_template: ChatTemplate | bool = "auto") -> list[EncodedProbe]:
-    """Group PROBE_SCHEMA rows by example_id (first-seen order) and tokenize them by the contract.
-
-    A prompt's responses usually share one tokenized prompt; where a merge across the boundary gives some of them
-    a shorter one (ldpipe.model.encoding), those get an EncodedProbe of their own under the same example_id."""
+    """Group PROBE_SCHEMA rows by example_id (first-seen order) and tokenize them by the contract; a prompt's
+    responses share one cut and so one list of prompt ids (ldpipe.model.encoding.shared_cut)."""
     check_limits(max_prompt_tokens, max_response_tokens)
     missing = [c for c in ("example_id", "response_type", "prompt", "response") if c not in probes.columns]
     if missing:
@@ -145,15 +154,8 @@ def encode_probes(tokenizer, probes: pl.DataFrame, *, max_prompt_tokens: int = 1
         except LdpipeError as exc:
             row = next(i for i, r in enumerate(rows) if r[0] == e)
             raise DataValidationError(source, f"example {e!r}: {exc}", row=row, field="prompt") from None
-        by_prompt: dict[tuple[int, ...], EncodedProbe] = {}
-        for (rtype, _), (p, r) in zip(resp, pairs):
-            ep = by_prompt.get(tuple(p))
-            if ep is None:
-                ep = by_prompt[tuple(p)] = EncodedProbe(example_id=e, prompt_ids=p, response_types=[],
-                                                        response_ids=[])
-                out.append(ep)
-            ep.response_types.append(rtype)
-            ep.response_ids.append(r)
+        out.append(EncodedProbe(example_id=e, prompt_ids=pairs[0][0], response_types=[t for t, _ in resp],
+                                response_ids=[r for _, r in pairs]))
     return out
 
 

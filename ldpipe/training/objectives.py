@@ -9,7 +9,7 @@ from typing import Protocol, Sequence
 
 import torch
 
-from ldpipe.model.scoring import batch_logps, encode_pair
+from ldpipe.model.scoring import batch_logps, encode_pair, encode_preference
 from ldpipe.spec import RunSpec
 from ldpipe.training.losses import STAT_COLUMNS as _STAT_COLUMNS
 from ldpipe.training.losses import dpo_loss, ipo_loss, sft_loss
@@ -135,8 +135,8 @@ def make_objective(run: RunSpec, tokenizer, examples: Sequence[tuple[str, ...]],
 
     if run.algo == "sft":
         return SftObjective([enc(p, y) for p, y in examples])
-    triples = []
-    for p, yc, yr in examples:
-        p_ids, c_ids = enc(p, yc)
-        triples.append((p_ids, c_ids, enc(p, yr)[1]))
+    # both responses cut after the same prompt tokens, as TRL cuts a pair (encode_preference)
+    triples = [encode_preference(tokenizer, p, yc, yr, max_prompt_tokens=max_prompt_tokens,
+                                 max_response_tokens=max_response_tokens, chat_template=chat_template)
+               for p, yc, yr in examples]
     return PreferenceObjective(triples, algo=run.algo, beta=run.beta, label_smoothing=run.label_smoothing)

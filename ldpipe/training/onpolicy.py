@@ -22,7 +22,7 @@ import polars as pl
 import torch
 
 from ldpipe.model.generate import GenerationConfig, generate
-from ldpipe.model.scoring import batch_logps, encode_pair
+from ldpipe.model.scoring import batch_logps, encode_pair, encode_preference
 from ldpipe.spec import OnPolicySpec, RunSpec, ScorerSpec
 from ldpipe.training.losses import dpo_loss, ipo_loss
 from ldpipe.training.rewards import Reward, RewardContext, make_reward
@@ -245,8 +245,9 @@ class OnPolicyObjective:
             if pick is not None:
                 c, r = pick
                 row.update(chosen=ys[c], rejected=ys[r], chosen_score=ss[c], rejected_score=ss[r])
-                p_ids, c_ids = self._enc(p, ys[c])
-                triples.append((p_ids, c_ids, self._enc(p, ys[r])[1]))
+                triples.append(encode_preference(self.tokenizer, p, ys[c], ys[r], chat_template=self.chat_template,
+                                                 max_prompt_tokens=self.max_prompt_tokens,
+                                                 max_response_tokens=self.max_response_tokens))
             self.history.append(row)
         valid = [s for ss in scores for s in ss if s is not None]
         stats: dict[str, float | None] = {
