@@ -554,6 +554,12 @@ class ExperimentSpec(_Strict):
                                     {"lora"} if run.lora is None else set()))}
         # (defaults added later - offline pairs, autocast "auto", trainer "ldpipe", no lora - stay out: hashes stay
         # as they were before them)
+        if self.model.kind == "builtin" and self.model.corpus is None and self.dataset.kind != "synthetic":
+            # the base model's corpus rule (whole dialogues, never EOS right after "Assistant:") changes the model a
+            # run starts from, so a run (and its resume checkpoints) of an older base model is not continued
+            from ldpipe.data.corpus import DATASET_CORPUS_RULE
+
+            body["corpus_rule"] = DATASET_CORPUS_RULE
         if self.model.kind != "builtin":
             # BOS and chat templates came with encoding version 2: runs of outside models scored before it differ
             from ldpipe.model.encoding import ENCODING_VERSION

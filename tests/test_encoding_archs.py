@@ -73,8 +73,8 @@ def test_tokens_equal_trls_dpo_and_sft_tokenization(family, template, root, tmp_
     assert cuts_apart == (0 if chat else 1)   # plain text: the mid-word prompt's pair is cut at the shorter prefix
     bos = tok.bos_token_id
     first = encode_pair(tok, PROMPTS[0], RESPONSES[0], chat_template=setting)[0][0]
-    if family == "mistral" or family == "llama" and not chat:
-        # BOS-adding tokenizers put exactly one BOS first, and so does Mistral's template, which writes it itself
+    if family in ("mistral", "gemma") or family == "llama" and not chat:
+        # BOS-adding tokenizers put exactly one BOS first, and so do Mistral's and Gemma's templates, which write it
         # (a template that writes none, ChatML here, gets none: TRL renders the same way)
         assert first == bos and encode_pair(tok, PROMPTS[0], RESPONSES[0], **big)[0][1] != bos
     elif not chat:                       # no BOS added (GPT-2, Pythia: bos = eos is never put first; Qwen: no BOS)

@@ -61,6 +61,15 @@ def test_an_agreement_check_with_nothing_to_compare_is_skipped_not_nan():
     bad = agreement_check("linearisation_agrees_with_naive", flat.filter(pl.col("estimate") == "naive"), spec,
                           "naive")
     assert not bad.passed and bad.metadata["spearman_undefined_at"] == ["x.sft:start"]
+    # both methods declared: a single shared entry per checkpoint cannot be ranked (skip, with the rows made), but a
+    # declared method that wrote no rows at all is a broken step (fail)
+    one = agreement_table(pl.DataFrame(rows[:1] + rows[4:5], schema=INFLUENCE_SCHEMA))
+    none = pl.DataFrame(schema=one.schema)
+    skip = agreement_check("linearisation_agrees_with_naive", one.filter(pl.col("estimate") == "naive"), spec, "naive",
+                           {"exact": 1, "naive": 1})
+    assert skip.passed and "rows made: {'naive': 1, 'exact': 1}" in skip.metadata["skipped"]
+    broken = agreement_check("linearisation_agrees_with_naive", none, spec, "naive", {"exact": 4})
+    assert not broken.passed and "no influence rows were written: {'naive': 0, 'exact': 4}" in broken.metadata["reason"]
 
 
 @pytest.mark.slow

@@ -10,8 +10,10 @@ Built offline from a transformers config and a byte-level BPE trained here, save
 | qwen2     | no (no BOS token)      | <|im_end|>      | <|endoftext|>  | ChatML        | tied   | grouped KV heads, left pad |
 | gpt2      | no (bos = eos)         | <|endoftext|>   | none (= eos)   | none          | tied   | learned positions          |
 | mistral   | yes (<s>)              | </s>            | none (= eos)   | [INST] + BOS  | untied | grouped KV heads           |
+| gemma     | yes (<bos>)            | <eos>           | <pad>          | turns + BOS   | tied   | scaled embedding, 1 KV head|
 
-Mistral's template writes "<s>" itself, as the hub's does, so a BOS added on top would be doubled.
+Mistral's and Gemma's templates write the BOS themselves, as the hub's do, so a BOS added on top would be doubled;
+Gemma's closes a turn with <end_of_turn> (not EOS) and refuses a system turn, as the hub's does.
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-FAMILIES = ("gpt_neox", "llama", "qwen2", "gpt2", "mistral")
+FAMILIES = ("gpt_neox", "llama", "qwen2", "gpt2", "mistral", "gemma")
 
 _CORPUS = [
     "Human: What is the capital of France?\n\nAssistant: The capital of France is Paris.",
@@ -34,6 +36,10 @@ _CORPUS = [
 
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
           "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+GEMMA = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'system' %}"
+         "{{ raise_exception('System role not supported') }}{% endif %}"
+         "<start_of_turn>{{ 'model' if m['role'] == 'assistant' else m['role'] }}\n{{ m['content'] }}<end_of_turn>\n"
+         "{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}")
 INST = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}[INST] {{ m['content'] }} [/INST]"
         "{% elif m['role'] == 'assistant' %}{{ m['content'] }}{{ eos_token }}{% endif %}{% endfor %}")
 
@@ -44,6 +50,8 @@ _SPECIALS = {
                   extra=["<|im_start|>"]),
     "gpt2": dict(bos="<|endoftext|>", eos="<|endoftext|>", pad=None, add_bos=False, template=None),
     "mistral": dict(bos="<s>", eos="</s>", pad=None, add_bos=True, template=INST),
+    "gemma": dict(bos="<bos>", eos="<eos>", pad="<pad>", add_bos=True, template=GEMMA,
+                  extra=["<start_of_turn>", "<end_of_turn>"]),
 }
 
 
@@ -97,6 +105,10 @@ def _config(family: str, tok, *, hidden: int = 32, layers: int = 2):
         return tf.MistralConfig(vocab_size=v, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4,
                                 num_key_value_heads=2, intermediate_size=2 * hidden, max_position_embeddings=512,
                                 sliding_window=None, tie_word_embeddings=False, **ids)
+    if family == "gemma":
+        return tf.GemmaConfig(vocab_size=v, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4,
+                              num_key_value_heads=1, head_dim=hidden // 4, intermediate_size=2 * hidden,
+                              max_position_embeddings=512, tie_word_embeddings=True, **ids)
     raise ValueError(f"unknown family {family!r}; known: {FAMILIES}")
 
 

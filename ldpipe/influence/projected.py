@@ -70,12 +70,26 @@ def _kind(mod: nn.Module) -> str | None:
     """How a module's weight gradient factors: "linear" (nn.Linear, W [out, in]: sum_t delta_t x_t^T), "conv1d"
     (transformers' Conv1D of GPT-2, W [in, out], y = x W + b: sum_t x_t delta_t^T), "embedding" (rows are tokens:
     sum_t e_tok delta_t^T), or None (not covered)."""
-    if isinstance(mod, nn.Linear):
+    # Only modules that compute exactly what the factorisation assumes: a subclass with its own forward (a quantised
+    # linear, an embedding that rescales) would get a wrong gradient, so it is left uncovered, except the scaled
+    # embedding of Gemma-style models, whose output is embed_scale * W[token] (_embedding_scale).
+    if isinstance(mod, nn.Linear) and type(mod).forward is nn.Linear.forward:
         return "linear"
-    if isinstance(mod, nn.Embedding):
+    if isinstance(mod, nn.Embedding) and _embedding_scale(mod) is not None:
         return "embedding"
     if type(mod).__name__ == "Conv1D" and type(mod).__module__.startswith("transformers."):
         return "conv1d"
+    return None
+
+
+def _embedding_scale(mod: nn.Embedding) -> float | None:
+    """The factor an embedding multiplies its rows by: 1 for nn.Embedding's own forward, `embed_scale` for the
+    scaled word embeddings of Gemma-style models (sqrt(hidden)), None for any other override (not covered)."""
+    if type(mod).forward is nn.Embedding.forward:
+        return 1.0
+    scale = getattr(mod, "embed_scale", None)
+    if scale is not None and type(mod).__name__.endswith("ScaledWordEmbedding"):
+        return float(scale)
     return None
 
 
@@ -191,7 +205,9 @@ class _Projector:
             idx = self._owner(x, delta, B, owner)
             kind = _kind(mod)
             if kind == "embedding":
-                # grad of the table = sum_t e_tok delta_t^T: rows are tokens, columns hidden units
+                # grad of the table = scale * sum_t e_tok delta_t^T: rows are tokens, columns hidden units
+                scale = _embedding_scale(mod)
+                delta = delta if scale == 1.0 else delta * scale
                 self._add(feats, wn, self._weight_feature(self.blocks[wn], x, delta, idx, B, train_side, onehot=True))
                 continue
             if wn is not None:   # Linear: sum_t delta_t x_t^T; Conv1D (W [in, out]): sum_t x_t delta_t^T

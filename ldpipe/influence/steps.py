@@ -58,29 +58,43 @@ def agreement_step(spec: ExperimentSpec, runs: list[RunSpec], files) -> Agreemen
 
     store = Store(files.paths.store)
     frames = []
+    made: dict[str, int] = {}   # influence rows per method, over the runs: tells "not comparable" from "not made"
     for run in runs:
         inf_rows = store.read("influence", run_id=spec.run_id(run))
+        for method, n in inf_rows.group_by("method").len().iter_rows() if not inf_rows.is_empty() else ():
+            made[method] = made.get(method, 0) + n
         df = agreement_table(inf_rows) if not inf_rows.is_empty() else pl.DataFrame(schema=INFLUENCE_AGREEMENT_SCHEMA)
         _write(files, "influence_agreement", df, spec.run_id(run), INFLUENCE_AGREEMENT_SCHEMA)
         frames.append(df)
     table = pl.concat(frames) if frames else pl.DataFrame(schema=INFLUENCE_AGREEMENT_SCHEMA)
-    checks = [agreement_check(name, table.filter(pl.col("estimate") == estimate), spec, estimate)
+    checks = [agreement_check(name, table.filter(pl.col("estimate") == estimate), spec, estimate, made)
               for name, estimate in AGREEMENT_CHECKS]
     return AgreementResult(table, checks)
 
 
-def agreement_check(name: str, part: pl.DataFrame, spec: ExperimentSpec, estimate: str) -> CheckOutcome:
+def agreement_check(name: str, part: pl.DataFrame, spec: ExperimentSpec, estimate: str,
+                    made: dict[str, int] | None = None) -> CheckOutcome:
     """One agreement check over the `influence_agreement` rows of `estimate` against exact (`part`): passes when the
-    lowest Spearman reaches influence.min_spearman. Nothing to compare (a method not in influence.methods, or no
-    checkpoint with 2 shared entries) is not a failure and not a NaN: the check passes with metadata `skipped`
-    saying why (printed as SKIP by `ldpipe run`). A Spearman that is undefined (one side constant at a
-    checkpoint) fails, naming the checkpoints."""
+    lowest Spearman reaches influence.min_spearman. Nothing to compare because the setup cannot (a method not in
+    influence.methods, or no checkpoint with 2 shared entries of the two, e.g. influence.n_naive: 1) is not a
+    failure and not a NaN: the check passes with metadata `skipped` saying why (printed as SKIP by `ldpipe run`).
+    A declared method that wrote no influence rows at all (`made`: rows per method) fails: that is a broken step,
+    not an inapplicable check. A Spearman that is undefined (one side constant at a checkpoint) fails, naming the
+    checkpoints."""
     threshold = spec.influence.min_spearman
     if part.is_empty():
         methods = list(spec.influence.methods)
         missing = [m for m in (estimate, "exact") if m not in methods]
-        why = (f"not measured: influence.methods {methods} has no {' or '.join(map(repr, missing))} to compare"
-               if missing else f"not measured: no checkpoint has 2 or more entries of both {estimate!r} and 'exact'")
+        if missing:
+            why = f"not measured: influence.methods {methods} has no {' or '.join(map(repr, missing))} to compare"
+            return CheckOutcome(name, True, {"skipped": why, "threshold": threshold, "entries_compared": 0})
+        counts = {m: (made or {}).get(m, 0) for m in (estimate, "exact")}
+        if made is not None and not all(counts.values()):
+            return CheckOutcome(name, False, {"reason": f"declared in influence.methods but no influence rows were "
+                                                        f"written: {counts}", "threshold": threshold,
+                                              "entries_compared": 0})
+        why = (f"not measured: no checkpoint has 2 or more entries of both {estimate!r} and 'exact' (rows made: "
+               f"{counts})")
         return CheckOutcome(name, True, {"skipped": why, "threshold": threshold, "entries_compared": 0})
     undefined = part.filter(pl.col("spearman").is_nan())
     defined = part.filter(~pl.col("spearman").is_nan())

@@ -71,10 +71,7 @@ def build_base_model(spec: ExperimentSpec, files: ExperimentFiles, *, device: st
     if meta_file.exists():  # trained once per config hash; delete the folder to retrain
         meta = json.loads(meta_file.read_text())
         log(f"[{spec.name}] base model cached at {out}")
-        if dataset_corpus and meta.get("corpus_rule", 1) != DATASET_CORPUS_RULE:
-            (warn or log)(f"[{spec.name}] WARNING: the cached base model {out} was pretrained on an older corpus of "
-                          "the dataset (bare prompts ending in 'Assistant:', so its replies may come out empty); "
-                          "delete the folder to pretrain it on the current one (ldpipe.data.corpus)")
+        # (a model of an older corpus rule is never found here: the rule is part of the model's config hash)
         return BaseModelResult.builtin(out, meta, cached=True)
 
     corpus = base_corpus(spec, files.preferences, files.probes, files.world)

@@ -23,7 +23,7 @@ import polars as pl
 from transformers import TrainerCallback
 
 from ldpipe.layout import step_name
-from ldpipe.model.encoding import describe_format
+from ldpipe.model.encoding import describe_format, uses_chat_template
 from ldpipe.model.scoring import EncodedProbe, encode_probes, score_probes
 from ldpipe.schema import TRAIN_METRICS_SCHEMA, TRAJECTORY_SCHEMA
 from ldpipe.store.shards import Store
@@ -44,14 +44,15 @@ class ProbeTrackingCallback(TrainerCallback):
     run_id / config_hash / phase: the identity columns of every row (phase: "sft", "dpo", "ipo", ...).
     tokenizer: encodes `probes`; default: the trainer's processing class.
     max_prompt_tokens / max_response_tokens: ldpipe's truncation (the prompt's last, the response's first tokens).
-    chat_template: "auto" (default) renders each probe with the tokenizer's chat template when it has one, as TRL's
-        trainers render conversational data; "none" scores the text as written, as they tokenize plain-text data.
-        Pass the setting that matches your dataset's format (ldpipe.model.encoding states the contract).
+    chat_template: "auto" renders each probe with the tokenizer's chat template when it has one, as TRL's trainers
+        render conversational data; "none" scores the text as written, as they tokenize plain-text data. Pass the
+        setting that matches your dataset's format (ldpipe.model.encoding states the contract); not given, it is
+        "auto", and with a templated tokenizer the callback logs that choice and how to change it.
     """
 
     def __init__(self, probes: pl.DataFrame | str | Path | Sequence[EncodedProbe], store: Store | str | Path, *,
                  run_id: str, config_hash: str = "", phase: str = "sft", eval_every: int = 10, tokenizer: Any = None,
-                 max_prompt_tokens: int = 96, max_response_tokens: int = 64, chat_template: str = "auto",
+                 max_prompt_tokens: int = 96, max_response_tokens: int = 64, chat_template: str | None = None,
                  log: Callable[[str], None] | None = None):
         if eval_every < 1:
             raise ValueError(f"eval_every must be >= 1, got {eval_every}")
@@ -74,9 +75,14 @@ class ProbeTrackingCallback(TrainerCallback):
                 if tok is None:
                     raise ValueError("ProbeTrackingCallback needs a tokenizer (none given, and the trainer has no "
                                      "processing_class)")
+                setting = self.chat_template or "auto"
                 self._encoded = encode_probes(tok, self._probes, max_prompt_tokens=self.limits[0],
-                                              max_response_tokens=self.limits[1], chat_template=self.chat_template)
-                self.log(f"[{self.run_id}] probes scored as {describe_format(tok, self.chat_template)}")
+                                              max_response_tokens=self.limits[1], chat_template=setting)
+                self.log(f"[{self.run_id}] probes scored as {describe_format(tok, setting)}")
+                if self.chat_template is None and uses_chat_template(tok, "auto"):
+                    self.log(f"[{self.run_id}] chat_template not given: probes are rendered with the tokenizer's chat "
+                             "template, as TRL renders conversational data; pass chat_template='none' if the "
+                             "trainer's dataset is plain text (TRL tokenizes that as written)")
             else:
                 self._encoded = list(self._probes)
         return self._encoded
