@@ -162,3 +162,20 @@ def test_a_template_that_refuses_the_messages_says_what_to_do(root):
                          "{{ raise_exception('System role not supported') }}{% endif %}{{ m['content'] }}{% endfor %}")
     with pytest.raises(LdpipeError, match=r"roles \['system', 'user'\].*System role not supported.*chat_template: none"):
         encode_pair(tok, "\n\nSystem: Be brief.\n\nHuman: Hi\n\nAssistant:", " Hello.")
+
+
+def test_the_builtin_model_encodes_as_before():
+    """The builtin tokenizer adds no BOS and has no template, and the synthetic world's prompts end in 'Assistant:'
+    before a space-led reply: the contract gives exactly the ids of the reference's separate tokenization (prompt and
+    response apart, no special tokens, EOS appended) on the default probe set, so its runs score as before."""
+    from ldpipe.bench.common import probe_frame, tokenizer
+
+    tok, pf = tokenizer(), probe_frame(40)
+    texts = {(e, t): (p, r) for e, t, p, r in pf.select("example_id", "response_type", "prompt", "response").rows()}
+    enc = encode_probes(tok, pf, max_prompt_tokens=96, max_response_tokens=64)
+    assert sum(len(ep.response_ids) for ep in enc) == pf.height == 440
+    for ep in enc:
+        for t, r in zip(ep.response_types, ep.response_ids):
+            prompt, resp = texts[(ep.example_id, t)]
+            assert ep.prompt_ids == tok(prompt, add_special_tokens=False)["input_ids"][-96:]
+            assert r == tok(resp, add_special_tokens=False)["input_ids"][:63] + [tok.eos_token_id]
