@@ -8,12 +8,17 @@ and config loaders, the probe builder), so it fails with the same message (file,
 - a declared corpus file exists and parses;
 - a pretrained model path or hub id holds a config and a tokenizer (offline unless allow_download), the format
   probes will be scored in (the chat-template decision, BOS), and what truncation cuts from each probe type;
-- every run has training rows (a run with none would have zero steps);
-- the train split holds the probe prompts, and the declared probe types can be made from the data.
+- every run has training rows (a run with none would have zero steps), and its optimizer steps and probe
+  evaluations stay under a sane ceiling (MAX_RUN_STEPS, MAX_EVALUATIONS: a warning past them);
+- the train split holds the probe prompts (probes.n_examples <= train rows, the synthetic world's n_train
+  included), and the declared probe types can be made from the data;
+- what a run will need: a builtin architecture's parameters and training memory (weights, gradients and Adam's two
+  moments, 4 bytes each, plus activations) against the machine's available memory, and generation lengths against
+  the bounds the model and the run enforce.
 """
 from __future__ import annotations
 
-import functools
+import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +30,9 @@ from ldpipe.spec import EXTEND_SUPERVISE, ExperimentSpec
 
 FULL_CHECK_BYTES = 50 * 2**20
 SAMPLE_ROWS = 1000
+MAX_RUN_STEPS = 1_000_000      # optimizer steps of one run past which check warns
+MAX_EVALUATIONS = 10_000       # probe evaluations of one run past which check warns
+TRAIN_BYTES_PER_PARAM = 4 * 4  # fp32 weights, gradients and Adam's two moments
 
 
 @dataclass
@@ -130,8 +138,17 @@ def _model(spec: ExperimentSpec, rep: Report):
     return tok
 
 
-def _runs(spec: ExperimentSpec, prefs: pl.DataFrame, rep: Report) -> None:
-    n_train = prefs.filter(pl.col("split") == "train").height
+def _train_rows(spec: ExperimentSpec, prefs: pl.DataFrame | None) -> tuple[int, str] | None:
+    """(rows of the train split, where that number comes from), or None when check cannot know it (hub data)."""
+    if prefs is not None:
+        return prefs.filter(pl.col("split") == "train").height, f"the train split of dataset.path {spec.dataset.path!r}"
+    if spec.dataset.kind == "synthetic":
+        return spec.dataset.synthetic.n_train, "dataset.synthetic.n_train"
+    return None
+
+
+def _runs(spec: ExperimentSpec, n_train: int, rep: Report) -> None:
+    n_probe_rows = spec.probes.n_examples * len(spec.probes.types or ("chosen", "rejected"))   # at least these
     for r in spec.runs:
         n = min(r.n_train or n_train, n_train)
         if r.algo == "sft" and r.supervise == EXTEND_SUPERVISE:
@@ -143,13 +160,88 @@ def _runs(spec: ExperimentSpec, prefs: pl.DataFrame, rep: Report) -> None:
                               "would have zero steps")
             continue
         steps = r.total_steps(n)
+        evals = steps // r.eval_every + 2            # step 0, every eval_every steps, the last
         rep.lines.append(f"run {r.name} ({r.algo}): {n} training examples -> {steps} optimizer steps")
+        if steps > MAX_RUN_STEPS or evals > MAX_EVALUATIONS:
+            rep.warnings.append(
+                f"run {r.name!r}: {steps:,} optimizer steps x {evals:,} probe evaluations (of at least "
+                f"{n_probe_rows:,} sequences each) is past check's ceiling of {MAX_RUN_STEPS:,} steps and "
+                f"{MAX_EVALUATIONS:,} evaluations (runs[{r.name}].epochs {r.epochs:g}, batch_size {r.batch_size}, "
+                f"eval_every {r.eval_every}); it would run for a very long time")
+        if r.batch_size > n:
+            rep.warnings.append(f"run {r.name!r}: runs[{r.name}].batch_size {r.batch_size:,} is more than its {n} "
+                                f"training examples, so every step takes all {n}")
+        if r.pairs == "on_policy" and r.on_policy_settings.max_new_tokens >= spec.probes.max_response_tokens:
+            # the bound the on-policy run enforces when it starts (ldpipe.training.onpolicy)
+            rep.errors.append(f"run {r.name!r}: runs[{r.name}].on_policy.max_new_tokens "
+                              f"({r.on_policy_settings.max_new_tokens:,}) must be below probes.max_response_tokens "
+                              f"({spec.probes.max_response_tokens}), which also caps training responses")
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available to a new process now (MemAvailable in /proc/meminfo, else the free physical
+    pages), or None where neither can be read."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def builtin_parameters(spec: ExperimentSpec) -> int:
+    """Parameters of the builtin GPT-NeoX (ldpipe.model.lm.build_model: untied input and output embeddings)."""
+    a, v = spec.model.architecture, spec.model.vocab_size
+    h, i = a.hidden_size, a.intermediate_size
+    per_layer = 4 * h * h + 2 * h * i + 9 * h + i   # qkv + dense (+ biases), the MLP, two layer norms
+    return 2 * v * h + a.num_layers * per_layer + 2 * h
+
+
+def _gb(n: float) -> str:
+    return f"{n / 2**30:,.1f} GB" if n >= 2**30 else f"{n / 2**20:,.0f} MB"
+
+
+def _builtin_size(spec: ExperimentSpec, n_train: int | None, rep: Report) -> None:
+    """The builtin model's parameters and training memory against the machine's available memory, and generation
+    lengths against its positions. `n_train`: the train rows, where known (a batch takes at most those)."""
+    m = spec.model
+    a = m.architecture
+    params = builtin_parameters(spec)
+    refs = 1 if any(r.algo in ("dpo", "ipo") for r in spec.runs) else 0       # a frozen reference model
+    tokens = max([m.pretrain.batch_size * m.pretrain.seq_len]
+                 + [min(r.batch_size, 2 * (n_train or r.batch_size)) * (spec.probes.max_prompt_tokens + spec.probes.max_response_tokens)
+                    * (2 if r.algo != "sft" else 1) for r in spec.runs])      # the largest batch's tokens
+    tokens = min(tokens, 2**40)
+    seq = max(m.pretrain.seq_len, spec.probes.max_prompt_tokens + spec.probes.max_response_tokens)
+    activations = tokens * a.num_layers * (16 * a.hidden_size + 2 * a.intermediate_size + 2 * a.num_heads * seq) * 4
+    need = params * (TRAIN_BYTES_PER_PARAM + 4 * refs) + activations
+    have = available_memory()
+    what = (f"model.architecture (hidden_size {a.hidden_size}, num_layers {a.num_layers}, intermediate_size "
+            f"{a.intermediate_size}, vocab_size {m.vocab_size}): {params:,} parameters; training needs about "
+            f"{_gb(need)} (weights, gradients and Adam at {TRAIN_BYTES_PER_PARAM} bytes a parameter"
+            + (", a reference model" if refs else "") + f", activations {_gb(activations)})")
+    if have is not None and need > have:
+        rep.errors.append(f"{what}, more than the {_gb(have)} of memory available on this machine")
+    else:
+        rep.lines.append(what + (f" of {_gb(have)} available" if have is not None else ""))
+    gen = spec.probes.generation.max_new_tokens
+    if gen > a.max_position_embeddings:
+        rep.errors.append(f"probes.generation.max_new_tokens ({gen:,}) is more than the builtin model's "
+                          f"{a.max_position_embeddings} positions (model.architecture.max_position_embeddings)")
 
 
 def _probes(spec: ExperimentSpec, prefs: pl.DataFrame, rep: Report, tok=None) -> None:
     from ldpipe.probes.build import MODEL_STAGE_TYPES, OFFLINE_TYPES, REPHRASE_TYPES, ProbeRecipe, build_probe_set
 
     ps = spec.probes
+    rows = _train_rows(spec, prefs)
+    if rows is not None and ps.n_examples > rows[0]:
+        rep.errors.append(_too_few_rows(ps.n_examples, *rows))
+        return
     if spec.dataset.kind == "reference_probes":
         rep.lines.append("probe set: read from the reference file at run time")
         return
@@ -178,6 +270,11 @@ def _probes(spec: ExperimentSpec, prefs: pl.DataFrame, rep: Report, tok=None) ->
         rep.warnings.append("no held-out (test) split: borrowing and win rate on held-out prompts will have "
                             "nothing to measure (add a 'split' column with 'test' rows, or "
                             "put them in a test.jsonl beside train.jsonl)")
+
+
+def _too_few_rows(n_examples: int, rows: int, where: str) -> str:
+    return (f"probes.n_examples {n_examples:,} is more than the {rows:,} rows of {where}: the probe prompts are "
+            "drawn from the train split; lower probes.n_examples or add rows")
 
 
 def _truncation(spec: ExperimentSpec, probes: pl.DataFrame, tok, rep: Report) -> None:
@@ -216,10 +313,16 @@ def check_experiment(spec: ExperimentSpec) -> Report:
         tok = _model(spec, rep)
     except LdpipeError as e:
         rep.errors.append(str(e))
+    rows = _train_rows(spec, prefs)
+    if spec.model.kind == "builtin":
+        _builtin_size(spec, rows[0] if rows else spec.dataset.limit, rep)
+    if rows is not None:
+        _runs(spec, rows[0], rep)
     if prefs is not None:
-        for step in (_runs, functools.partial(_probes, tok=tok)):
-            try:
-                step(spec, prefs, rep)
-            except LdpipeError as e:
-                rep.errors.append(str(e))
+        try:
+            _probes(spec, prefs, rep, tok=tok)
+        except LdpipeError as e:
+            rep.errors.append(str(e))
+    elif rows is not None and spec.probes.n_examples > rows[0]:   # the synthetic world: its declared n_train
+        rep.errors.append(_too_few_rows(spec.probes.n_examples, *rows))
     return rep

@@ -43,6 +43,19 @@ class SyntheticSpec(_Strict):
     n_test: int = Field(50, gt=0)
     corpus_docs: int = Field(3000, gt=0)
 
+    @model_validator(mode="after")
+    def _world_bounds(self) -> "SyntheticSpec":
+        # the bounds the dataset step enforces (n_entities in [4, 5000], ...), from the one place that holds them
+        from ldpipe.data.synthetic import SyntheticConfig
+        from ldpipe.errors import DataValidationError
+
+        try:
+            SyntheticConfig(seed=self.seed, n_entities=self.n_entities, n_train=self.n_train, n_test=self.n_test,
+                            corpus_docs=self.corpus_docs).validate()
+        except DataValidationError as e:
+            raise ValueError(f"{e.field}: {str(e).split(': ', 1)[-1]}") from None
+        return self
+
 
 class DatasetSpec(_Strict):
     kind: Literal["synthetic", "hh", "ultrafeedback", "local", "reference_probes"] = "synthetic"

@@ -229,3 +229,37 @@ def test_bad_declaration_stops_ldpipe_run_before_any_step(tmp_path):
                        env=_env(tmp_path, tmp_path / ".ldpipe"))
     assert r.returncode == 2 and "runs[a].batch_size" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / ".ldpipe").exists()
+
+
+# file -> (bytes, the whole message after the file's path) for files that held no readable row: each used to end in
+# a library's words ("StopIteration:", 'Instruction "train" corresponds to no data!', "DatasetGenerationError")
+PLAIN_WORDS = {
+    "empty.jsonl": (b"", ": empty file: no rows"),
+    "blank.jsonl": (b"\n  \n", ": no rows: the file holds only blank lines"),
+    "header_only.csv": (b"prompt,chosen,rejected\n",
+                        ', row 1: CSV has a header but no rows (header: ["prompt", "chosen", "rejected"])'),
+    "surrogate.jsonl": (_jsonl(_pair(0), _pair(1)) + b'{"prompt": "Q", "chosen": " a\\ud800", "rejected": " b"}\n',
+                        ", row 3, field 'chosen': a lone surrogate \\ud800 is not valid text (a JSON \\ud800-\\udfff "
+                        "escape must be one of a pair)"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PLAIN_WORDS))
+def test_unreadable_file_is_named_in_plain_words(name, tmp_path):
+    from ldpipe.data.loaders import DataSource, load_preferences
+    from ldpipe.errors import DataValidationError
+
+    data, said = PLAIN_WORDS[name]
+    (tmp_path / name).write_bytes(data)
+    with pytest.raises(DataValidationError) as e:
+        load_preferences(DataSource(kind="local", path=str(tmp_path / name)))
+    assert str(e.value) == f"{tmp_path / name}{said}"
+
+
+def test_a_surrogate_pair_is_text(tmp_path):
+    from ldpipe.data.loaders import DataSource, load_preferences
+
+    (tmp_path / "pair.jsonl").write_bytes(_jsonl(_pair(0)) + b'{"prompt": "Q", "chosen": " \\ud83d\\ude00", '
+                                                            b'"rejected": " b"}\n')
+    prefs = load_preferences(DataSource(kind="local", path=str(tmp_path / "pair.jsonl")))
+    assert prefs["chosen"].to_list()[1] == " \U0001F600"

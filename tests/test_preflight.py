@@ -109,3 +109,73 @@ def test_declarations_only_skips_the_files(tmp_path):
     r = subprocess.run([LDPIPE, "check", "--declarations-only"], capture_output=True, text=True, cwd=tmp_path,
                        env=env, timeout=120)
     assert r.returncode == 0 and "1 experiment(s) OK" in r.stdout
+
+
+# ------------------------------------------------------------------ sizes a run would fail on (issue 22, item 5)
+
+def _synthetic(monkeypatch, tmp_path, **over) -> ExperimentSpec:
+    monkeypatch.setenv("LDPIPE_PROJECT_DIR", str(tmp_path))
+    monkeypatch.setenv("LDPIPE_HOME", str(tmp_path / ".ldpipe"))
+    body = {"name": "big", "runs": [{"name": "sft", "algo": "sft"}]}
+    for k, v in over.items():
+        body[k] = {**body.get(k, {}), **v} if isinstance(v, dict) else v
+    return ExperimentSpec.model_validate(body)
+
+
+def test_probe_prompts_beyond_the_train_rows_name_the_key_and_both_numbers(tmp_path, monkeypatch):
+    rep = check_experiment(_synthetic(monkeypatch, tmp_path, probes={"n_examples": 10**9}))
+    assert any("probes.n_examples 1,000,000,000" in e and "200 rows of dataset.synthetic.n_train" in e
+               for e in rep.errors), rep.errors
+    _write(tmp_path / "d.jsonl", ROWS)                    # a local file: 8 train rows
+    rep = check_experiment(_spec(tmp_path, monkeypatch, probes={"n_examples": 10**9}))
+    assert rep.errors == ["probes.n_examples 1,000,000,000 is more than the 8 rows of the train split of "
+                          "dataset.path 'd.jsonl': the probe prompts are drawn from the train split; lower "
+                          "probes.n_examples or add rows"]
+
+
+def test_synthetic_world_bounds_are_the_dataset_steps_own(tmp_path):
+    import pytest
+    from pydantic import ValidationError
+
+    from ldpipe.data.synthetic import SyntheticConfig
+    from ldpipe.errors import DataValidationError
+
+    for n in (10**9, 3):
+        with pytest.raises(ValidationError, match=r"n_entities: must be in \[4, 5000\], got " + str(n)):
+            ExperimentSpec.model_validate({"name": "x", "dataset": {"synthetic": {"n_entities": n}}})
+        with pytest.raises(DataValidationError, match=r"must be in \[4, 5000\]"):   # the run's, same words
+            SyntheticConfig(n_entities=n).validate()
+    for n in (4, 5000):
+        ExperimentSpec.model_validate({"name": "x", "dataset": {"synthetic": {"n_entities": n}}})
+
+
+def test_builtin_architecture_too_big_for_the_machine(tmp_path, monkeypatch):
+    wide = {"architecture": {"hidden_size": 65536, "num_layers": 1000, "num_heads": 4}}
+    rep = check_experiment(_synthetic(monkeypatch, tmp_path, model=wide))
+    assert len(rep.errors) == 1 and "17,247,836,950,528 parameters" in rep.errors[0], rep.errors
+    assert "memory available on this machine" in rep.errors[0]
+    rep = check_experiment(_synthetic(monkeypatch, tmp_path))       # the default: 1.3M parameters, fits
+    assert rep.errors == [] and any("1,317,632 parameters" in x for x in rep.lines), rep.errors
+    import ldpipe.preflight as pf
+
+    monkeypatch.setattr(pf, "available_memory", lambda: 50 * 2**20)  # a machine with 50 MB free
+    rep = check_experiment(_synthetic(monkeypatch, tmp_path))
+    assert any("more than the 50 MB of memory available" in e for e in rep.errors), rep.errors
+
+
+def test_absurd_lengths_and_step_counts(tmp_path, monkeypatch):
+    rep = check_experiment(_synthetic(monkeypatch, tmp_path, probes={"generation": {"max_new_tokens": 10**9}}))
+    assert rep.errors == ["probes.generation.max_new_tokens (1,000,000,000) is more than the builtin model's 512 "
+                          "positions (model.architecture.max_position_embeddings)"]
+    rep = check_experiment(_synthetic(monkeypatch, tmp_path, runs=[
+        {"name": "dpo", "algo": "dpo", "pairs": "on_policy", "on_policy": {"max_new_tokens": 10**8}}]))
+    assert any("runs[dpo].on_policy.max_new_tokens (100,000,000) must be below probes.max_response_tokens (64)" in e
+               for e in rep.errors), rep.errors
+    rep = check_experiment(_synthetic(monkeypatch, tmp_path, runs=[{"name": "sft", "epochs": 1e9}]))
+    assert rep.errors == [] and len(rep.warnings) == 1, rep.warnings
+    assert "25,000,000,000 optimizer steps x 2,500,000,002 probe evaluations" in rep.warnings[0]
+    assert "runs[sft].epochs 1e+09" in rep.warnings[0]
+    rep = check_experiment(_synthetic(monkeypatch, tmp_path, runs=[{"name": "sft", "batch_size": 10**9}]))
+    assert rep.errors == [] and rep.warnings == [
+        "run 'sft': runs[sft].batch_size 1,000,000,000 is more than its 200 training examples, so every step "
+        "takes all 200"]

@@ -349,8 +349,42 @@ def _scan_jsonl(path: Path, types: dict[str, tuple[type, ...]], max_rows: int | 
                     raise DataValidationError(
                         str(path), f"{said[kind]}, but row {first[1]} holds {said[first[0]]}: every row of a file is "
                                    "in one format (TRL's standard: text; conversational: messages)", row=n, field=key)
+        if "\\u" in text:   # a \\uXXXX escape may be a lone surrogate, which no UTF-8 text can hold
+            _no_lone_surrogate(path, n, rec)
         rows.append(n)
+    if not rows:
+        raise DataValidationError(str(path), "empty file: no rows" if _is_empty(path)
+                                  else "no rows: the file holds only blank lines")
     return rows[:max_rows] if max_rows is not None else rows
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _no_lone_surrogate(path: Path, n: int, rec: dict) -> None:
+    """An error naming the line and field of the first lone surrogate (\\ud800 without its pair) in a record:
+    json reads it, but it is no text (UTF-8 cannot encode it) and `datasets` would fail on it without a row."""
+    def find(v: object) -> str | None:
+        if isinstance(v, str):
+            m = _SURROGATE.search(v)
+            return m.group() if m else None
+        if isinstance(v, list):
+            return next((c for c in map(find, v) if c), None)
+        if isinstance(v, dict):
+            return next((c for c in map(find, [*v.keys(), *v.values()]) if c), None)
+        return None
+
+    for key, value in rec.items():
+        bad = find(key) or find(value)
+        if bad:
+            raise DataValidationError(str(path), f"a lone surrogate \\u{ord(bad):04x} is not valid text (a JSON "
+                                                 "\\ud800-\\udfff escape must be one of a pair)", row=n, field=key)
+
+
+def _is_empty(path: Path) -> bool:
+    """No bytes at all (after decompression for .gz)."""
+    with _open_bytes(path) as fh:
+        return not fh.read(1)
 
 
 def message_problem(messages: list) -> str | None:
@@ -391,11 +425,15 @@ def _scan_csv(path: Path, max_rows: int | None) -> tuple[list[str], list[int]]:
     header = next(reader, None)
     if not header:
         raise DataValidationError(str(path), "empty CSV file (no header line)", row=1)
-    rows, last = [], reader.line_num
+    rows, last, any_row = [], reader.line_num, False
     for rec in reader:
-        if rec and (max_rows is None or len(rows) < max_rows):
-            rows.append(last + 1)
+        if rec:
+            any_row = True
+            if max_rows is None or len(rows) < max_rows:
+                rows.append(last + 1)
         last = reader.line_num
+    if not any_row:
+        raise DataValidationError(str(path), f"CSV has a header but no rows (header: {show_value(header)})", row=1)
     return header, rows
 
 
