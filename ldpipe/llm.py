@@ -11,6 +11,13 @@ reads end to end here.
 - Retries are ours (tenacity; the client's own are off): 408/409/429/5xx, timeouts, connection errors and bodies
   that are not a usable completion; exponential backoff with jitter, Retry-After honoured, at most `max_attempts`
   tries and `max_wait_s` of sleeping per item. Then an LLMError names the item and the last error.
+- Bounds: `max_tokens` is sent with every request; a completion longer than `max_response_chars` (default: the
+  dataset-text limit, ldpipe.data.loaders.MAX_TEXT_CHARS) is cut to that many characters, and the number of
+  characters dropped is kept with it (Completion.dropped_chars, the cache row, LLMStats.clipped), so the cache never
+  grows by more than the bound per call. A body over max(MAX_BODY_BYTES, 16 x max_response_chars) bytes is not
+  read further and the item fails (not retried). Every synchronous item has `max_call_s` of wall time in all
+  (attempts, backoff and Retry-After included; each request's timeout is the smaller of `timeout_s` and what is
+  left), so a silent endpoint is given up on after max_call_s (60 s by default), not attempts x timeout_s.
 - The API key is read from the environment, handed to the client and redacted from every message we make; it is
   never written to the cache.
 """
@@ -34,6 +41,7 @@ from typing import Any
 import openai
 from tenacity import RetryCallState, Retrying, retry_if_exception
 
+from ldpipe.data.loaders import MAX_TEXT_CHARS
 from ldpipe.errors import LdpipeError, SpecError
 
 log = logging.getLogger(__name__)
@@ -42,6 +50,8 @@ DEFAULT_SYSTEM = "You are a helpful assistant."
 _NO_KEY = "no-key"   # local servers (vLLM, llama.cpp, Ollama) ignore the key, but the client insists on one
 _TERMINAL = ("completed", "failed", "expired", "cancelled")
 Result = tuple[str, str | None]   # (content, finish_reason)
+Stored = tuple[str, str | None, int]   # (content, finish_reason, characters dropped by the max_response_chars cut)
+MAX_BODY_BYTES = 32 * 1024 * 1024    # a chat body is read up to max(this, 16 bytes per allowed character)
 
 
 class LLMError(LdpipeError):
@@ -56,6 +66,14 @@ class MalformedResponse(Exception):
     """A 2xx body that is not a usable chat completion (invalid JSON, no choices, no content)."""
 
 
+class ResponseTooLarge(Exception):
+    """A body past the byte cap: the endpoint ignores max_tokens; not retried (it would do it again)."""
+
+
+class CallDeadline(Exception):
+    """The item's max_call_s of wall time ran out."""
+
+
 @dataclass(frozen=True)
 class LLMConfig:
     base_url: str | None = None          # None: the official OpenAI endpoint (or OPENAI_BASE_URL)
@@ -67,7 +85,9 @@ class LLMConfig:
     max_tokens: int = 256
     seed: int | None = None
     system_message: str = DEFAULT_SYSTEM
-    timeout_s: float = 60.0              # per HTTP request
+    timeout_s: float = 60.0              # per HTTP request (never more than what is left of max_call_s)
+    max_call_s: float = 60.0             # wall time per item, all attempts, backoff and Retry-After included
+    max_response_chars: int = MAX_TEXT_CHARS   # a longer completion is cut here (dropped chars are counted)
     max_attempts: int = 6                # per item
     max_wait_s: float = 60.0             # total backoff sleep per item
     backoff_base_s: float = 1.0          # first backoff; doubles each retry, jittered into [b/2, b]
@@ -87,9 +107,11 @@ class LLMConfig:
         return cls(**{**shared, "cache_path": cache_path, **extra})
 
     def validate(self) -> None:
-        for name in ("concurrency", "max_attempts", "max_tokens"):
+        for name in ("concurrency", "max_attempts", "max_tokens", "max_response_chars"):
             if getattr(self, name) < 1:
                 raise SpecError(f"llm config: {name} must be >= 1, got {getattr(self, name)}")
+        if not self.max_call_s > 0:
+            raise SpecError(f"llm config: max_call_s must be > 0, got {self.max_call_s}")
         for name in ("timeout_s", "max_wait_s", "backoff_base_s", "backoff_max_s", "batch_poll_s",
                      "batch_max_wait_s", "temperature", "top_p"):
             if getattr(self, name) < 0:
@@ -122,6 +144,7 @@ class Completion:
     text: str
     finish_reason: str | None
     cached: bool        # True when it came from the cache without a call in this run
+    dropped_chars: int = 0   # characters cut off because the completion was longer than max_response_chars
 
 
 @dataclass
@@ -134,6 +157,8 @@ class LLMStats:
     failures: int = 0       # items given up on
     batch_lines: int = 0    # completions harvested from Batch API output
     batch_errors: int = 0   # batch lines that failed (then retried on the synchronous path)
+    clipped: int = 0        # new completions cut to max_response_chars
+    clipped_chars: int = 0  # characters those cuts dropped
 
     def as_dict(self) -> dict[str, int]:
         return asdict(self)
@@ -154,21 +179,32 @@ class CompletionCache:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("CREATE TABLE IF NOT EXISTS completions (key TEXT PRIMARY KEY, model TEXT NOT NULL, "
                          "request TEXT NOT NULL, response TEXT NOT NULL, finish_reason TEXT, via TEXT NOT NULL, "
-                         "created_at REAL NOT NULL)")
+                         "created_at REAL NOT NULL, dropped_chars INTEGER NOT NULL DEFAULT 0)")
+        cols = {r[1] for r in self._db.execute("PRAGMA table_info(completions)")}
+        if "dropped_chars" not in cols:   # a cache written before the bound: its rows dropped nothing
+            self._db.execute("ALTER TABLE completions ADD COLUMN dropped_chars INTEGER NOT NULL DEFAULT 0")
         # Batches submitted but not yet harvested, so a rerun polls them instead of paying twice.
         self._db.execute("CREATE TABLE IF NOT EXISTS batches (batch_id TEXT PRIMARY KEY, requests TEXT NOT NULL, "
                          "status TEXT NOT NULL, created_at REAL NOT NULL)")
 
-    def get(self, key: str) -> Result | None:
+    def get(self, key: str) -> Stored | None:
         with self._lock:
-            row = self._db.execute("SELECT response, finish_reason FROM completions WHERE key = ?",
+            row = self._db.execute("SELECT response, finish_reason, dropped_chars FROM completions WHERE key = ?",
                                    (key,)).fetchone()
-        return None if row is None else (row[0], row[1])
+        return None if row is None else (row[0], row[1], int(row[2] or 0))
 
-    def put(self, key: str, payload: Mapping[str, Any], text: str, finish_reason: str | None, via: str) -> None:
+    def put(self, key: str, payload: Mapping[str, Any], text: str, finish_reason: str | None, via: str,
+            dropped_chars: int = 0) -> None:
+        """Store a completion; the first one stored for a key stays, unless that one was cut short (a rerun
+        with a larger max_response_chars may then replace it)."""
         with self._lock:
-            self._db.execute("INSERT OR IGNORE INTO completions VALUES (?, ?, ?, ?, ?, ?, ?)",
-                             (key, payload["model"], _canonical(payload), text, finish_reason, via, time.time()))
+            self._db.execute("INSERT INTO completions (key, model, request, response, finish_reason, via, "
+                             "created_at, dropped_chars) VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(key) DO UPDATE "
+                             "SET response = excluded.response, finish_reason = excluded.finish_reason, "
+                             "via = excluded.via, created_at = excluded.created_at, "
+                             "dropped_chars = excluded.dropped_chars WHERE completions.dropped_chars > 0",
+                             (key, payload["model"], _canonical(payload), text, finish_reason, via, time.time(),
+                              dropped_chars))
 
     def __len__(self) -> int:
         with self._lock:
@@ -347,6 +383,22 @@ class LLMClient:
     def _redact(self, text: str) -> str:
         return text.replace(self._secret, "***") if self._secret else text
 
+    def _clip(self, item: str, text: str, finish: str | None, dropped: int = 0) -> Stored:
+        """`text` cut to max_response_chars, with the count of what the cut (and any earlier one) dropped."""
+        bound = self.config.max_response_chars
+        if len(text) <= bound:
+            return text, finish, dropped
+        log.warning("LLM %s: completion of %d characters cut to max_response_chars=%d", item, len(text), bound)
+        return text[:bound], finish, dropped + len(text) - bound
+
+    def _store(self, key: str, item: str, payload: Mapping[str, Any], text: str, finish: str | None,
+               via: str) -> Stored:
+        done = self._clip(item, text, finish)
+        self.cache.put(key, payload, done[0], done[1], via=via, dropped_chars=done[2])
+        if done[2]:
+            self._count(clipped=1, clipped_chars=done[2])
+        return done
+
     def payload(self, req: ChatRequest) -> dict[str, Any]:
         c = self.config
         body: dict[str, Any] = {"model": c.model, "messages": [{"role": r, "content": t} for r, t in req.messages],
@@ -363,15 +415,18 @@ class LLMClient:
         with an LLMError naming it; what finished before is kept in the cache. `progress(done, total)` counts the
         items that needed a call and is called from worker threads."""
         keys = [cache_key(self.payload(r), r.sample) for r in requests]
-        have: dict[str, Result] = {}
+        have: dict[str, Stored] = {}
         todo: dict[str, ChatRequest] = {}
+        bound = self.config.max_response_chars
         for req, key in zip(requests, keys):
             if key in have or key in todo:
                 self._count(cache_hits=int(key in have), deduplicated=int(key in todo))
                 continue
             hit = self.cache.get(key)
+            if hit is not None and hit[2] and len(hit[0]) < bound:
+                hit = None   # cut short under a smaller bound than today's: ask again
             if hit is not None:
-                have[key] = hit
+                have[key] = self._clip(req.item, *hit)   # a row from before the bound may be longer
                 self._count(cache_hits=1)
             else:
                 todo[key] = req
@@ -384,7 +439,7 @@ class LLMClient:
                 if progress is not None:
                     progress(done, total)
 
-        fresh: dict[str, Result] = {}
+        fresh: dict[str, Stored] = {}
         if todo and self.config.use_batch_api:
             fresh = self._run_batches({k: self.payload(r) for k, r in todo.items()})
             for key in fresh:
@@ -392,24 +447,29 @@ class LLMClient:
                 tick()
         if todo:
             fresh |= self._run_sync(todo, tick)
-        return [Completion(r.item, *(have.get(k) or fresh[k]), cached=k in have) for r, k in zip(requests, keys)]
+        out = []
+        for r, k in zip(requests, keys):
+            text, finish, dropped = have.get(k) or fresh[k]
+            out.append(Completion(r.item, text, finish, cached=k in have, dropped_chars=dropped))
+        return out
 
     # ------------------------------------------------------------------ synchronous path
-    def _run_sync(self, todo: Mapping[str, ChatRequest], tick: Callable[[], None]) -> dict[str, Result]:
-        results: dict[str, Result] = {}
+    def _run_sync(self, todo: Mapping[str, ChatRequest], tick: Callable[[], None]) -> dict[str, Stored]:
+        results: dict[str, Stored] = {}
         stop = threading.Event()   # set on the first permanent failure: queued items are then not started
 
         def work(key: str, req: ChatRequest) -> None:
             if stop.is_set():
                 return
             payload = self.payload(req)
+            deadline = time.monotonic() + self.config.max_call_s
             try:
-                text, finish = self._with_retries(req.item, lambda: self._chat_once(payload))
+                text, finish = self._with_retries(req.item, lambda: self._chat_once(payload, deadline),
+                                                  deadline=deadline)
             except BaseException:
                 stop.set()   # here, not in the main thread: this worker may take the next item at once
                 raise
-            self.cache.put(key, payload, text, finish, via="sync")
-            results[key] = (text, finish)
+            results[key] = self._store(key, req.item, payload, text, finish, via="sync")
             self._count(completed=1)
             tick()
 
@@ -425,14 +485,29 @@ class LLMClient:
             raise failed.exception()
         return results
 
-    def _chat_once(self, payload: dict[str, Any]) -> Result:
+    def _chat_once(self, payload: dict[str, Any], deadline: float) -> Result:
+        c = self.config
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise CallDeadline(f"max_call_s={c.max_call_s:g} spent")
         self._count(requests=1)
-        # The raw response lets us judge the body ourselves: the parsed path would return a bare str for a
-        # non-JSON content type and raise a JSONDecodeError for a broken JSON one.
-        raw = self._openai.chat.completions.with_raw_response.create(**payload)
-        return parse_completion(raw.http_response.content)
+        cap = max(MAX_BODY_BYTES, 16 * c.max_response_chars)
+        # The raw bytes let us judge the body ourselves (the parsed path would return a bare str for a non-JSON
+        # content type and raise a JSONDecodeError for a broken JSON one), and streaming them lets us stop reading
+        # at the byte cap or the deadline instead of holding whatever the server sends.
+        body = bytearray()
+        with self._openai.chat.completions.with_streaming_response.create(
+                **payload, timeout=min(c.timeout_s, left)) as raw:
+            for chunk in raw.iter_bytes():
+                body += chunk
+                if len(body) > cap:
+                    raise ResponseTooLarge(f"response body passed {cap:,} bytes (max_tokens={c.max_tokens} "
+                                           f"ignored by the endpoint?); not read further")
+                if time.monotonic() > deadline:
+                    raise CallDeadline(f"max_call_s={c.max_call_s:g} spent while reading the body")
+        return parse_completion(bytes(body))
 
-    def _with_retries(self, item: str, fn: Callable[[], Any]) -> Any:
+    def _with_retries(self, item: str, fn: Callable[[], Any], *, deadline: float | None = None) -> Any:
         c = self.config
 
         def wait_s(rs: RetryCallState) -> float:
@@ -443,10 +518,14 @@ class LLMClient:
             return random.uniform(cap / 2, cap)
 
         over_budget: list[float] = []
+        over_deadline: list[float] = []
 
         def stop(rs: RetryCallState) -> bool:  # tenacity computes the wait before asking whether to stop
             if rs.idle_for + rs.upcoming_sleep > c.max_wait_s:
                 over_budget.append(rs.upcoming_sleep)
+                return True
+            if deadline is not None and time.monotonic() + rs.upcoming_sleep >= deadline:
+                over_deadline.append(rs.upcoming_sleep)
                 return True
             return rs.attempt_number >= c.max_attempts
 
@@ -462,20 +541,25 @@ class LLMClient:
         except Exception as e:
             self._count(failures=1)
             n = retrying.statistics.get("attempt_number", 1)
-            if not is_transient(e):
+            if isinstance(e, CallDeadline):
+                why = f"gave up after {n} attempt(s): its max_call_s={c.max_call_s:g} of wall time ran out"
+            elif not is_transient(e):
                 why = "not retryable"
             else:
                 why = f"gave up after {n} attempt(s) and {retrying.statistics.get('idle_for', 0):.2f} s of backoff"
                 if over_budget:
                     why += f"; the next wait of {over_budget[-1]:.2f} s would pass max_wait_s={c.max_wait_s:g}"
+                elif over_deadline:
+                    why += (f"; the next attempt would pass the call's max_call_s={c.max_call_s:g} of wall time "
+                            f"(timeout_s={c.timeout_s:g} per request)")
             raise LLMError(f"LLM request for {item!r} failed ({why}); last error: {self._redact(describe(e))}",
                            last_error=e) from None
 
     # ------------------------------------------------------------------ Batch API path
-    def _run_batches(self, payloads: dict[str, dict[str, Any]]) -> dict[str, Result]:
+    def _run_batches(self, payloads: dict[str, dict[str, Any]]) -> dict[str, Stored]:
         """Fill the cache through the Batch API; returns what it filled. Batches left pending by an interrupted
         run are polled first. Lines that failed are left for the synchronous path."""
-        filled: dict[str, Result] = {}
+        filled: dict[str, Stored] = {}
         for batch_id, reqs in self.cache.pending_batches():
             if not any(k in payloads for k in reqs):
                 continue
@@ -499,7 +583,7 @@ class LLMClient:
         log.info("LLM batch %s submitted with %d request(s)", batch.id, len(rest))
         return filled | self._harvest(batch.id, rest)
 
-    def _harvest(self, batch_id: str, requests: Mapping[str, Mapping[str, Any]]) -> dict[str, Result]:
+    def _harvest(self, batch_id: str, requests: Mapping[str, Mapping[str, Any]]) -> dict[str, Stored]:
         deadline = time.monotonic() + self.config.batch_max_wait_s
         while True:
             batch = self._with_retries(f"batch {batch_id} poll", lambda: self._openai.batches.retrieve(batch_id))
@@ -518,9 +602,9 @@ class LLMClient:
                 d, f = parse_batch_output(text)
                 done |= d
                 failed |= f
-        filled = {k: v for k, v in done.items() if k in requests}
-        for key, (text, finish) in filled.items():
-            self.cache.put(key, requests[key], text, finish, via=f"batch:{batch_id}")
+        filled = {key: self._store(key, f"batch {batch_id} line {key[:12]}", requests[key], text, finish,
+                                   via=f"batch:{batch_id}")
+                  for key, (text, finish) in done.items() if key in requests}
         self._count(batch_lines=len(filled), completed=len(filled), batch_errors=len(failed))
         if failed:
             log.warning("LLM batch %s: %d line(s) failed (first: %s); they go through the synchronous path",
@@ -533,5 +617,5 @@ class LLMClient:
 
 
 __all__ = ["LLMConfig", "LLMClient", "LLMError", "LLMStats", "ChatRequest", "Completion", "CompletionCache",
-           "MalformedResponse", "cache_key", "parse_completion", "batch_requests_jsonl", "parse_batch_output",
-           "is_transient", "retry_after_s", "DEFAULT_SYSTEM"]
+           "MalformedResponse", "ResponseTooLarge", "CallDeadline", "MAX_BODY_BYTES", "cache_key", "parse_completion",
+           "batch_requests_jsonl", "parse_batch_output", "is_transient", "retry_after_s", "DEFAULT_SYSTEM"]

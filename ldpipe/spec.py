@@ -83,7 +83,11 @@ class LLMSpec(_Strict):
     temperature: float = Field(0.7, ge=0)
     top_p: float = Field(1.0, gt=0, le=1)
     max_tokens: int = Field(256, gt=0)
-    timeout_s: float = Field(60, gt=0)
+    timeout_s: float = Field(60, gt=0)   # per request, never more than what is left of max_call_s
+    max_call_s: float = Field(60, gt=0)  # wall time per completion, all attempts and backoff included
+    # A longer completion is cut to this many characters (the count is in the probe report); the default is the
+    # dataset-text limit, ldpipe.data.loaders.MAX_TEXT_CHARS (tests/test_llm.py checks they agree).
+    max_response_chars: int = Field(100_000, gt=0)
     max_attempts: int = Field(6, gt=0)
     use_batch_api: bool = False
 

@@ -4,8 +4,9 @@ Loopback only (127.0.0.1, a free port), stdlib `ThreadingHTTPServer`. It impleme
   POST /v1/chat/completions, POST /v1/files, POST /v1/batches, GET /v1/batches/{id}, GET /v1/files/{id}/content
 with deterministic replies derived from the prompt, and a fault script that injects, per request number or per
 prompt substring: 429 (+ Retry-After), 500, 503, 400, 401 (echoing the key, as a careless server might), a delay,
-a dropped connection, a malformed JSON body and `{"choices": []}`. It counts requests and records the largest
-number of chat requests in flight at once.
+a dropped connection, a malformed JSON body, `{"choices": []}`, a huge completion that ignores max_tokens
+(`Fault("huge", chars=N)`) and silence (`Fault("silent")`: the request is read and never answered). It counts
+requests and records the largest number of chat requests in flight at once.
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-FAULT_KINDS = ("429", "500", "503", "400", "401", "delay", "reset", "bad_json", "empty_choices")
+FAULT_KINDS = ("429", "500", "503", "400", "401", "delay", "reset", "bad_json", "empty_choices", "huge", "silent")
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,7 @@ class Fault:
     kind: str                        # one of FAULT_KINDS
     retry_after: str | None = None   # the Retry-After header sent with a 429
     seconds: float = 0.0             # how long a "delay" fault stalls before answering
+    chars: int = 0                   # the length of a "huge" fault's completion
 
     def __post_init__(self) -> None:
         if self.kind not in FAULT_KINDS:
@@ -299,6 +301,12 @@ class _Handler(BaseHTTPRequestHandler):
         if kind == "empty_choices":
             return self._send_json(200, {"id": "x", "object": "chat.completion", "model": req["model"],
                                          "created": 0, "choices": []})
+        if kind == "silent":   # never answers; the handler ends when the server stops or the client hangs up
+            self.fake._stopping.wait()
+            self.close_connection = True
+            return
+        if kind == "huge":     # one "word" of fault.chars characters, so max_tokens does not cut it
+            return self._send_json(200, completion_body({"model": req["model"]}, "x" * fault.chars, n))
         if kind == "delay":
             self.fake._stopping.wait(fault.seconds)
         text = reply_for(user)

@@ -13,6 +13,8 @@ import polars as pl
 import pytest
 from fake_openai import FakeOpenAI, Fault  # tests/ is on sys.path (pytest's default "prepend" import mode)
 
+import ldpipe.llm
+from ldpipe.data.loaders import MAX_TEXT_CHARS
 from ldpipe.data.synthetic import SyntheticConfig, generate
 from ldpipe.errors import DataValidationError, LdpipeError, SpecError
 from ldpipe.llm import (
@@ -29,6 +31,7 @@ from ldpipe.probes.build import REPHRASE_TYPES, ProbeRecipe, build_probe_set
 from ldpipe.probes.checks import check_probe_set
 from ldpipe.probes.llm_types import LLM_TYPES, build_llm_types, strip_preamble
 from ldpipe.schema import PROBE_SCHEMA
+from ldpipe.spec import LLMSpec
 
 SECRET = "sk-test-SECRET-0123456789abcdef"
 KEY_ENV = "LDPIPE_TEST_LLM_KEY"
@@ -113,7 +116,8 @@ def test_llm_types_content_provenance_and_leading_space(server: FakeOpenAI, prob
     prompts = dict(probes.select("example_id", "prompt").unique().iter_rows())
     assert all(prompts[i] == p for i, p in frame.select("example_id", "prompt").iter_rows())
     assert report == {t: {"made": len(ids), "preambles_stripped": 0, "from_cache": 0, "empty": 0, "truncated": 0,
-                          "identical_to_source": 0} for t in LLM_TYPES}
+                          "over_max_response_chars": 0, "chars_dropped": 0, "identical_to_source": 0}
+                      for t in LLM_TYPES}
 
     # What went over the wire: the reference's prompts, system message and sampling params, and the key.
     users = [b["messages"][-1]["content"] for b in server.chat_bodies]
@@ -488,3 +492,89 @@ def test_batch_request_file_and_result_parsing() -> None:
     assert done == {"a": ("hello", "stop")}
     assert set(failed) == {"b", "c", "d"} and "429" in failed["b"] and "boom" in failed["c"]
     assert "no choices" in failed["d"]
+
+
+# ----------------------------------------------------------------------------- output bounds (issue 22 item 4)
+
+def test_a_huge_completion_is_cut_to_the_bound_counted_and_the_cache_stays_small(server: FakeOpenAI,
+                                                                                probes: pl.DataFrame,
+                                                                                tmp_path: Path) -> None:
+    # An endpoint that ignores max_tokens and answers 50,000 characters past the default bound (dataset text's).
+    huge = MAX_TEXT_CHARS + 50_000
+    server.fail_prompt("Reference sentence", forever=Fault("huge", chars=huge))
+    with make_client(server, tmp_path) as client:
+        assert client.config.max_response_chars == MAX_TEXT_CHARS
+        frame, report = build_llm_types(probes, client, types=("chosen_gptsemantic", "irr_hum"))
+        stats = client.stats
+    n = frame.filter(pl.col("response_type") == "chosen_gptsemantic").height
+    lengths = dict(frame.group_by("response_type").agg(pl.col("response").str.len_chars().max()).iter_rows())
+    assert lengths["chosen_gptsemantic"] <= MAX_TEXT_CHARS + 1   # + the source's leading space
+    assert report["chosen_gptsemantic"]["over_max_response_chars"] == n
+    assert report["chosen_gptsemantic"]["chars_dropped"] == n * 50_000
+    assert report["irr_hum"]["over_max_response_chars"] == 0     # the well-behaved answers are untouched
+    assert stats.clipped == n and stats.clipped_chars == n * 50_000
+    assert {b["max_tokens"] for b in server.chat_bodies} == {256}   # the endpoint was asked for a bound too
+    with sqlite3.connect(tmp_path / "llm.sqlite") as db:
+        rows = db.execute("SELECT max(length(response)), sum(dropped_chars) FROM completions").fetchone()
+    assert rows == (MAX_TEXT_CHARS, n * 50_000)
+    cache_bytes = sum(f.stat().st_size for f in tmp_path.glob("llm.sqlite*"))
+    assert cache_bytes < (n + 2) * MAX_TEXT_CHARS * 1.5, cache_bytes   # not n x 150,000 and more
+
+    # A rerun answers from the cache with the same count, and makes no request.
+    before = server.n_chat
+    with make_client(server, tmp_path) as client:
+        _, again = build_llm_types(probes, client, types=("chosen_gptsemantic",))
+    assert server.n_chat == before
+    assert again["chosen_gptsemantic"]["from_cache"] == n
+    assert again["chosen_gptsemantic"]["chars_dropped"] == n * 50_000
+
+
+def test_a_larger_bound_asks_again_for_what_was_cut(server: FakeOpenAI, tmp_path: Path) -> None:
+    server.fail_prompt("long", forever=Fault("huge", chars=1000))
+    req = [ChatRequest.chat("it", "long one")]
+    with make_client(server, tmp_path, max_response_chars=100) as client:
+        first = client.complete_many(req)[0]
+    assert (len(first.text), first.dropped_chars, first.cached) == (100, 900, False)
+    with make_client(server, tmp_path, max_response_chars=50) as client:   # a smaller bound cuts the cached row
+        assert (len((c := client.complete_many(req)[0]).text), c.dropped_chars, c.cached) == (50, 950, True)
+    with make_client(server, tmp_path, max_response_chars=5000) as client:
+        second = client.complete_many(req)[0]
+    assert (len(second.text), second.dropped_chars, second.cached) == (1000, 0, False)
+    with make_client(server, tmp_path, max_response_chars=5000) as client:
+        assert client.complete_many(req)[0].cached
+    assert requests_for(server, "long") == 2
+
+
+def test_a_body_past_the_byte_cap_is_not_read_on_and_not_retried(server: FakeOpenAI, tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ldpipe.llm, "MAX_BODY_BYTES", 200_000)
+    server.fail_prompt("flood", forever=Fault("huge", chars=3_000_000))
+    with make_client(server, tmp_path, max_response_chars=1000) as client:
+        with pytest.raises(LLMError, match=r"'flood-item'.*not retryable.*passed 200,000 bytes"):
+            client.complete_many([ChatRequest.chat("flood-item", "flood")])
+        assert len(client.cache) == 0
+    assert requests_for(server, "flood") == 1
+
+
+def test_a_silent_endpoint_is_given_up_on_within_max_call_s(server: FakeOpenAI, tmp_path: Path) -> None:
+    # Many attempts allowed, a generous backoff budget: only the per-call wall-time bound can stop this early.
+    server.fail_prompt("hush", forever=Fault("silent"))
+    with make_client(server, tmp_path, timeout_s=0.5, max_call_s=1.2, max_attempts=50, max_wait_s=60) as client:
+        t0 = time.monotonic()
+        with pytest.raises(LLMError, match=r"'quiet'.*max_call_s=1\.2"):
+            client.complete_many([ChatRequest.chat("quiet", "hush now")])
+        took = time.monotonic() - t0
+    assert 1.0 <= took < 2.2, took
+    assert 2 <= requests_for(server, "hush") <= 3
+
+
+def test_output_bound_defaults_are_declared_and_agree() -> None:
+    spec = LLMSpec(model="m")
+    cfg = LLMConfig.from_spec(spec, cache_path=None)
+    assert spec.max_response_chars == cfg.max_response_chars == LLMConfig().max_response_chars == MAX_TEXT_CHARS
+    assert spec.max_call_s == cfg.max_call_s == LLMConfig().max_call_s == 60   # a silent endpoint: 60 s, not ~7 min
+    assert LLMConfig.from_spec(LLMSpec(model="m", max_response_chars=10, max_call_s=5),
+                               cache_path=None).max_response_chars == 10
+    for bad in ({"max_response_chars": 0}, {"max_call_s": 0}):
+        with pytest.raises(SpecError):
+            LLMConfig(model="m", **bad).validate()

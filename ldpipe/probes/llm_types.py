@@ -141,7 +141,7 @@ def build_llm_types(probes: pl.DataFrame, client: LLMClient, types: Sequence[str
 
     model = client.config.model
     report = {t: {"made": 0, "preambles_stripped": 0, "from_cache": 0, "empty": 0, "truncated": 0,
-                  "identical_to_source": 0} for t in types}
+                  "over_max_response_chars": 0, "chars_dropped": 0, "identical_to_source": 0} for t in types}
     records = []
     for (i, t, prompt, source), done in zip(jobs, completions):
         source_type, template = LLM_TYPE_SPECS[t]
@@ -155,6 +155,8 @@ def build_llm_types(probes: pl.DataFrame, client: LLMClient, types: Sequence[str
         rep["from_cache"] += done.cached
         rep["empty"] += not text
         rep["truncated"] += done.finish_reason == "length"   # hit max_tokens: the text is cut off
+        rep["over_max_response_chars"] += done.dropped_chars > 0   # cut to llm.max_response_chars by ldpipe
+        rep["chars_dropped"] += done.dropped_chars
         rep["identical_to_source"] += template != "random_sentence" and text == source.strip()
         records.append((i, t, prompt, _lead(source) + text, f"llm:{model}:{template}"))
     frame = pl.DataFrame(records, schema=PROBE_SCHEMA, orient="row").sort("example_id", "response_type")
