@@ -210,13 +210,24 @@ def _check_store() -> int:
     from ldpipe.store.catalog import check_store
     from ldpipe.store.shards import Store
 
-    store = Store(Paths.default().store)
-    problems, counts = check_store(store)
+    paths = Paths.default()
+    if not paths.home.is_dir():
+        print(f"store: the ldpipe home {paths.home} does not exist (set LDPIPE_HOME, or run something first): "
+              "nothing to check", file=sys.stderr)
+        return 2
+    store = Store(paths.store)
+    try:
+        problems, counts = check_store(store)
+    except Exception as e:  # noqa: BLE001 (a check never ends in a traceback)
+        print(f"store {store.root}: the check failed: {type(e).__name__}: {e}", file=sys.stderr)
+        return 2
     for p in problems:
         print(f"  {p}", file=sys.stderr)
     verdict = f"{len(problems)} problem(s)" if problems else "OK"
+    old = (f" ({counts['no_digest']} of them by row count only: no digest recorded, manifests written before "
+           "digests existed)") if counts.get("no_digest") else ""
     print(f"store {store.root}: {verdict}; {counts['shards']} shard(s), {counts['shards_verified']} checked against "
-          f"the manifests of {counts['manifests']} finished run(s)", file=sys.stderr if problems else sys.stdout)
+          f"the manifests of {counts['manifests']} finished run(s){old}", file=sys.stderr if problems else sys.stdout)
     return 2 if problems else 0
 
 
@@ -235,6 +246,8 @@ def _cmd_catalog(args: argparse.Namespace) -> int:
 
     dirs = sql_dirs(Path(args.sql_dir) if args.sql_dir else project_dir() / "sql")
     info = pipeline.refresh(paths, dirs[-1])
+    for path, why in info.get("left_out", {}).items():
+        print(f"  warn  left out {path}: {why}", file=sys.stderr)
     n = sum(info["tables"].values())
     print(f"catalog {info['path']}: {len(info['views'])} views over {n} shard(s) in {paths.store} "
           f"(sql views from {' and '.join(str(d) for d in dirs if d.is_dir()) or 'no sql/ folder'})")

@@ -205,3 +205,109 @@ def test_scratch_folders_of_dead_owners_are_swept_live_ones_kept(tmp_path):
         assert Path(d).parent == tmp_path and Path(d).name.startswith(f"worker-{os.getpid()}-")
         assert sweep_scratch(tmp_path) == 0 and Path(d).exists()
     assert not Path(d).exists()
+
+
+# -- issue 22 items 2 and 3: the catalog reads only the store's own shards; manifests prove their contents ------
+def _home_with_run(tmp_path: Path) -> tuple[Path, Store]:
+    """A home whose store holds 3 shards of a finished run (manifest written) and 1 of an unfinished run."""
+    home = tmp_path / "home"
+    store = Store(home / "store")
+    for step in (0, 1, 2):
+        store.write_shard("trajectories", traj("done", step, ["e1", "e2"]), partition={"run_id": "done"},
+                          name=f"steps-{step:07d}", schema=TRAJECTORY_SCHEMA)
+    store.write_manifest("run_id", "done", ("trajectories",))
+    store.write_shard("trajectories", traj("open", 0, ["e1"]), partition={"run_id": "open"}, name="steps-0000000",
+                      schema=TRAJECTORY_SCHEMA)
+    return home, store
+
+
+def _count(home: Path) -> int:
+    from ldpipe.store.catalog import query
+
+    return query(home / "catalog.duckdb", "select count(*) as n from trajectories")["n"][0]
+
+
+def _check(home: Path, monkeypatch, capsys) -> tuple[int, str]:
+    from ldpipe.cli import _check_store
+
+    monkeypatch.setenv("LDPIPE_HOME", str(home))
+    rc = _check_store()
+    out = capsys.readouterr()
+    return rc, out.out + out.err
+
+
+def test_refresh_leaves_out_a_copied_or_symlinked_shard(tmp_path: Path, monkeypatch, capsys) -> None:
+    """A copy of a shard under another name, or a symlink from outside the home, is named and left out by the
+    refresh (no double count), by Store.read and by `check --store`; a shard written after the refresh is still
+    read by the views at once (they read the glob when a query runs)."""
+    import shutil
+
+    from ldpipe.store.catalog import refresh_catalog
+
+    home, store = _home_with_run(tmp_path)
+    refresh_catalog(home / "catalog.duckdb", store.root, None)
+    assert _count(home) == 7
+    open_shard = store.partition_dir("trajectories", {"run_id": "open"}) / "steps-0000000.parquet"
+    done_shard = store.shards("trajectories")[0]
+    copy = open_shard.with_name("copy-of-shard.parquet")
+    shutil.copy(open_shard, copy)                       # a run without a manifest: its mark names the original
+    outside = tmp_path / "elsewhere" / "rows.parquet"
+    outside.parent.mkdir()
+    shutil.copy(done_shard, outside)
+    link = open_shard.with_name("linked.parquet")
+    link.symlink_to(outside)
+    info = refresh_catalog(home / "catalog.duckdb", store.root, None)
+    assert _count(home) == 7                            # before this change: 10 (both extra files counted)
+    assert set(info["left_out"]) == {str(copy), str(link)}
+    assert "a copy of shard trajectories/run_id=open/steps-0000000.parquet" in info["left_out"][str(copy)]
+    assert "symlink" in info["left_out"][str(link)]
+    assert info["tables"]["trajectories"] == 4
+    assert copy not in store.shards("trajectories") and link not in store.shards("trajectories")
+    assert store.read("trajectories").height == 7
+    store.write_shard("trajectories", traj("open", 1, ["e1"]), partition={"run_id": "open"}, name="steps-0000001",
+                      schema=TRAJECTORY_SCHEMA)
+    assert _count(home) == 8                            # no refresh needed for the store's own new shard
+    rc, text = _check(home, monkeypatch, capsys)
+    assert rc == 2 and f"extra shard {copy}: a copy of shard" in text and f"extra shard {link}: a symlink" in text
+    assert "2 problem(s)" in text
+
+
+def test_check_store_names_changed_torn_unreadable_missing_and_extra_shards(tmp_path: Path, monkeypatch,
+                                                                             capsys) -> None:
+    """Manifests hold a digest per shard: a shard rewritten with the same schema and row count but other values
+    is "changed"; an empty and a truncated shard are "torn", one line each and no traceback."""
+    home, store = _home_with_run(tmp_path)
+    rc, text = _check(home, monkeypatch, capsys)
+    assert rc == 0 and "OK; 4 shard(s), 3 checked" in text
+    s0, s1, s2 = store.partition_shards("trajectories", {"run_id": "done"})
+    pl.read_parquet(s0).with_columns(pl.lit(123.0).alias("logp_sum")).write_parquet(s0)   # same rows, other values
+    s1.write_bytes(b"")                                                                    # 0 bytes
+    s2.write_bytes(s2.read_bytes()[:-40])                                                  # truncated
+    open_shard = store.partition_dir("trajectories", {"run_id": "open"}) / "steps-0000000.parquet"
+    open_shard.write_bytes(b"PAR1 not really parquet PAR1")                                # unreadable
+    rc, text = _check(home, monkeypatch, capsys)
+    assert rc == 2 and "Traceback" not in text
+    assert f"changed shard {s0}: its content digest is" in text
+    assert f"torn shard {s1}: 0 bytes, empty" in text and f"torn shard {s2}:" in text
+    assert f"unreadable shard {open_shard}" in text
+    assert "4 problem(s)" in text                        # one line per shard
+    s0.unlink()
+    rc, text = _check(home, monkeypatch, capsys)
+    assert rc == 2 and f"missing shard {s0}" in text
+
+
+def test_check_store_accepts_an_old_manifest_without_digests(tmp_path: Path, monkeypatch, capsys) -> None:
+    import json
+
+    home, store = _home_with_run(tmp_path)
+    mf = store.manifest_path("run_id", "done")
+    m = json.loads(mf.read_text())
+    m["shards"] = {rel: rec["rows"] for rel, rec in m["shards"].items()}   # the format before digests
+    mf.write_text(json.dumps(m))
+    rc, text = _check(home, monkeypatch, capsys)
+    assert rc == 0 and "OK;" in text and "3 of them by row count only: no digest recorded" in text
+
+
+def test_check_store_on_a_home_that_does_not_exist(tmp_path: Path, monkeypatch, capsys) -> None:
+    rc, text = _check(tmp_path / "no-such-home", monkeypatch, capsys)
+    assert rc == 2 and "does not exist" in text and "OK" not in text

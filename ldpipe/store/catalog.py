@@ -9,10 +9,15 @@ process that keeps an old connection open also gets the old views on reconnect.
 
 A table view reads its table's glob when a query runs, so shards written after a refresh are
 seen at once; only new sql/ files, new unknown tables or a changed schema need a refresh
-(the catalog asset's job; analyses never refresh).
+(the catalog asset's job; analyses never refresh). The refresh names (a warning) and leaves out
+every file under a table that the store did not write (`Store.audit`: a copy under another name, a
+symlink, a file a finished run's manifest does not list): the view excludes those files by name.
+Trade-off: such a file put there *after* the refresh is read by the views until the next refresh
+(or named by `ldpipe check --store`); `Store.read` leaves it out at once.
 """
 from __future__ import annotations
 
+import logging
 import os
 import re
 import uuid
@@ -37,7 +42,10 @@ from ldpipe.schema import (
     TRAJECTORY_SCHEMA,
     WIN_RATE_JUDGMENT_SCHEMA,
 )
-from ldpipe.store.shards import Store, remove_stale_temps
+from ldpipe.store.shards import Store, remove_stale_temps, shard_problem
+
+_log = logging.getLogger("ldpipe.catalog")
+_FILE_COL = "__ldpipe_shard_file"   # the view's filename column, to leave out files the store did not write
 
 KNOWN_TABLES: dict[str, dict[str, pl.DataType]] = {
     "trajectories": TRAJECTORY_SCHEMA,
@@ -112,8 +120,12 @@ def refresh_catalog(catalog_path: Path, store_root: Path, sql_dir: Path | Sequen
     # Tidy what killed writers left: shard temps and earlier refreshes' catalog temps (never read as data).
     cleaned = store.clean_temp() + remove_stale_temps(catalog_path.parent.glob(f"{catalog_path.name}.tmp-*"))
     dirs = [] if sql_dir is None else [Path(sql_dir)] if isinstance(sql_dir, (str, Path)) else [Path(d) for d in sql_dir]
-    views, counts = _swap_in(catalog_path, lambda con: _build(con, store, dirs))
-    return {"views": views, "tables": counts, "path": str(catalog_path), "temp_files_removed": cleaned}
+    left_out: dict[str, str] = {}
+    views, counts = _swap_in(catalog_path, lambda con: _build(con, store, dirs, left_out))
+    for path, why in left_out.items():
+        _log.warning("catalog refresh: left out %s: %s", path, why)
+    return {"views": views, "tables": counts, "path": str(catalog_path), "temp_files_removed": cleaned,
+            "left_out": left_out}
 
 
 def _swap_in(catalog_path: Path, build):
@@ -133,19 +145,23 @@ def _swap_in(catalog_path: Path, build):
     return out
 
 
-def _build(con: duckdb.DuckDBPyConnection, store: Store, sql_dirs: list[Path]) -> tuple[list[str], dict[str, int]]:
+def _build(con: duckdb.DuckDBPyConnection, store: Store, sql_dirs: list[Path],
+           left_out: dict[str, str] | None = None) -> tuple[list[str], dict[str, int]]:
     views: list[str] = []
     counts: dict[str, int] = {}
     for table in sorted(set(store.tables()) | set(KNOWN_TABLES)):
-        n = len(store.shards(table))
+        own, foreign = store.audit(table)
+        if left_out is not None:
+            left_out.update((str(p), why) for p, why in foreign.items())
+        n = len(own)
         counts[table] = n
         schema = KNOWN_TABLES.get(table)
         if n == 0 and schema is None:
             continue                # an unknown, empty table has no columns to show
         if schema is not None:
-            validate_shards(store, table, schema)
+            validate_shards(store, table, schema, own)
             store.write_schema_file(table, schema)
-        con.execute(f"create view {_q(table)} as {_table_select(con, store, table, schema)}")
+        con.execute(f"create view {_q(table)} as {_table_select(con, store, table, schema, sorted(foreign))}")
         views.append(table)
     files = {p.name: p for d in sql_dirs if d.is_dir() for p in sorted(d.glob("*.sql"))}
     for path in (files[k] for k in sorted(files)):
@@ -182,60 +198,94 @@ def _kind(t) -> str:
     return str(t)
 
 
-def validate_shards(store: Store, table: str, schema: dict[str, pl.DataType]) -> None:
-    """Every shard of a known table has its required columns, no foreign column, and column types of the
-    schema's class; the first shard that does not fit is named (DataValidationError), so the refresh keeps the
-    old catalog instead of views with rows of nulls or queries that fail later without a file name."""
+def validate_shards(store: Store, table: str, schema: dict[str, pl.DataType], paths: list[Path] | None = None) -> None:
+    """Every shard of a known table (or each of `paths`) has its required columns, no foreign column, and column
+    types of the schema's class; the first shard that does not fit is named (DataValidationError), so the refresh
+    keeps the old catalog instead of views with rows of nulls or queries that fail later without a file name."""
+    for path in store.shards(table) if paths is None else paths:
+        err = _schema_error(store, table, schema, path)
+        if err is not None:
+            raise err
+
+
+def _schema_error(store: Store, table: str, schema: dict[str, pl.DataType], path: Path) -> DataValidationError | None:
     import pyarrow.parquet as pq
 
     want = {f.name: _kind(f.type) for f in pl.DataFrame(schema=schema).to_arrow().schema}
     required = REQUIRED_COLUMNS.get(table, tuple(schema)[:1])
-    for path in store.shards(table):
-        try:
-            got = pq.read_schema(path)
-        except FileNotFoundError:
-            continue
-        except Exception as e:  # noqa: BLE001 (pyarrow raises several types for a file that is not Parquet)
-            raise DataValidationError(str(path), f"store table {table!r}: not a readable Parquet shard: "
-                                      f"{str(e).splitlines()[0]}") from None
-        names = set(got.names)
-        missing = [c for c in required if c not in names]
-        if missing:
-            raise DataValidationError(str(path), f"store table {table!r}: shard lacks required column(s) "
-                                      f"{missing}; is it a foreign file? (move it out of {store.table_dir(table)})",
-                                      field=missing[0])
-        for f in got:
-            if f.name not in want:
-                raise DataValidationError(str(path), f"store table {table!r}: column {f.name!r} is not in the "
-                                          f"table's schema (known: {sorted(want)})", field=f.name)
-            k = _kind(f.type)
-            if k != "null" and k != want[f.name]:
-                raise DataValidationError(str(path), f"store table {table!r}: column {f.name!r} is {f.type}, the "
-                                          f"table's schema has {schema[f.name]}", field=f.name)
+    try:
+        got = pq.read_schema(path)
+    except FileNotFoundError:
+        return None
+    except Exception as e:  # noqa: BLE001 (pyarrow raises several types for a file that is not Parquet)
+        return DataValidationError(str(path), f"store table {table!r}: not a readable Parquet shard: "
+                                   f"{str(e).splitlines()[0] if str(e) else type(e).__name__}")
+    names = set(got.names)
+    missing = [c for c in required if c not in names]
+    if missing:
+        return DataValidationError(str(path), f"store table {table!r}: shard lacks required column(s) "
+                                   f"{missing}; is it a foreign file? (move it out of {store.table_dir(table)})",
+                                   field=missing[0])
+    for f in got:
+        if f.name not in want:
+            return DataValidationError(str(path), f"store table {table!r}: column {f.name!r} is not in the "
+                                       f"table's schema (known: {sorted(want)})", field=f.name)
+        k = _kind(f.type)
+        if k != "null" and k != want[f.name]:
+            return DataValidationError(str(path), f"store table {table!r}: column {f.name!r} is {f.type}, the "
+                                       f"table's schema has {schema[f.name]}", field=f.name)
+    return None
 
 
 def check_store(store: Store) -> tuple[list[str], dict[str, int]]:
-    """(problems, counts) of `ldpipe check --store`: every shard of a known table fits its schema
-    (validate_shards), and every finished run's shards are there, unchanged and alone (Store.verify_manifests)."""
+    """(problems, counts) of `ldpipe check --store`, one line per problem and never a traceback: torn (empty or
+    truncated) and unreadable shards; files the store did not write (extra: copies, symlinks, files a manifest
+    does not list); shards of a known table that do not fit its schema (validate_shards); and every finished
+    run's shards there, unchanged (row count and content digest) and alone (Store.verify_manifests)."""
     problems: list[str] = []
-    for table in sorted(set(store.tables()) & set(KNOWN_TABLES)):
-        try:
-            validate_shards(store, table, KNOWN_TABLES[table])
-        except DataValidationError as e:
-            problems.append(str(e))
+    reported: set[str] = set()     # a torn/unreadable file: one line, not one per check
+    n_shards = 0
+    for table in store.tables():
+        own, foreign = store.audit(table)
+        n_shards += len(own)
+        for path in sorted([*own, *foreign]):
+            bad = None if path in foreign and path.is_symlink() else shard_problem(path)
+            if bad:
+                problems.append(bad)
+                reported.add(str(path))
+            elif table in KNOWN_TABLES:
+                err = _schema_error(store, table, KNOWN_TABLES[table], path)
+                if err is not None:
+                    problems.append(str(err))
+        for path, why in sorted(foreign.items()):
+            if not _in_manifested(store, path):     # those verify_manifests names
+                problems.append(f"extra shard {path}: {why}")
     found, counts = store.verify_manifests()
-    return problems + found, {**counts, "shards": sum(len(store.shards(t)) for t in store.tables())}
+    problems += [p for p in found if not any(p.startswith(f"{k} shard {r}") for r in reported
+                                                 for k in ("torn", "unreadable"))]
+    return problems, {**counts, "shards": n_shards}
+
+
+def _in_manifested(store: Store, path: Path) -> bool:
+    rel = store.rel(path)
+    return any(rel.startswith(prefix) for prefix in store._manifest_listing())
 
 
 def _table_select(con: duckdb.DuckDBPyConnection, store: Store, table: str,
-                  schema: dict[str, pl.DataType] | None) -> str:
+                  schema: dict[str, pl.DataType] | None, exclude: Sequence[Path] = ()) -> str:
     """A table view's SELECT. DuckDB expands the glob when a query runs, not when the view is made; for a known
     table the glob always matches its schema file (Store.write_schema_file), which has every column. So the
     view reads shards written after this refresh, an empty table gives zero typed rows, and shards written before
-    a column was added read it as null: only the catalog asset ever needs to rebuild the catalog."""
-    src = f"read_parquet({_lit(store.glob(table))}, union_by_name = true, hive_partitioning = false)"
+    a column was added read it as null: only the catalog asset ever needs to rebuild the catalog. `exclude`: files
+    under the glob that the store did not write (Store.audit), left out by name."""
+    src = f"read_parquet({_lit(store.glob(table))}, union_by_name = true, hive_partitioning = false"
+    if exclude:
+        src += (f", filename = {_lit(_FILE_COL)}) where {_q(_FILE_COL)} not in ("
+                + ", ".join(_lit(str(p)) for p in exclude) + ")")
+    else:
+        src += ")"
     if schema is None:
-        return f"select * from {src}"
+        return f"select * exclude ({_q(_FILE_COL)}) from {src}" if exclude else f"select * from {src}"
     # Known tables get fixed column types, so sql/*.sql binds the same way before and after the first shard.
     rel = con.from_arrow(pl.DataFrame(schema=schema).to_arrow())   # DuckDB's own mapping of the polars types
     return "select " + ", ".join(f"cast({_q(c)} as {t}) as {_q(c)}" for c, t in zip(rel.columns, map(str, rel.types))

@@ -6,6 +6,13 @@ only one writing process per database file). A shard is written to a
 temp name in the same directory and `os.replace`d into place, so a reader (or a crash)
 never sees half a file, and rewriting the same name replaces it: a resumed run that
 redoes step N leaves exactly one copy of that step's rows.
+
+Each shard carries its own relative path in its Parquet key-value metadata (MARK_KEY), so the store
+knows the files it wrote: `Store.audit` tells them from a copy under another name (its mark names
+another path), a symlink (the store writes none) or, in a finished run's partition, a file its
+manifest does not list. `shards()`/`read()` and the catalog refresh leave those out. A shard without
+a mark (written before marks existed, or by hand) is accepted unless a manifest says otherwise.
+Manifests record each shard's row count and content digest (ldpipe.hashing.file_hash).
 """
 from __future__ import annotations
 
@@ -24,6 +31,7 @@ from ldpipe.errors import DataValidationError, LdpipeError
 from ldpipe.schema import conform
 
 SHARD_SUFFIX = ".parquet"
+MARK_KEY = "ldpipe.shard"     # Parquet key-value metadata: the shard's path relative to the store root, as written
 _TMP_MARK = ".tmp-"                        # "<name>.parquet.tmp-<pid>-<uuid>": never matches *.parquet
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")   # table names become SQL view names
 ARCHIVE_DIR = "_archive"   # records of earlier configurations, moved out of the tables (Store.archive_partition)
@@ -57,13 +65,13 @@ def _encode(value: object, what: str) -> str:
     return enc
 
 
-def _replace_with(df: pl.DataFrame, path: Path) -> Path:
+def _replace_with(df: pl.DataFrame, path: Path, mark: str | None = None) -> Path:
     """Atomically write (or replace) `path` with `df`: a temp name in the same folder (never matching *.parquet),
-    fsynced, then renamed over it."""
+    fsynced, then renamed over it. `mark`: recorded as the file's MARK_KEY metadata."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}{_TMP_MARK}{os.getpid()}-{uuid.uuid4().hex}")
     try:
-        df.write_parquet(tmp)
+        df.write_parquet(tmp, metadata={MARK_KEY: mark} if mark else None)
         with open(tmp, "rb") as f:          # data on disk before the rename makes it visible
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -100,13 +108,68 @@ class Store:
         """The folder holding one partition's shards (e.g. trajectories/run_id=<run>)."""
         return self.shard_path(table, partition, "x").parent
 
-    def partition_shards(self, table: str, partition: dict[str, str]) -> list[Path]:
+    def rel(self, path: Path) -> str:
+        """A path under the root as the store names it (posix, relative to the root): a shard's mark."""
+        return Path(path).relative_to(self.root).as_posix()
+
+    def partition_files(self, table: str, partition: dict[str, str]) -> list[Path]:
+        """Every *.parquet file under a partition (its schema file aside), the store's own or not."""
         d = self.partition_dir(table, partition)
         schema_file = self.schema_file(table)
-        return sorted(p for p in d.rglob(f"*{SHARD_SUFFIX}") if p.is_file() and p != schema_file) if d.is_dir() else []
+        if not d.is_dir():
+            return []
+        return sorted(p for p in d.rglob(f"*{SHARD_SUFFIX}") if (p.is_file() or p.is_symlink()) and p != schema_file)
+
+    def partition_shards(self, table: str, partition: dict[str, str]) -> list[Path]:
+        """The partition's shards the store wrote (see `audit`: copies, symlinks and unlisted files left out)."""
+        own, _foreign = self.audit(table, partition)
+        return own
+
+    def audit(self, table: str, partition: dict[str, str] | None = None) -> tuple[list[Path], dict[Path, str]]:
+        """(own shards, {other file: why it is not one}) among the *.parquet files of a table (or a partition).
+
+        Not the store's: a symlink (the store writes regular files only; a link can bring in rows from outside
+        the home, or a second copy of a shard); a file whose mark names another path (a copy or a move under
+        another name); in a partition a manifest describes, an unmarked file the manifest does not list. An
+        unmarked file elsewhere is accepted (shards written before marks existed carry none). A file that cannot
+        be read is listed as own: the schema check names it (`shard_problem`)."""
+        manifests = self._manifest_listing()
+        own: list[Path] = []
+        foreign: dict[Path, str] = {}
+        for p in self.partition_files(table, partition or {}):
+            rel = self.rel(p)
+            if p.is_symlink():
+                foreign[p] = f"a symlink to {os.path.realpath(p)}; the store writes no links (refused)"
+                continue
+            mark = read_mark(p)
+            if mark is _GONE:
+                continue
+            if isinstance(mark, str) and mark != rel:
+                foreign[p] = f"a copy of shard {mark} under another name (its store mark names that path)"
+                continue
+            listed = None if mark else next((f for prefix, f in manifests.items() if rel.startswith(prefix)), None)
+            if listed is not None and rel not in listed:
+                foreign[p] = "not written by the finished run whose manifest describes this partition"
+                continue
+            own.append(p)
+        return own, foreign
+
+    def _manifest_listing(self) -> dict[str, set[str]]:
+        """{"<table>/<key>=<value>/": shards the manifest lists} for each manifest and table it covers."""
+        out: dict[str, set[str]] = {}
+        for m in self.manifests():
+            (key, value), = m["partition"].items()
+            for t in m["tables"]:
+                try:
+                    prefix = self.rel(self.partition_dir(t, {key: value})) + "/"
+                except LdpipeError:
+                    continue
+                out[prefix] = set(m["shards"])
+        return out
 
     def glob(self, table: str) -> str:
-        """The pattern readers (DuckDB views) use; temp files have another suffix so never match."""
+        """The pattern readers (DuckDB views) use; temp files have another suffix so never match. It matches any
+        *.parquet: the refresh excludes the files `audit` finds foreign at that time (catalog._table_select)."""
         return str(self.table_dir(table) / "**" / f"*{SHARD_SUFFIX}")
 
     # -- writing ----------------------------------------------------------------------------
@@ -116,7 +179,7 @@ class Store:
         path = self.shard_path(table, partition, name)
         if schema is not None:
             df = self._conform(table, path, df, schema)
-        return _replace_with(df, path)
+        return _replace_with(df, path, mark=self.rel(path))
 
     def write_schema_file(self, table: str, schema: dict[str, pl.DataType]) -> bool:
         """Write <table>/_schema.parquet: zero rows with every column of `schema`, so the table's glob always
@@ -259,40 +322,83 @@ class Store:
         return self.root / MANIFEST_DIR / f"{_check_ident(key, 'partition key')}={_encode(value, 'manifest')}.json"
 
     def write_manifest(self, key: str, value: str, tables: tuple[str, ...]) -> Path:
-        """Record the shards (and row counts) of one partition (e.g. run_id=<run>) in `tables`, as written."""
+        """Record the shards of one partition (e.g. run_id=<run>) in `tables` as written: per shard its row count
+        and content digest (file_hash), so a shard rewritten with other values is told later."""
         import pyarrow.parquet as pq
 
-        shards = {str(p.relative_to(self.root)): pq.read_metadata(p).num_rows
+        from ldpipe.hashing import file_hash
+
+        shards = {self.rel(p): {"rows": pq.read_metadata(p).num_rows, "digest": file_hash(p)}
                   for t in tables for p in self.partition_shards(t, {key: value})}
         return write_json({"partition": {key: value}, "tables": list(tables), "shards": shards},
                           self.manifest_path(key, value))
 
-    def verify_manifests(self) -> tuple[list[str], dict[str, int]]:
-        """(problems, counts): every shard a manifest records must exist with its row count, and a recorded
-        partition must hold no other shard. Partitions without a manifest (unfinished runs, older homes) are
-        counted as unverified, not as problems."""
+    def manifests(self) -> list[dict]:
+        """Every readable manifest (an unreadable one is named by `verify_manifests`)."""
+        return [m for _mf, m, err in self._read_manifests() if err is None]
+
+    def _read_manifests(self) -> list[tuple[Path, dict | None, str | None]]:
         import json
 
-        import pyarrow.parquet as pq
+        d = self.root / MANIFEST_DIR
+        out = []
+        for mf in sorted(d.glob("*.json")) if d.is_dir() else []:
+            try:
+                m = json.loads(mf.read_text())
+                (_key, _value), = m["partition"].items()
+                if not isinstance(m["shards"], dict) or not isinstance(m["tables"], list):
+                    raise ValueError("'shards' must be an object, 'tables' a list")
+                out.append((mf, m, None))
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                out.append((mf, None, f"{type(e).__name__}: {e}"))
+        return out
+
+    def verify_manifests(self) -> tuple[list[str], dict[str, int]]:
+        """(problems, counts): every shard a manifest records must exist, readable, with its row count and (where
+        the manifest has one) its content digest; a recorded partition must hold no other shard. One line per
+        problem shard. Partitions without a manifest (unfinished runs, older homes) are counted as unverified,
+        not as problems; a manifest written before digests existed is checked by row count ("no_digest")."""
+        from ldpipe.hashing import file_hash
 
         problems: list[str] = []
-        counts = {"manifests": 0, "shards_verified": 0}
-        for mf in sorted((self.root / MANIFEST_DIR).glob("*.json")) if (self.root / MANIFEST_DIR).is_dir() else []:
-            m = json.loads(mf.read_text())
+        counts = {"manifests": 0, "shards_verified": 0, "no_digest": 0}
+        for mf, m, err in self._read_manifests():
+            if m is None:
+                problems.append(f"unreadable manifest {mf}: {err}")
+                continue
             (key, value), = m["partition"].items()
             counts["manifests"] += 1
-            present = {str(p.relative_to(self.root)): p for t in m["tables"]
-                       for p in self.partition_shards(t, {key: value})}
-            for rel, n in sorted(m["shards"].items()):
+            present: dict[str, Path] = {}
+            foreign: dict[Path, str] = {}
+            for t in m["tables"]:
+                own, other = self.audit(t, {key: value})
+                present.update((self.rel(p), p) for p in own)
+                foreign.update(other)
+            for rel, rec in sorted(m["shards"].items()):
+                n, digest = (rec.get("rows"), rec.get("digest")) if isinstance(rec, dict) else (rec, None)
                 if rel not in present:
                     problems.append(f"missing shard {self.root / rel} ({n} rows recorded by {key}={value})")
                     continue
-                rows = pq.read_metadata(present[rel]).num_rows
+                path = present[rel]
+                bad = shard_problem(path)
+                if bad:
+                    problems.append(bad)
+                    continue
+                import pyarrow.parquet as pq
+
+                rows = pq.read_metadata(path).num_rows
                 if rows != n:
-                    problems.append(f"changed shard {self.root / rel}: {rows} rows, {key}={value} wrote {n}")
+                    problems.append(f"changed shard {path}: {rows} rows, {key}={value} wrote {n}")
+                elif digest is None:
+                    counts["no_digest"] += 1
+                elif file_hash(path) != digest:
+                    problems.append(f"changed shard {path}: its content digest is {file_hash(path)}, "
+                                    f"{key}={value} wrote {digest} (same row count, other bytes)")
                 counts["shards_verified"] += 1
             for rel in sorted(set(present) - set(m["shards"])):
                 problems.append(f"extra shard {self.root / rel}: not written by {key}={value} (foreign or stale)")
+            for p, why in sorted(foreign.items()):
+                problems.append(f"extra shard {p}: {why}")
         return problems, counts
 
     def clean_temp(self, older_than_s: float = 3600, dead_after_s: float = DEAD_WRITER_GRACE_S) -> int:
@@ -312,6 +418,45 @@ class Store:
                     os.rmdir(dirpath)
                 except OSError:
                     pass
+
+
+_GONE = object()
+
+
+def read_mark(path: Path):
+    """A shard's MARK_KEY (None: no mark, or the file cannot be read; _GONE: deleted since listing)."""
+    import pyarrow.parquet as pq
+
+    try:
+        meta = pq.read_metadata(path).metadata or {}
+    except FileNotFoundError:
+        return _GONE
+    except Exception:  # noqa: BLE001 (pyarrow raises several types for a file that is not Parquet)
+        return None
+    mark = meta.get(MARK_KEY.encode())
+    return mark.decode("utf-8", "replace") if mark is not None else None
+
+
+def shard_problem(path: Path) -> str | None:
+    """One line naming why a shard cannot be read (torn: empty or truncated; unreadable: anything else), or None."""
+    import pyarrow.parquet as pq
+
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(4)
+            f.seek(max(size - 4, 0))
+            tail = f.read(4)
+    except OSError as e:
+        return f"unreadable shard {path}: {e.strerror or e}"
+    if size < 12 or head != b"PAR1" or tail != b"PAR1":
+        return (f"torn shard {path}: {size} bytes, " + ("empty" if size == 0 else "no complete Parquet header and "
+                "footer") + " (truncated, or not written by the store)")
+    try:
+        pq.read_metadata(path)
+    except Exception as e:  # noqa: BLE001
+        return f"unreadable shard {path}: not a readable Parquet file: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+    return None
 
 
 def writer_alive(path: Path) -> bool | None:
