@@ -42,7 +42,7 @@ from ldpipe.schema import (
     TRAJECTORY_SCHEMA,
     WIN_RATE_JUDGMENT_SCHEMA,
 )
-from ldpipe.store.shards import Store, remove_stale_temps, shard_problem
+from ldpipe.store.shards import Store, remove_stale_temps, sweep_scratch, shard_problem
 
 _log = logging.getLogger("ldpipe.catalog")
 _FILE_COL = "__ldpipe_shard_file"   # the view's filename column, to leave out files the store did not write
@@ -89,8 +89,13 @@ _EXPLAIN_PREFIX = re.compile(r"^\s*explain\s+(?:analy[sz]e\s+)?(?:\([^)]*\)\s*)?
 _PRAGMA_NAME = re.compile(r"^\s*pragma\s+([A-Za-z_][A-Za-z0-9_]*)", re.IGNORECASE)
 _READER_CONFIG = {
     "autoinstall_known_extensions": False,  # no network downloads from a query
+    "autoload_known_extensions": False,     # nor loading an installed extension (httpfs: the network) by name
     "lock_configuration": True,             # belt and braces behind the statement check
 }
+_GIB = 1024 ** 3
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*(b|kb|mb|gb|tb|kib|mib|gib|tib|%)?\s*$", re.IGNORECASE)
+_UNITS = {"b": 1, "kb": 1000, "mb": 1000 ** 2, "gb": 1000 ** 3, "tb": 1000 ** 4,
+          "kib": 1024, "mib": 1024 ** 2, "gib": _GIB, "tib": 1024 ** 4}
 
 
 def _q(ident: str) -> str:
@@ -306,12 +311,119 @@ def _single_select(path: Path) -> str:
 
 
 # -- readers ------------------------------------------------------------------------------------
-def connect_readonly(catalog_path: Path) -> duckdb.DuckDBPyConnection:
+class QueryTimeout(LdpipeError):
+    """The query ran past its statement timeout and was cancelled."""
+
+    def __init__(self, timeout_s: float) -> None:
+        super().__init__(f"the query ran past its {timeout_s:g} s timeout and was cancelled")
+        self.timeout_s = timeout_s
+
+
+class QueryOutOfMemory(LdpipeError):
+    """The query needed more than its memory limit plus its spill limit."""
+
+    def __init__(self, detail: str, memory_limit: int, spill_limit: int) -> None:
+        super().__init__(f"query failed: out of memory ({detail}; memory limit {format_size(memory_limit)}, "
+                         f"spill limit {format_size(spill_limit)})")
+        self.memory_limit, self.spill_limit = memory_limit, spill_limit
+
+
+def total_memory() -> int:
+    """Physical memory in bytes, or the cgroup (container) limit when that is lower."""
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    try:
+        text = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if text.isdigit():
+            total = min(total, int(text))
+    except OSError:
+        pass
+    return total
+
+
+def default_memory_limit() -> int:
+    """A reader's DuckDB memory limit unless told otherwise: 25% of memory, at most 4 GiB (DuckDB's own default
+    is 80% of memory)."""
+    return min(total_memory() // 4, 4 * _GIB)
+
+
+def parse_size(text: str, what: str) -> int:
+    """Bytes from "4GB", "512MiB", "1000000" (bytes) or "10%" (of memory)."""
+    m = _SIZE.match(str(text))
+    if not m:
+        raise LdpipeError(f"{what} {text!r}: give a size such as 4GB, 512MB or 10% (of memory)")
+    number, unit = float(m.group(1)), (m.group(2) or "b").lower()
+    if unit == "%":
+        if number > 100:
+            raise LdpipeError(f"{what} {text!r}: a percentage of memory is at most 100%")
+        return int(total_memory() * number / 100)
+    return int(number * _UNITS[unit])
+
+
+def format_size(n: int) -> str:
+    return f"{n / _GIB:.1f} GiB" if n >= _GIB else f"{n / 1024 ** 2:.0f} MiB"
+
+
+def spill_dir(catalog_path: Path) -> Path:
+    """Where a reader of this process spills: <home>/tmp/sql-<pid>-duckdb (DuckDB creates it when it first spills
+    and removes it when the database closes; `sweep_scratch` removes a killed process's). One name per process,
+    so concurrent readers in one process share one DuckDB configuration. A home that cannot be written spills in
+    the system temp dir instead."""
+    import tempfile
+
+    root = Path(catalog_path).expanduser().resolve().parent / "tmp"
+    try:
+        root.mkdir(exist_ok=True)
+        sweep_scratch(root)
+    except OSError:
+        pass
+    if not os.access(root, os.W_OK):
+        root = Path(tempfile.gettempdir())
+    return root / f"sql-{os.getpid()}-duckdb"
+
+
+_SPILL_DEFAULTS: dict[Path, int] = {}
+
+
+def default_spill_limit(where: Path) -> int:
+    """10 GiB or half the free disk at `where`, the smaller (DuckDB's own default is 90% of the free disk); worked
+    out once per process and place, so readers of one process keep one configuration."""
+    import shutil
+
+    if where not in _SPILL_DEFAULTS:
+        probe = where
+        while not probe.exists() and probe != probe.parent:
+            probe = probe.parent
+        _SPILL_DEFAULTS[where] = max(0, min(10 * _GIB, shutil.disk_usage(probe).free // 2))
+    return _SPILL_DEFAULTS[where]
+
+
+def reader_limits(catalog_path: Path, memory_limit: int | None = None,
+                  spill_limit: int | None = None) -> tuple[int, int, Path]:
+    """(memory limit, spill limit, spill dir) of a read-only connection: the given ones or the defaults."""
+    where = spill_dir(catalog_path)
+    memory = default_memory_limit() if memory_limit is None else memory_limit
+    spill = default_spill_limit(where) if spill_limit is None else spill_limit
+    return memory, spill, where
+
+
+def connect_readonly(catalog_path: Path, *, memory_limit: int | None = None,
+                     spill_limit: int | None = None) -> duckdb.DuckDBPyConnection:
+    """A read-only connection with bounded resources: `memory_limit` bytes of memory (default: 25% of memory, at
+    most 4 GiB), spilling past that into `spill_dir` up to `spill_limit` bytes (default: 10 GiB or half the free
+    disk; 0: no spilling), no extension installed or loaded on demand, configuration locked."""
     catalog_path = Path(catalog_path)
     if not catalog_path.is_file():
         raise LdpipeError(f"no catalog at {catalog_path}: refresh the catalog first (ldpipe.store.catalog.refresh_catalog)")
+    memory, spill, where = reader_limits(catalog_path, memory_limit, spill_limit)
+    if memory <= 0:
+        raise LdpipeError(f"memory limit must be > 0 bytes, got {memory}")
+    config = dict(_READER_CONFIG, memory_limit=f"{memory}B")
+    if spill > 0:
+        config.update(temp_directory=str(where), max_temp_directory_size=f"{spill}B")
+    else:
+        config.update(temp_directory="")       # no spilling: past the memory limit the query fails
     try:
-        return duckdb.connect(str(catalog_path), read_only=True, config=dict(_READER_CONFIG))
+        return duckdb.connect(str(catalog_path), read_only=True, config=config)
     except duckdb.Error as e:
         raise LdpipeError(f"cannot open catalog {catalog_path} read-only: {e}") from None
 
@@ -414,46 +526,105 @@ def query_runs(catalog_path: Path, view: str, run_ids: list[str]) -> pl.DataFram
     return query(catalog_path, f"select * from {_q(view)} where run_id in ({ids})")
 
 
-def _interruptible(con: duckdb.DuckDBPyConnection, fetch):
-    """`fetch(cursor)` on a cursor of `con`, where Ctrl-C (SIGINT) cancels the query: a handler, installed while it
-    runs in the main thread, calls cursor.interrupt() (DuckDB's own cancel flag, which its executor checks) before
-    raising KeyboardInterrupt. Raising alone relied on DuckDB turning the Python exception into a cancel, which
-    missed 6 of 16 Ctrl-Cs sent 2-5 s into a long `ldpipe sql` query (duckdb 2.0.1), which then ran on."""
-    import signal
-    import threading
+class _Deadline:
+    """Cancels a cursor's query `timeout_s` seconds from now (None or 0: never): DuckDB has no statement timeout,
+    so a daemon thread calls cursor.interrupt(), again every 0.2 s until the query has ended (an interrupt that
+    lands before execution starts would otherwise be lost)."""
 
+    def __init__(self, cur: duckdb.DuckDBPyConnection, timeout_s: float | None) -> None:
+        import threading
+
+        self._done = threading.Event()
+        self._lock = threading.Lock()
+        self.fired = False
+        if timeout_s:
+            threading.Thread(target=self._watch, args=(cur, timeout_s), daemon=True,
+                             name="ldpipe-sql-timeout").start()
+
+    def _watch(self, cur: duckdb.DuckDBPyConnection, timeout_s: float) -> None:
+        if self._done.wait(timeout_s):
+            return
+        while True:
+            with self._lock:
+                if self._done.is_set():
+                    return
+                self.fired = True
+                try:
+                    cur.interrupt()
+                except duckdb.Error:
+                    pass
+            if self._done.wait(0.2):
+                return
+
+    def stop(self) -> bool:
+        """Ends the watch; whether the timeout fired (the query was, or was being, cancelled)."""
+        with self._lock:
+            self._done.set()
+            return self.fired
+
+
+def _interruptible(con: duckdb.DuckDBPyConnection, fetch, timeout_s: float | None = None):
+    """`fetch(cursor)` on a cursor of `con`, cancelled by Ctrl-C (KeyboardInterrupt) or, with `timeout_s`, after
+    that many seconds (QueryTimeout)."""
     cur = con.cursor()
+    deadline = _Deadline(cur, timeout_s)
     try:
-        # signals reach only the main thread; an ignored SIGINT (a background job of a shell script) stays ignored
-        if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
-            return fetch(cur)
-        hit: list[bool] = []
-
-        def on_sigint(signum, frame):
-            hit.append(True)
-            try:
-                cur.interrupt()
-            except duckdb.Error:
-                pass
-            raise KeyboardInterrupt
-
-        previous = signal.signal(signal.SIGINT, on_sigint)
         try:
-            out = fetch(cur)
-        except duckdb.InterruptException:
-            raise KeyboardInterrupt from None
-        finally:
-            signal.signal(signal.SIGINT, previous)
-        if hit:                            # cancelled, whatever DuckDB made of the exception
-            raise KeyboardInterrupt
+            out = _sigint_cancels(cur, fetch)
+        except (duckdb.Error, RuntimeError, KeyboardInterrupt):
+            if deadline.stop():
+                raise QueryTimeout(timeout_s) from None
+            raise
+        if deadline.stop():                 # cancelled, whatever DuckDB made of it
+            raise QueryTimeout(timeout_s)
         return out
     finally:
+        deadline.stop()
         cur.close()
 
 
-def query(catalog_path: Path, sql: str) -> pl.DataFrame:
+def _sigint_cancels(cur: duckdb.DuckDBPyConnection, fetch):
+    """`fetch(cur)`, where Ctrl-C (SIGINT) cancels the query: a handler, installed while it runs in the main
+    thread, calls cursor.interrupt() (DuckDB's own cancel flag, which its executor checks) before raising
+    KeyboardInterrupt. Raising alone relied on DuckDB turning the Python exception into a cancel, which missed 6 of
+    16 Ctrl-Cs sent 2-5 s into a long `ldpipe sql` query (duckdb 2.0.1), which then ran on."""
+    import signal
+    import threading
+
+    # signals reach only the main thread; an ignored SIGINT (a background job of a shell script) stays ignored
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        return fetch(cur)
+    hit: list[bool] = []
+
+    def on_sigint(signum, frame):
+        hit.append(True)
+        try:
+            cur.interrupt()
+        except duckdb.Error:
+            pass
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        out = fetch(cur)
+    except duckdb.InterruptException:
+        raise KeyboardInterrupt from None
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if hit:                            # cancelled, whatever DuckDB made of the exception
+        raise KeyboardInterrupt
+    return out
+
+
+def query(catalog_path: Path, sql: str, *, timeout_s: float | None = None, memory_limit: int | None = None,
+          spill_limit: int | None = None) -> pl.DataFrame:
+    """The result of one read-only statement, on a connection with `connect_readonly`'s resource limits;
+    `timeout_s` (None or 0: none) cancels it with QueryTimeout, running out of memory and spill space raises
+    QueryOutOfMemory."""
     check_readonly_statement(sql)
-    con = connect_readonly(catalog_path)
+    memory, spill, _ = reader_limits(catalog_path, memory_limit, spill_limit) if Path(catalog_path).is_file() \
+        else (memory_limit, spill_limit, None)
+    con = connect_readonly(catalog_path, memory_limit=memory, spill_limit=spill)
 
     def fetch(cur: duckdb.DuckDBPyConnection) -> pl.DataFrame:
         rel = cur.sql(sql)
@@ -466,7 +637,9 @@ def query(catalog_path: Path, sql: str) -> pl.DataFrame:
         return rel.pl()
 
     try:
-        return _interruptible(con, fetch)
+        return _interruptible(con, fetch, timeout_s)
+    except duckdb.OutOfMemoryException as e:
+        raise QueryOutOfMemory(str(e).splitlines()[0], memory, spill) from None
     except duckdb.Error as e:
         hint = (" (a store table's folder was removed after the catalog was built: rebuild it with "
                 "`ldpipe catalog refresh`)" if "No files found that match the pattern" in str(e) else "")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
@@ -14,9 +15,17 @@ from rich.table import Table
 from ldpipe.atomic import write_with
 from ldpipe.errors import LdpipeError
 from ldpipe.paths import Paths
-from ldpipe.store.catalog import query, relocate_if_moved, store_roots
+from ldpipe.store.catalog import (
+    QueryOutOfMemory,
+    QueryTimeout,
+    parse_size,
+    query,
+    relocate_if_moved,
+    store_roots,
+)
 
 _EXPORTERS = {".csv": pl.DataFrame.write_csv, ".parquet": pl.DataFrame.write_parquet}
+DEFAULT_TIMEOUT_S = 120.0
 
 
 def add_sql_arguments(parser: argparse.ArgumentParser) -> None:
@@ -31,6 +40,14 @@ def add_sql_arguments(parser: argparse.ArgumentParser) -> None:
     # None -> resolved at run time, so LDPIPE_HOME set after the parser was built still counts.
     parser.add_argument("--catalog", type=Path, default=None,
                         help="catalog file (default: <LDPIPE_HOME>/catalog.duckdb)")
+    parser.add_argument("--timeout-s", type=float, default=DEFAULT_TIMEOUT_S,
+                        help=f"cancel the query after this many seconds (default {DEFAULT_TIMEOUT_S:g}; 0: no limit)")
+    parser.add_argument("--memory-limit", default=None,
+                        help="DuckDB memory for the query, e.g. 2GB, 512MB or 10%% (of memory) "
+                             "(default: 25%% of memory, at most 4 GiB)")
+    parser.add_argument("--spill-limit", default=None,
+                        help="disk the query may spill to past --memory-limit, in <home>/tmp/ (removed afterwards), "
+                             "e.g. 20GB (default: 10 GiB or half the free disk, the smaller; 0: no spilling)")
 
 
 def run_sql(args: argparse.Namespace) -> int:
@@ -41,6 +58,13 @@ def run_sql(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print("ldpipe sql: interrupted", file=sys.stderr)
         return 130
+    except QueryTimeout as e:
+        print(f"ldpipe sql: the query ran past --timeout-s {e.timeout_s:g} and was cancelled; give a larger "
+              "--timeout-s (0: no limit) or narrow the query", file=sys.stderr)
+        return 2
+    except QueryOutOfMemory as e:
+        print(f"ldpipe sql: {e}; give a larger --memory-limit or --spill-limit, or narrow the query", file=sys.stderr)
+        return 2
     except (LdpipeError, duckdb.Error, OSError, pl.exceptions.PolarsError) as e:
         print(f"ldpipe sql: {str(e).splitlines()[0] if isinstance(e, pl.exceptions.PolarsError) else e}",
               file=sys.stderr)
@@ -56,13 +80,19 @@ def _run(args: argparse.Namespace) -> None:
         raise LdpipeError(f"--output {output}: unknown extension; use one of {sorted(_EXPORTERS)}")
     if args.limit < 0:
         raise LdpipeError(f"--limit must be >= 0, got {args.limit}")
+    if not (math.isfinite(args.timeout_s) and args.timeout_s >= 0):
+        raise LdpipeError(f"--timeout-s must be >= 0 (0: no limit), got {args.timeout_s:g}")
+    memory = None if args.memory_limit is None else parse_size(args.memory_limit, "--memory-limit")
+    if memory is not None and memory <= 0:
+        raise LdpipeError(f"--memory-limit must be more than 0 bytes, got {args.memory_limit!r}")
+    spill = None if args.spill_limit is None else parse_size(args.spill_limit, "--spill-limit")
     moved = relocate_if_moved(catalog) if Path(catalog).is_file() else None
     if moved is not None:
         print(f"ldpipe sql: the catalog read {moved[0]} (its home was moved or copied); its views now read "
               f"{moved[1]}", file=sys.stderr)
     if output is not None:
         _check_output(output, catalog, force=args.force)
-    df = query(catalog, sql)
+    df = query(catalog, sql, timeout_s=args.timeout_s or None, memory_limit=memory, spill_limit=spill)
     if output is not None:
         if output.suffix.lower() == ".csv":
             _csv_ready(df, f"--output {output}")
