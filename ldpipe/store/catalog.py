@@ -366,17 +366,17 @@ def format_size(n: int) -> str:
 def spill_dir(catalog_path: Path) -> Path:
     """Where a reader of this process spills: <home>/tmp/sql-<pid>-duckdb (DuckDB creates it when it first spills
     and removes it when the database closes; `sweep_scratch` removes a killed process's). One name per process,
-    so concurrent readers in one process share one DuckDB configuration. A home that cannot be written spills in
-    the system temp dir instead."""
+    so concurrent readers in one process share one DuckDB configuration. A home without a writable tmp/ (a reader
+    creates nothing in the home: `ldpipe sql` leaves it as it was) spills in the system temp dir instead."""
     import tempfile
 
     root = Path(catalog_path).expanduser().resolve().parent / "tmp"
-    try:
-        root.mkdir(exist_ok=True)
-        sweep_scratch(root)
-    except OSError:
-        pass
-    if not os.access(root, os.W_OK):
+    if root.is_dir():
+        try:
+            sweep_scratch(root)
+        except OSError:
+            pass
+    if not (root.is_dir() and os.access(root, os.W_OK)):
         root = Path(tempfile.gettempdir())
     return root / f"sql-{os.getpid()}-duckdb"
 
